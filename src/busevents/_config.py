@@ -1,0 +1,203 @@
+"""Configuration: the events URL, the bearer token, Go-style durations.
+
+The CLI and :meth:`EventsClient.from_env` resolve both the same way (spec §4):
+
+* URL: ``--api-url``, else ``BUS_EVENTS_API_URL``; normalised to the events base.
+* Token: ``--token-file``, else ``BUS_API_TOKEN``, else ``BUS_EVENTS_TOKEN_FILE``,
+  else ``auth/api-token`` under the Bus config root.  A token is never taken
+  from the command line and never from a repository-local ``.bus/`` folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ._errors import ConfigError, TokenError
+
+__all__ = [
+    "Token",
+    "config_root",
+    "find_token",
+    "normalize_events_url",
+    "parse_duration",
+    "resolve_url",
+]
+
+log = logging.getLogger("busevents")
+
+URL_ENV = "BUS_EVENTS_API_URL"
+TOKEN_ENV = "BUS_API_TOKEN"
+TOKEN_FILE_ENV = "BUS_EVENTS_TOKEN_FILE"
+
+
+def normalize_events_url(url: str) -> str:
+    """Turn what the user gave into the events base URL (spec §1).
+
+    ``…/events`` is kept, ``…/v1`` gets ``/events``, ``…/api`` gets
+    ``/v1/events``, a bare origin gets ``/api/v1/events``.  Trailing slashes are
+    dropped and a query string is kept.
+
+    >>> normalize_events_url("http://127.0.0.1:8081/")
+    'http://127.0.0.1:8081/api/v1/events'
+    """
+    raw = url.strip()
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"invalid Events API URL {raw!r}: expected http(s)://host[:port][/path], "
+            "e.g. http://127.0.0.1:8081/api/v1/events"
+        )
+    path = parts.path.rstrip("/")
+    if path.endswith("/events"):
+        pass
+    elif path.endswith("/v1"):
+        path += "/events"
+    elif path.endswith("/api"):
+        path += "/v1/events"
+    elif not path:
+        path = "/api/v1/events"
+    else:
+        raise ConfigError(
+            f"Events API URL {raw!r} ends in neither /events, /v1, /api nor the origin: "
+            "give the events base, e.g. https://ai.hg.fi/api/v1/events"
+        )
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+def resolve_url(api_url: str | None, env: Mapping[str, str] | None = None) -> str:
+    """``api_url``, else ``$BUS_EVENTS_API_URL``, normalised; a clear error when neither."""
+    env = os.environ if env is None else env
+    url = api_url or env.get(URL_ENV, "").strip()
+    if not url:
+        raise ConfigError(
+            f"no Events API URL: pass --api-url or set {URL_ENV} "
+            "(e.g. http://127.0.0.1:8081/api/v1/events)"
+        )
+    return normalize_events_url(url)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (``300ms``, ``10s``, ``1m30s``, ``2h``) into seconds.
+
+    Raises :class:`ConfigError` for anything else, e.g. a number without unit.
+    """
+    s = text.strip()
+    body = s[1:] if s[:1] in "+-" else s
+    if body == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(body):
+        m = _DURATION_PART.match(body, pos)
+        if not m:
+            break
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if not body or pos != len(body):
+        hint = " (missing unit?)" if body.replace(".", "", 1).isdigit() else ""
+        raise ConfigError(
+            f"invalid duration {text!r}{hint}: use Go syntax such as 300ms, 10s, 1m30s or 2h"
+        )
+    if s.startswith("-") and total:
+        raise ConfigError(f"invalid duration {text!r}: must not be negative")
+    return total
+
+
+def config_root(env: Mapping[str, str] | None = None) -> Path:
+    """The user's Bus config root: ``BUS_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/bus``,
+    else ``~/.config/bus`` on Unix-like systems (the platform's user config dir elsewhere)."""
+    env = os.environ if env is None else env
+    if env.get("BUS_CONFIG_DIR"):
+        return Path(env["BUS_CONFIG_DIR"]).expanduser()
+    if os.name == "posix":
+        xdg = env.get("XDG_CONFIG_HOME")
+        base = Path(xdg).expanduser() if xdg else Path(env.get("HOME") or Path.home()) / ".config"
+        return base / "bus"
+    import platformdirs  # only off Unix: the platform knows where config lives
+
+    return platformdirs.user_config_path("bus", appauthor=False, roaming=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """A bearer token and where it came from; its value is never shown."""
+
+    value: str
+    source: str
+
+    def __repr__(self) -> str:
+        return f"Token(source={self.source!r}, value=<hidden>)"
+
+    __str__ = __repr__
+
+
+def _read_token_file(path: Path, source: str) -> Token:
+    try:
+        with path.open("rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            data = fh.read(64 * 1024)
+    except FileNotFoundError:
+        raise TokenError(f"token file {path} ({source}) does not exist") from None
+    except IsADirectoryError:
+        raise TokenError(f"token file {path} ({source}) is a directory") from None
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path} ({source}): {exc.strerror}") from None
+    if os.name == "posix" and stat.S_IMODE(mode) & 0o077:
+        log.warning(
+            "token file %s is readable by group or others (mode %o); run: chmod 600 %s",
+            path,
+            stat.S_IMODE(mode),
+            path,
+        )
+    try:
+        value = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise TokenError(f"token file {path} ({source}) is not UTF-8 text") from None
+    if not value:
+        raise TokenError(f"token file {path} ({source}) is empty")
+    if any(c.isspace() for c in value):
+        raise TokenError(f"token file {path} ({source}) holds more than one word; expected one JWT")
+    return Token(value, f"{source} {path}")
+
+
+def find_token(
+    token_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Token:
+    """Find the bearer token in the documented order (spec §4).
+
+    Raises :class:`TokenError` naming every place looked at when none holds one.
+    """
+    env = os.environ if env is None else env
+    if token_file is not None:
+        return _read_token_file(Path(token_file).expanduser(), "--token-file")
+    value = env.get(TOKEN_ENV, "").strip()
+    if value:
+        return Token(value, TOKEN_ENV)
+    if env.get(TOKEN_FILE_ENV, "").strip():
+        return _read_token_file(Path(env[TOKEN_FILE_ENV].strip()).expanduser(), TOKEN_FILE_ENV)
+    default = config_root(env) / "auth" / "api-token"
+    if default.exists():
+        return _read_token_file(default, "Bus auth config")
+    raise TokenError(
+        f"no bearer token: use --token-file PATH, set {TOKEN_ENV} or {TOKEN_FILE_ENV}, "
+        f"or log in so that {default} exists (bus auth login)"
+    )

@@ -1,0 +1,230 @@
+"""Exceptions raised by busevents.
+
+Every exception derives from :class:`BusEventsError`; catch the family you can
+act on::
+
+    BusEventsError
+    ├── ConfigError              bad configuration or usage: no URL, bad duration, …
+    │   └── TokenError           no token, unreadable or empty token file
+    ├── TransportError           the network failed; names the URL, never the token
+    │   ├── ConnectError         could not connect (refused, DNS, TLS)
+    │   └── Timeout              a deadline passed (names the timeout that fired)
+    ├── APIError                 the provider answered with an error status
+    │   ├── BadRequest           400: invalid name, payload, group, …
+    │   ├── Unauthorized         401: missing, invalid or expired token
+    │   ├── Forbidden            403: the token lacks a scope (``required_scopes``)
+    │   ├── NotFound             404: wrong URL
+    │   ├── PayloadTooLarge      413
+    │   ├── RateLimited          429 (``retry_after``)
+    │   └── ServerError          5xx
+    └── StreamError              the event stream broke its framing or contract
+        ├── InvalidEvent         a line that is not JSON, or not an event envelope
+        ├── LineTooLong          a line longer than the configured maximum
+        ├── StreamTruncated      the stream ended in the middle of a line
+        └── StreamInterrupted    the connection failed while streaming
+
+Messages are bounded in length and free of control characters, whatever the
+provider sent, and no message, ``str`` or ``repr`` ever contains a token.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "APIError",
+    "BadRequest",
+    "BusEventsError",
+    "ConfigError",
+    "ConnectError",
+    "Forbidden",
+    "InvalidEvent",
+    "LineTooLong",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimited",
+    "ServerError",
+    "StreamError",
+    "StreamInterrupted",
+    "StreamTruncated",
+    "Timeout",
+    "TokenError",
+    "TransportError",
+    "Unauthorized",
+    "bounded_text",
+]
+
+#: The longest diagnostic taken from a provider, in characters.
+MAX_DIAGNOSTIC = 300
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+
+
+def bounded_text(text: str | bytes, limit: int = MAX_DIAGNOSTIC) -> str:
+    """Make ``text`` safe for one diagnostic line.
+
+    Bytes are decoded as UTF-8 with replacement, HTML tags are dropped, control
+    characters and runs of whitespace become one space, and the result is cut
+    to ``limit`` characters with an ellipsis.
+    """
+    if isinstance(text, bytes | bytearray | memoryview):
+        text = bytes(text[: limit * 8]).decode("utf-8", "replace")
+    else:
+        text = text[: limit * 8]
+    if "<" in text and ">" in text:
+        text = _TAGS.sub(" ", text)
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text
+
+
+class BusEventsError(Exception):
+    """The root of every busevents exception."""
+
+
+class ConfigError(BusEventsError):
+    """Configuration or usage is invalid; nothing was sent."""
+
+
+class TokenError(ConfigError):
+    """No usable bearer token was found."""
+
+
+class TransportError(BusEventsError):
+    """The network failed while talking to ``url``."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class ConnectError(TransportError):
+    """The provider could not be reached."""
+
+
+class Timeout(TransportError):
+    """A deadline passed; ``timeout`` is the limit that fired, in seconds."""
+
+    def __init__(self, message: str, *, url: str, timeout: float) -> None:
+        super().__init__(message, url=url)
+        self.timeout = timeout
+
+
+class APIError(BusEventsError):
+    """The provider answered with an error status.
+
+    ``status`` is the HTTP status, ``code`` the provider's error code (``None``
+    when the body was not a provider error body), ``message`` the provider's
+    bounded, printable diagnostic.
+    """
+
+    def __init__(self, status: int, code: str | None, message: str, *, url: str) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.url = url
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        label = f"HTTP {self.status}" + (f" {self.code}" if self.code else "")
+        return f"{label}: {self.message}" if self.message else label
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_api_error, (type(self), self.__dict__))
+
+
+def _rebuild_api_error(cls: type[APIError], state: dict[str, object]) -> APIError:
+    error = cls.__new__(cls)
+    error.__dict__.update(state)
+    Exception.__init__(error, error._describe())
+    return error
+
+
+class BadRequest(APIError):
+    """400: the provider rejected the request (name, payload, group, …)."""
+
+
+class Unauthorized(APIError):
+    """401: the token is missing, invalid or expired."""
+
+
+class Forbidden(APIError):
+    """403: the token lacks a scope; ``required_scopes`` names what would do."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        *,
+        url: str,
+        required_scopes: tuple[str, ...] = (),
+    ) -> None:
+        self.required_scopes = required_scopes
+        super().__init__(status, code, message, url=url)
+
+    @property
+    def hint(self) -> str:
+        """The command that gets a token with the scopes the provider named."""
+        scopes = " ".join(self.required_scopes) or "<scopes>"
+        return f'bus auth token --scope "{scopes}"'
+
+
+class NotFound(APIError):
+    """404: nothing answers at that URL; check the Events API URL."""
+
+
+class PayloadTooLarge(APIError):
+    """413: the event is larger than the provider accepts."""
+
+
+class RateLimited(APIError):
+    """429: too many requests; ``retry_after`` seconds, when the provider said."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        *,
+        url: str,
+        retry_after: float | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(status, code, message, url=url)
+
+
+class ServerError(APIError):
+    """5xx: the provider failed."""
+
+
+class StreamError(BusEventsError):
+    """The event stream broke its framing or contract.
+
+    ``offset`` is the byte offset in the response body where the problem
+    starts, ``event_number`` the 1-based number of the event in the stream
+    (blank keep-alive lines not counted).
+    """
+
+    def __init__(self, message: str, *, offset: int, event_number: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.event_number = event_number
+
+
+class InvalidEvent(StreamError):
+    """A line is not valid JSON, or not an event envelope."""
+
+
+class LineTooLong(StreamError):
+    """A line exceeds the configured maximum line length."""
+
+
+class StreamTruncated(StreamError):
+    """The stream ended in the middle of a line; the partial line was not decoded."""
+
+
+class StreamInterrupted(StreamError):
+    """The connection failed while the stream was being read."""

@@ -1,0 +1,251 @@
+"""Incremental NDJSON framing and batch decoding: the listen hot path.
+
+Bytes arrive in chunks cut anywhere.  :class:`NDJSONDecoder` keeps at most
+one partial line, cuts each chunk at its last ``\\n`` and hands all the
+complete lines of the chunk to ``msgspec``'s ``Decoder.decode_lines`` in one
+call, through a ``memoryview`` (no copy of the bulk of the chunk).  Blank
+keep-alive lines and CRLF endings are accepted by ``decode_lines`` itself.
+
+When a batch fails to decode, the batch is decoded again line by line (the
+slow path runs only on error) so that every event before the bad line is
+still delivered, and the error names the byte offset and event number of the
+bad line.  The error is raised by the next :meth:`NDJSONDecoder.check` or
+:meth:`NDJSONDecoder.close`, after the caller has consumed the good events.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from ._errors import InvalidEvent, LineTooLong, StreamError, StreamTruncated
+
+__all__ = ["DEFAULT_MAX_LINE", "NDJSONDecoder"]
+
+T = TypeVar("T")
+
+#: Default maximum length of one line, in bytes.
+DEFAULT_MAX_LINE = 16 * 1024 * 1024
+
+Buffer = bytes | bytearray | memoryview
+
+_BLANK_START = (b"\n", b"\r")
+_BLANK_LINES = re.compile(rb"^[ \t\r]*\n", re.MULTILINE)
+
+
+class NDJSONDecoder(Generic[T]):
+    """Decode a stream of NDJSON chunks into ``type`` values, batch by batch.
+
+    ``feed(chunk)`` returns the values of the lines completed by ``chunk``;
+    ``feed_raw(chunk)`` validates those lines the same way but returns their
+    original bytes (for pass-through output that must not re-encode).
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_error",
+        "_events",
+        "_max_line",
+        "_offset",
+        "_partial",
+        "_too_long",
+    )
+
+    def __init__(self, type: type[T] | Any, *, max_line: int = DEFAULT_MAX_LINE) -> None:
+        if max_line < 1:
+            raise ValueError("max_line must be positive")
+        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(type)
+        self._max_line = max_line
+        self._partial = bytearray()
+        self._offset = 0  # stream offset of the first byte not yet decoded
+        self._events = 0  # events decoded so far
+        self._error: StreamError | None = None
+        self._too_long: tuple[int, int] | None = None  # (offset, size) found while framing
+
+    @property
+    def events(self) -> int:
+        """How many events were decoded so far."""
+        return self._events
+
+    @property
+    def offset(self) -> int:
+        """Bytes of the stream consumed so far (complete lines only)."""
+        return self._offset
+
+    # -- framing -----------------------------------------------------------
+
+    def _frame(self, chunk: bytes | bytearray) -> list[Buffer]:
+        """Cut ``chunk`` into at most two blocks of complete lines, keep the rest.
+
+        An over-long line stops the framing: the blocks before it are returned
+        and ``_too_long`` records where it starts, to fail once they are decoded.
+        """
+        if self._error is not None or self._too_long is not None:
+            return []
+        last = chunk.rfind(b"\n")
+        partial = self._partial
+        if last < 0:
+            partial += chunk
+            if len(partial) > self._max_line:
+                self._too_long = (self._offset, len(partial))
+            return []
+        view = memoryview(chunk)
+        blocks: list[Buffer] = []
+        start = 0
+        if partial:
+            start = chunk.find(b"\n") + 1
+            partial += view[:start]
+            if len(partial) > self._max_line + 1:
+                self._too_long = (self._offset, len(partial))
+                return []
+            blocks.append(bytes(partial))
+            partial.clear()
+        here = self._offset + len(blocks[0]) if blocks else self._offset
+        if last + 1 - start > self._max_line:
+            # Rare: a limit below the read size; look for an over-long line in the block.
+            pos = start
+            while pos <= last:
+                end = chunk.index(b"\n", pos)
+                if end - pos > self._max_line:
+                    self._too_long = (here + pos - start, end - pos)
+                    break
+                pos = end + 1
+            if pos > start:
+                blocks.append(view[start:pos])
+            return blocks
+        if start <= last:
+            blocks.append(view[start : last + 1])
+        rest = len(chunk) - last - 1
+        if rest > self._max_line:
+            self._too_long = (here + last + 1 - start, rest)
+        elif rest:
+            partial += view[last + 1 :]
+        return blocks
+
+    def _fail_too_long(self) -> None:
+        assert self._too_long is not None
+        offset, size = self._too_long
+        self._partial = bytearray()
+        self._error = LineTooLong(
+            f"line at byte offset {offset} (event {self._events + 1}) is longer than "
+            f"the {self._max_line}-byte limit (at least {size} bytes); "
+            "raise max_line if such events are expected",
+            offset=offset,
+            event_number=self._events + 1,
+        )
+
+    # -- decoding ----------------------------------------------------------
+
+    def feed(self, chunk: bytes | bytearray) -> list[T]:
+        """Decode the lines completed by ``chunk``; values before any bad line."""
+        out: list[T] = []
+        for block in self._frame(chunk):
+            out += self._decode(block)
+            if self._error is not None:
+                return out
+        if self._too_long is not None and self._error is None:
+            self._fail_too_long()
+        return out
+
+    def feed_raw(self, chunk: bytes | bytearray) -> list[bytes]:
+        """Validate the lines completed by ``chunk``; return their original bytes.
+
+        Blank keep-alive lines are left out; every other byte is as received.
+        """
+        out: list[bytes] = []
+        for block in self._frame(chunk):
+            size = self._validate(block)
+            if size:
+                raw = bytes(block[:size])  # a copy costs little beside the decode
+                if raw[:1] in _BLANK_START or b"\n\n" in raw or b"\n\r" in raw:
+                    raw = _BLANK_LINES.sub(b"", raw)
+                out.append(raw)
+            if self._error is not None:
+                return out
+        if self._too_long is not None and self._error is None:
+            self._fail_too_long()
+        return out
+
+    def _decode(self, block: Buffer) -> list[T]:
+        try:
+            values = self._decoder.decode_lines(block)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return self._decode_slowly(block)[0]
+        self._events += len(values)
+        self._offset += len(block)
+        return values
+
+    def _validate(self, block: Buffer) -> int:
+        """Decode ``block`` only to check it; return how many leading bytes are good."""
+        try:
+            count = len(self._decoder.decode_lines(block))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return self._decode_slowly(block)[1]
+        self._events += count
+        self._offset += len(block)
+        return len(block)
+
+    def _decode_slowly(self, block: Buffer) -> tuple[list[T], int]:
+        """Line by line: the values and byte length before the first bad line."""
+        data = bytes(block)
+        values: list[T] = []
+        pos = 0
+        decode = self._decoder.decode
+        while pos < len(data):
+            end = data.index(b"\n", pos) + 1
+            line = data[pos:end]
+            if line.strip():
+                try:
+                    values.append(decode(line))
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self._events += len(values)
+                    self._offset += pos
+                    self._error = InvalidEvent(
+                        f"invalid event at byte offset {self._offset} "
+                        f"(event {self._events + 1}): {_describe(exc)}; "
+                        f"the line starts {_excerpt(line)}",
+                        offset=self._offset,
+                        event_number=self._events + 1,
+                    )
+                    return values, pos
+            pos = end
+        # Not reached in practice: the batch failed as a whole, so one line must.
+        self._events += len(values)
+        self._offset += pos
+        return values, pos
+
+    # -- end of stream -----------------------------------------------------
+
+    def check(self) -> None:
+        """Raise the error found by the last ``feed``, if any."""
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """The stream ended: raise a pending error, or :class:`StreamTruncated` when a
+        partial line is left over (it is never decoded)."""
+        self.check()
+        if self._partial.strip():
+            size = len(self._partial)
+            self._partial = bytearray()
+            self._error = StreamTruncated(
+                f"stream ended in the middle of a line: {size} bytes after byte offset "
+                f"{self._offset} (event {self._events + 1}) were not a complete event",
+                offset=self._offset,
+                event_number=self._events + 1,
+            )
+            raise self._error
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc)
+    # decode() on one line reports paths as `$…`; make the message about the event.
+    return text.replace(" - at `$`", "").replace("`$.", "`")
+
+
+def _excerpt(line: bytes, limit: int = 60) -> str:
+    from ._errors import bounded_text
+
+    return repr(bounded_text(line, limit))

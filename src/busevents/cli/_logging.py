@@ -1,0 +1,27 @@
+"""Route log records to the CLI's stderr diagnostics (``-v`` shows them)."""
+
+from __future__ import annotations
+
+import logging
+
+from ._output import Diagnostics
+
+
+class StderrHandler(logging.Handler):
+    """Write each record as one ``bus-events:`` line on stderr."""
+
+    def __init__(self, diagnostics: Diagnostics) -> None:
+        super().__init__()
+        self.diagnostics = diagnostics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not kill the CLI
+            message = str(record.msg)
+        if record.levelno >= logging.ERROR:
+            self.diagnostics.error(message)
+        elif record.levelno >= logging.WARNING:
+            self.diagnostics.warning(message)
+        else:
+            self.diagnostics.info(f"{record.name}: {message}")

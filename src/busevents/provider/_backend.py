@@ -1,0 +1,164 @@
+"""The backend interface of the provider, and what every backend shares.
+
+A backend stores accepted events (for replay) and fans them out to
+subscriptions.  The HTTP layer only talks to the :class:`Backend` protocol, so
+a durable backend (Redis Streams, PostgreSQL) can replace the in-memory one
+without changing the public behaviour.  Each envelope is encoded to bytes once,
+at publish time (:func:`encode_envelope`); listeners write those bytes as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+
+from .._contracts import Delivery
+
+__all__ = [
+    "Backend",
+    "Draft",
+    "IdClock",
+    "Selector",
+    "StoredEvent",
+    "Subscription",
+    "encode_envelope",
+]
+
+
+class _Envelope(
+    msgspec.Struct,
+    kw_only=True,
+    omit_defaults=True,
+    gc=False,
+    rename={"correlation_id": "correlationId"},
+):
+    # Field order is the wire order of spec §1; payload is always present.
+    id: str
+    name: str
+    correlation_id: str | None = None
+    payload: msgspec.Raw
+    identity_id: str
+    metadata: dict[str, str] | None = None
+    time: str
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """An event accepted by the HTTP layer, before the backend assigns id and time."""
+
+    name: str
+    payload: msgspec.Raw
+    identity_id: str
+    correlation_id: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored and delivered: ``line`` is the NDJSON line, ``\\n`` included."""
+
+    #: Backend-wide sequence number; strictly increasing in publish order.
+    seq: int
+    id: str
+    name: str
+    identity_id: str
+    time: str
+    line: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """What a stream subscribes to.
+
+    ``name`` may be a wildcard pattern when ``pattern`` is true.  ``identity``
+    restricts delivery to events of that owner (``None``: all owners, for
+    service tokens).  ``group`` applies to unicast only.
+    """
+
+    name: str
+    identity: str | None
+    delivery: Delivery = Delivery.BROADCAST
+    group: str = "default"
+    consumer: str = "default"
+    pattern: bool = False
+
+
+class Subscription(Protocol):
+    """A live subscription; iterate with :meth:`receive_batch`."""
+
+    async def receive_batch(self, limit: int) -> list[StoredEvent]:
+        """Wait for at least one event, then return up to ``limit`` already waiting.
+
+        An empty list means the backend ended the subscription (for example a
+        slow broadcast listener); no more events will come.
+        """
+        ...
+
+
+class Backend(Protocol):
+    """Storage and fan-out of events; one instance per provider app."""
+
+    async def publish(self, draft: Draft) -> StoredEvent:
+        """Assign id and time, store the event for replay and deliver it to subscriptions."""
+        ...
+
+    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
+        """Subscribe for live events; leaving the context unsubscribes."""
+        ...
+
+    async def snapshot(self, selector: Selector) -> list[StoredEvent]:
+        """The stored events matching ``selector``, oldest first."""
+        ...
+
+
+class IdClock:
+    """Event ids in Redis-stream form, ``"<unix-ms>-<seq>"``, with RFC 3339 times.
+
+    Ids are unique and strictly increasing when compared as ``(ms, seq)``
+    integer pairs: ``seq`` counts events within one millisecond, and ``ms``
+    never goes backwards even if the wall clock does.
+    """
+
+    __slots__ = ("_last_ms", "_seq")
+
+    def __init__(self) -> None:
+        self._last_ms = -1
+        self._seq = 0
+
+    def next(self) -> tuple[str, str]:
+        """A fresh ``(id, time)`` pair; time is UTC with microseconds and ``Z``."""
+        now_ns = time.time_ns()
+        ms = now_ns // 1_000_000
+        if ms > self._last_ms:
+            self._last_ms = ms
+            self._seq = 0
+        else:
+            self._seq += 1
+        seconds, rest_ns = divmod(now_ns, 1_000_000_000)
+        t = time.gmtime(seconds)
+        stamp = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{rest_ns // 1000:06d}Z"
+        )
+        return f"{self._last_ms}-{self._seq}", stamp
+
+
+def encode_envelope(draft: Draft, event_id: str, stamp: str) -> bytes:
+    """The NDJSON line of an event: its envelope encoded once, plus ``\\n``."""
+    envelope = _Envelope(
+        id=event_id,
+        name=draft.name,
+        correlation_id=draft.correlation_id,
+        payload=draft.payload,
+        identity_id=draft.identity_id,
+        metadata=draft.metadata,
+        time=stamp,
+    )
+    return _encode(envelope) + b"\n"

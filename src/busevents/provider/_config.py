@@ -1,0 +1,91 @@
+"""Provider configuration and the helper that reads a signing secret from the environment."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass, field
+
+from ._policy import ScopePolicy
+
+__all__ = ["ProviderConfig", "secret_from_env"]
+
+_BASE64_PREFIX = "base64:"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """How a reference provider behaves; immutable, shared by the app and its backend.
+
+    Arguments:
+        secret: the HS256 key that signs and verifies bearer tokens.
+        policy: which scope each event name needs (spec §3); the default table
+            unless given.
+        max_body_bytes: largest accepted publish body; larger → ``413``.
+        listener_queue: per-listener buffer, in events.  A broadcast listener
+            whose buffer is full is disconnected; a unicast group whose buffer is
+            full drops new events (see :mod:`busevents.provider`).
+        history_limit: events kept for ``replay`` (oldest dropped first); 0 keeps none.
+        keepalive: seconds of silence after which a following stream writes a
+            blank line; ``None`` disables keep-alive lines.
+        allow_wildcards: accept ``*`` / ``>`` in stream names (service tokens only).
+        backend: backend name; ``"memory"`` is the only one so far.
+
+    Raises :class:`ValueError` for an empty secret or a non-positive limit.
+    """
+
+    secret: bytes
+    policy: ScopePolicy = field(default_factory=ScopePolicy.default)
+    max_body_bytes: int = 1024 * 1024
+    listener_queue: int = 10_000
+    history_limit: int = 100_000
+    keepalive: float | None = 15.0
+    allow_wildcards: bool = False
+    backend: str = "memory"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.secret, bytes) or not self.secret:
+            raise ValueError("ProviderConfig.secret must be non-empty bytes")
+        if self.max_body_bytes < 1:
+            raise ValueError("ProviderConfig.max_body_bytes must be at least 1")
+        if self.listener_queue < 1:
+            raise ValueError("ProviderConfig.listener_queue must be at least 1")
+        if self.history_limit < 0:
+            raise ValueError("ProviderConfig.history_limit must not be negative")
+        if self.keepalive is not None and not (
+            self.keepalive > 0 and math.isfinite(self.keepalive)
+        ):
+            raise ValueError(
+                "ProviderConfig.keepalive must be a positive number of seconds or None"
+            )
+
+
+def secret_from_env(value: str) -> bytes:
+    """Turn the text of a secret setting into key bytes.
+
+    Plain text is used as its UTF-8 bytes; ``base64:<data>`` is base64-decoded
+    (standard or URL-safe alphabet, padding optional).
+
+    Raises :class:`ValueError` when the value (or the decoded key) is empty or the
+    base64 data is invalid; the message never repeats the value.
+
+    >>> secret_from_env("base64:c2VjcmV0")
+    b'secret'
+    """
+    if not value:
+        raise ValueError("the provider secret is empty: set it to text or to base64:<data>")
+    if not value.startswith(_BASE64_PREFIX):
+        return value.encode("utf-8")
+    data = value[len(_BASE64_PREFIX) :].strip()
+    data = data.replace("-", "+").replace("_", "/")
+    data += "=" * (-len(data) % 4)
+    try:
+        key = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            "the provider secret starts with base64: but is not valid base64"
+        ) from None
+    if not key:
+        raise ValueError("the provider secret decodes to zero bytes: give base64:<data>")
+    return key

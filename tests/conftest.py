@@ -1,0 +1,76 @@
+"""Shared fixtures: a real reference provider on 127.0.0.1 and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from busevents.provider import RunningProvider, open_provider
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[RunningProvider]:
+    """A reference provider on a free loopback port, stopped after the test."""
+    async with open_provider() as running:
+        yield running
+
+
+@dataclass
+class Result:
+    """What a user sees of one CLI run."""
+
+    status: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode()
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment: no BUS_* settings leak in, HOME and config root are private."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("BUS_", "XDG_", "NO_COLOR"))
+    }
+    env["HOME"] = str(home)
+    env["PYTHONPATH"] = SRC
+    return env
+
+
+@pytest.fixture
+def run_cli(cli_env: dict[str, str], tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Run ``bus-events ARGS`` as a subprocess (``python -m busevents``)."""
+
+    async def run(
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes = b"",
+        cwd: Path | None = None,
+    ) -> Result:
+        merged = {**cli_env, **(env or {})}
+        proc = await trio.run_process(
+            [sys.executable, "-m", "busevents", *args],
+            env=merged,
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=str(cwd or tmp_path),
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr.decode())
+
+    return run
