@@ -497,10 +497,7 @@ def _api_error(status: int, headers: httpx.Headers, body: bytes, url: str) -> AP
         message = bounded_text(parsed.message or "") or ("" if code else bounded_text(body))
         scopes = tuple(s for s in parsed.required_scopes or () if _SCOPE.match(s))
     if not message:
-        try:
-            message = httpx.codes(status).phrase
-        except ValueError:
-            message = ""
+        message = httpx.codes.get_reason_phrase(status)
         if not body:
             message = f"{message} (empty body)".strip()
     cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIError)

@@ -63,8 +63,10 @@ app = App(
     exit_on_error=False,
     print_error=False,
     help_on_error=False,
+    usage="Usage: bus-events [GLOBAL OPTIONS] COMMAND [OPTIONS]",
 )
 app.meta.group_parameters = GLOBAL
+
 
 _globals = Globals()
 
@@ -80,7 +82,10 @@ def _meta(
     verbose: Annotated[
         int,
         Parameter(
-            name=["--verbose", "-v"], count=True, help="More diagnostics on stderr (repeatable)."
+            name=["--verbose", "-v"],
+            count=True,
+            show_default=False,
+            help="More diagnostics on stderr (repeatable).",
         ),
     ] = 0,
     quiet: Annotated[
@@ -107,7 +112,9 @@ def _meta(
     color: Annotated[
         Literal["auto", "always", "never"], Parameter(help="Color diagnostics on stderr.")
     ] = "auto",
-    no_color: Annotated[bool, Parameter(negative="", help="Same as --color never.")] = False,
+    no_color: Annotated[
+        bool, Parameter(negative="", show_default=False, help="Same as --color never.")
+    ] = False,
     api_url: Annotated[
         str | None,
         Parameter(
@@ -185,7 +192,8 @@ def run(args: list[str]) -> int:
     from . import _commands, _serve  # noqa: F401  registers the commands
 
     try:
-        return app.meta(args)
+        status: int = app.meta(args)
+        return status
     except (cyclopts.CycloptsError, UsageError) as exc:
         diag = _globals.diagnostics()
         diag.error(f"{_usage_line(exc)} (see: bus-events --help)")

@@ -16,32 +16,87 @@ if TYPE_CHECKING:
 
 
 def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
-    """Run ``body`` under trio; turn busevents errors into messages and exit statuses."""
+    """Run ``body`` under trio; turn failures into one-line messages and exit statuses.
+
+    SIGINT and SIGTERM cancel ``body`` (whose ``finally`` blocks write out what
+    was received), then the status is 130 or 143.  A reader that went away
+    (``| head``) ends the command quietly.
+    """
     import trio
 
+    g = current()
+    received: list[int] = []
+    try:
+        status = trio.run(_until_signalled, body, g, received)
+    except BaseException as exc:
+        leaf = _sole_leaf(exc)
+        mapped = _status_for(leaf, g)
+        if mapped is None:
+            raise
+        return mapped
+    return 128 + received[0] if received else status
+
+
+async def _until_signalled(
+    body: Callable[[Globals], Awaitable[int]], g: Globals, received: list[int]
+) -> int:
+    import signal
+
+    import trio
+
+    watching = trio.CancelScope()
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        trio.CancelScope() as scope,
+    ):
+
+        async def watch() -> None:
+            with watching:
+                if watching.cancel_called:
+                    return  # the command ended before this task started
+                async for signum in signals:
+                    received.append(signum)
+                    scope.cancel()
+                    return
+
+        trio.lowlevel.spawn_system_task(watch)
+        try:
+            return await body(g)
+        finally:
+            watching.cancel()
+    return EXIT_FAILURE  # cancelled by a signal; the caller reports 128 + signum
+
+
+def _sole_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _status_for(exc: BaseException, g: Globals) -> int | None:
+    """Report ``exc`` on stderr and give its exit status; None for a bug (re-raised)."""
     from .._errors import BusEventsError, ConfigError, Forbidden
 
-    g = current()
     diag = g.diagnostics()
-    try:
-        return trio.run(body, g)
-    except ConfigError as exc:
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, ConfigError):
         diag.error(str(exc))
         return EXIT_USAGE
-    except Forbidden as exc:
+    if isinstance(exc, BusEventsError):
         diag.error(str(exc))
-        diag.hint(f"get a token with the scope it needs: {exc.hint}")
+        if isinstance(exc, Forbidden):
+            diag.hint(f"get a token with the scope it needs: {exc.hint}")
         return EXIT_FAILURE
-    except BusEventsError as exc:
-        diag.error(str(exc))
-        return EXIT_FAILURE
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         _silence_stdout()
         return EXIT_OK
-    except OSError as exc:
+    if isinstance(exc, OSError):
         where = f" to {g.output}" if g.output else ""
         diag.error(f"cannot write results{where}: {exc.strerror or exc}")
         return EXIT_FAILURE
+    return None
 
 
 def _silence_stdout() -> None:
