@@ -1,6 +1,6 @@
 """Small misbehaving HTTP servers on 127.0.0.1, for fault tests.
 
-Each takes a handler ``async def handler(stream, request_head)`` that writes
+Each takes a handler ``async def handler(stream, request)`` that writes
 whatever bytes it likes (a half line, HTML, nothing at all) and may stall.
 """
 
@@ -16,7 +16,7 @@ Handler = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
 
 async def read_head(stream: trio.SocketStream) -> bytes:
-    """Read the request head and its body (so closing does not reset the connection)."""
+    """Read the whole request, body included (so closing does not reset the connection)."""
     data = b""
     while b"\r\n\r\n" not in data:
         more = await stream.receive_some(65536)
@@ -34,7 +34,7 @@ async def read_head(stream: trio.SocketStream) -> bytes:
         if not more:
             break
         body += more
-    return head
+    return head + b"\r\n\r\n" + body
 
 
 @asynccontextmanager

@@ -323,3 +323,72 @@ async def test_cli_signal_writes_what_arrived_then_exits(
     assert status_got == status
     assert received + rest == GOOD
     assert b"Traceback" not in (err or b"")
+
+
+def flaky(failures: list[bytes], bodies: list[bytes]):  # type: ignore[no-untyped-def]
+    """Answer with each of ``failures`` in turn, then accept; record request bodies."""
+
+    async def handler(stream: trio.SocketStream, head: bytes) -> None:
+        bodies.append(head)
+        if len(bodies) <= len(failures):
+            await stream.send_all(failures[len(bodies) - 1])
+        else:
+            await stream.send_all(
+                response("202 Accepted", b'{"accepted":true,"id":"1-0","name":"x.y"}')
+            )
+
+    return handler
+
+
+async def _captured_bodies(bodies: list[bytes]) -> list[dict[str, object]]:
+    import json
+
+    return [json.loads(b.split(b"\r\n\r\n", 1)[1]) for b in bodies]
+
+
+async def test_send_is_not_retried_unless_asked(run_cli, fault_env) -> None:  # type: ignore[no-untyped-def]
+    bodies: list[bytes] = []
+    failures = [response("503 Service Unavailable", b"down")]
+    async with serve_raw(flaky(failures, bodies)) as url:
+        result = await run_cli("--api-url", url, "send", "--name", "x.y", env=fault_env)
+    assert result.status == 1 and "HTTP 503" in result.stderr
+    assert len(bodies) == 1
+
+
+async def test_send_retry_keeps_one_correlation_id_and_honours_retry_after(
+    run_cli, fault_env
+) -> None:  # type: ignore[no-untyped-def]
+    bodies: list[bytes] = []
+    failures = [
+        response("503 Service Unavailable", b"down"),
+        response("429 Too Many Requests", b"", extra="Retry-After: 1\r\n"),
+    ]
+    async with serve_raw(flaky(failures, bodies)) as url:
+        start = trio.current_time()
+        result = await run_cli(
+            "-v", "--api-url", url, "send", "--name", "x.y", "--retry", "3", env=fault_env
+        )
+        elapsed = trio.current_time() - start
+    assert result.status == 0, result.stderr
+    assert result.out == "accepted x.y 1-0\n"
+    sent = await _captured_bodies(bodies)
+    assert len(sent) == 3
+    ids = {body["correlationId"] for body in sent}
+    assert len(ids) == 1 and None not in ids
+    assert elapsed >= 1.5  # 0.5 s backoff, then at least the 1 s Retry-After
+    assert "retry 1 of 3" in result.stderr
+
+
+async def test_send_retry_gives_up_after_the_limit() -> None:
+    bodies: list[bytes] = []
+    failures = [response("500 Internal Server Error", b"no")] * 5
+    async with serve_raw(flaky(failures, bodies)) as url, EventsClient(url, TOKEN) as client:
+        with pytest.raises(ServerError):
+            await client.send("x.y", 1)
+        assert len(bodies) == 1
+        with pytest.raises(ServerError):
+            from busevents import PublishRequest
+
+            await client.publish(PublishRequest("x.y", correlation_id="mine"), retries=1)
+    assert len(bodies) == 3
+    assert (await _captured_bodies(bodies))[2]["correlationId"] == "mine"

@@ -17,9 +17,11 @@ How long a stream is read is the caller's business: wrap the ``async for`` in
 from __future__ import annotations
 
 import email.utils
+import logging
 import re
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, NoReturn
@@ -51,6 +53,8 @@ from ._ndjson import DEFAULT_MAX_LINE, NDJSONDecoder
 from ._version import __version__
 
 __all__ = ["EventStream", "EventsClient"]
+
+log = logging.getLogger("busevents")
 
 #: Default bound of connecting plus one HTTP exchange, in seconds (spec §5).
 DEFAULT_TIMEOUT: Final = 30.0
@@ -113,6 +117,7 @@ class EventsClient:
         self.timeout = timeout
         self.max_line = max_line
         value = token.value if isinstance(token, Token) else token
+        self._token_value = value or None
         self._token_source = token.source if isinstance(token, Token) else None
         headers = {"User-Agent": f"bus-events/{__version__}"}
         if value:
@@ -198,9 +203,35 @@ class EventsClient:
         )
         return accepted
 
-    async def publish(self, request: PublishRequest) -> tuple[Accepted, bytes]:
-        """Publish ``request``; return the acceptance and the provider's JSON body."""
+    async def publish(self, request: PublishRequest, *, retries: int = 0) -> tuple[Accepted, bytes]:
+        """Publish ``request``; return the acceptance and the provider's JSON body.
+
+        Nothing is retried unless ``retries`` > 0: then a 5xx, a 429 or a network
+        failure is retried up to that many times, after 0.5 s doubling to 10 s at
+        most, and never sooner than the provider's ``Retry-After``.  An attempt
+        whose answer was lost may have been published, so a retried event can
+        arrive twice: it always carries a correlation id (one is generated when
+        ``request`` has none) for consumers to de-duplicate by.
+        """
+        if retries and request.correlation_id is None:
+            request = msgspec.structs.replace(request, correlation_id=uuid.uuid4().hex)
         body = _encode(request)
+        delay = 0.5
+        for attempt in range(retries + 1):
+            try:
+                return await self._publish_once(body)
+            except (ServerError, RateLimited, TransportError) as exc:
+                if attempt == retries:
+                    raise
+                wait = max(delay, getattr(exc, "retry_after", None) or 0.0)
+                log.info(
+                    "publish failed (%s); retry %d of %d in %gs", exc, attempt + 1, retries, wait
+                )
+                await trio.sleep(wait)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _publish_once(self, body: bytes) -> tuple[Accepted, bytes]:
         with self._deadline(self.url):
             try:
                 response = await self._http.post(
@@ -209,7 +240,7 @@ class EventsClient:
             except httpx.HTTPError as exc:
                 self._raise_transport(exc, self.url)
         if response.status_code not in (200, 201, 202):
-            raise _api_error(response.status_code, response.headers, response.content, self.url)
+            raise self._api_error(response, response.content, self.url)
         try:
             return _decode_accepted(response.content), response.content
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -217,9 +248,21 @@ class EventsClient:
                 response.status_code,
                 None,
                 f"the provider accepted the event but its reply is not an acceptance ({exc}): "
-                + bounded_text(response.content, 120),
+                + self._redact(bounded_text(response.content, 120)),
                 url=self.url,
             ) from None
+
+    def _redact(self, text: str) -> str:
+        """Remove the token from text a server sent (a hostile server may echo it)."""
+        token = self._token_value
+        return text.replace(token, "<redacted>") if token and token in text else text
+
+    def _api_error(self, response: httpx.Response, body: bytes, url: str) -> APIError:
+        error = _api_error(response.status_code, response.headers, body, url)
+        if self._token_value and self._token_value in error.message:
+            error.message = self._redact(error.message)
+            error.args = (error._describe(),)
+        return error
 
     # -- stream ------------------------------------------------------------
 
@@ -263,7 +306,7 @@ class EventsClient:
         try:
             if response.status_code != 200:
                 body = await _read_bounded(response)
-                raise _api_error(response.status_code, response.headers, body, self.stream_url)
+                raise self._api_error(response, body, self.stream_url)
             stream = EventStream(response, spec, self.max_line, self.stream_url)
             try:
                 yield stream

@@ -134,6 +134,14 @@ def send(
     correlation_id: Annotated[
         str | None, Parameter(help="Correlation id, the key of request/reply.")
     ] = None,
+    retry: Annotated[
+        int,
+        Parameter(
+            help="Retry a 5xx, 429 or network failure up to this many times "
+            "(the event then always carries a correlation id, generated if not given, "
+            "so that a duplicate can be recognised)."
+        ),
+    ] = 0,
 ) -> int:
     """Publish one event.
 
@@ -142,6 +150,8 @@ def send(
     Example: bus-events send --name example.ping --payload '{"ok":true}'
     """
     value = _parse_payload(payload)  # before anything is sent: bad JSON sends nothing
+    if retry < 0:
+        raise UsageError("--retry must be 0 or more")
 
     async def body(g: Globals) -> int:
         import msgspec
@@ -157,7 +167,7 @@ def send(
                     payload=msgspec.Raw(msgspec.json.encode(value)),
                     correlation_id=correlation_id,
                 )
-                accepted, raw = await client.publish(request)
+                accepted, raw = await client.publish(request, retries=retry)
             if g.format == "json":
                 results.write(raw.strip() + b"\n")
             else:
