@@ -36,6 +36,7 @@ PUBLIC = {
     "ServerError",
     "StreamError",
     "StreamInterrupted",
+    "StreamStalled",
     "StreamSpec",
     "StreamTruncated",
     "Timeout",

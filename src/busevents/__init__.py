@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ._errors import ServerError as ServerError
     from ._errors import StreamError as StreamError
     from ._errors import StreamInterrupted as StreamInterrupted
+    from ._errors import StreamStalled as StreamStalled
     from ._errors import StreamTruncated as StreamTruncated
     from ._errors import Timeout as Timeout
     from ._errors import TokenError as TokenError
@@ -85,6 +86,7 @@ _LOCATIONS = {
         "ServerError",
         "StreamError",
         "StreamInterrupted",
+        "StreamStalled",
         "StreamTruncated",
         "Timeout",
         "TokenError",

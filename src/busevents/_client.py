@@ -44,6 +44,7 @@ from ._errors import (
     RateLimited,
     ServerError,
     StreamInterrupted,
+    StreamStalled,
     Timeout,
     TransportError,
     Unauthorized,
@@ -276,14 +277,24 @@ class EventsClient:
         consumer: str | None = None,
         replay: bool = False,
         follow: bool = True,
+        stall_timeout: float | None = None,
     ) -> AsyncIterator[EventStream]:
         """Open a stream of events named ``name``; iterate it in the block.
 
         ``delivery="unicast"`` with a ``group`` makes listeners of that group
         compete (one of them gets each event).  ``replay`` first sends the
         history; ``follow=False`` ends the stream after it.  Leaving the block
-        closes the response.  Raises :class:`APIError` subclasses when the
-        provider refuses the stream (before any event).
+        closes the response.
+
+        ``stall_timeout``: a following stream may carry no event for hours, and a
+        peer that froze (or a network path that died silently) sends nothing
+        either.  With a stall timeout, a stream that delivers no byte at all —
+        neither an event nor the provider's blank keep-alive line — for that many
+        seconds raises :class:`StreamStalled`.  Set it to a few keep-alive
+        intervals of the provider (the reference provider's is 15 s).
+
+        Raises :class:`APIError` subclasses when the provider refuses the stream
+        (before any event).
         """
         try:
             delivery = Delivery(delivery)
@@ -307,7 +318,7 @@ class EventsClient:
             if response.status_code != 200:
                 body = await _read_bounded(response)
                 raise self._api_error(response, body, self.stream_url)
-            stream = EventStream(response, spec, self.max_line, self.stream_url)
+            stream = EventStream(response, spec, self.max_line, self.stream_url, stall_timeout)
             try:
                 yield stream
             finally:
@@ -369,8 +380,16 @@ class EventStream:
     connection are always delivered before the error is raised.
     """
 
-    def __init__(self, response: httpx.Response, spec: StreamSpec, max_line: int, url: str) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        spec: StreamSpec,
+        max_line: int,
+        url: str,
+        stall_timeout: float | None = None,
+    ) -> None:
         self.spec = spec
+        self._stall_timeout = stall_timeout
         self.url = url
         self.bytes_received = 0
         self._response = response
@@ -429,7 +448,10 @@ class EventStream:
         while True:
             decoder.check()  # an error found with the last batch, once it was consumed
             try:
-                chunk = await chunks.__anext__()
+                if self._stall_timeout is None:
+                    chunk = await chunks.__anext__()
+                else:
+                    chunk = await self._read_or_stall(chunks, self._stall_timeout)
             except StopAsyncIteration:
                 decoder.close()
                 return None
@@ -445,6 +467,18 @@ class EventStream:
             batch = feed(chunk)
             if batch:
                 return batch  # type: ignore[no-any-return]
+
+    async def _read_or_stall(self, chunks: AsyncIterator[bytes], limit: float) -> bytes:
+        with trio.move_on_after(limit):
+            return await chunks.__anext__()
+        decoder = self._decoder
+        assert decoder is not None
+        raise StreamStalled(
+            f"no data from {self.url} for {_format_seconds(limit)} (the stall timeout) "
+            f"after {decoder.events} events; the connection is presumed dead",
+            offset=decoder.offset,
+            event_number=decoder.events + 1,
+        )
 
     async def aclose(self) -> None:
         """Stop reading; the owning ``listen`` block closes the connection."""

@@ -22,6 +22,7 @@ act on::
         ├── LineTooLong          a line longer than the configured maximum
         ├── StreamTruncated      the stream ended in the middle of a line
         └── StreamInterrupted    the connection failed while streaming
+            └── StreamStalled    no byte arrived within the stall timeout
 
 Messages are bounded in length and free of control characters, whatever the
 provider sent, and no message, ``str`` or ``repr`` ever contains a token.
@@ -46,6 +47,7 @@ __all__ = [
     "ServerError",
     "StreamError",
     "StreamInterrupted",
+    "StreamStalled",
     "StreamTruncated",
     "Timeout",
     "TokenError",
@@ -228,3 +230,7 @@ class StreamTruncated(StreamError):
 
 class StreamInterrupted(StreamError):
     """The connection failed while the stream was being read."""
+
+
+class StreamStalled(StreamInterrupted):
+    """No byte (event or keep-alive line) arrived within the stream's stall timeout."""

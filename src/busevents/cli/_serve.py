@@ -58,6 +58,16 @@ def serve(
     policy: Annotated[
         str | None, Parameter(help="Scope policy JSON file replacing the default table.")
     ] = None,
+    keepalive: Annotated[
+        str,
+        Parameter(help="Silence after which a following stream writes a blank line; 0 disables."),
+    ] = "15s",
+    max_body: Annotated[int, Parameter(help="Largest publish body in bytes (larger: 413).")] = 1
+    << 20,
+    listener_queue: Annotated[
+        int, Parameter(help="Events buffered per listener or unicast group (see README).")
+    ] = 10_000,
+    history: Annotated[int, Parameter(help="Events kept in memory for --replay.")] = 100_000,
 ) -> int:
     """Run the reference Events API provider (for development and tests).
 
@@ -77,7 +87,25 @@ def serve(
             options["policy"] = provider.ScopePolicy.from_file(policy)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--policy {policy}: {exc}") from None
-    config = provider.ProviderConfig(secret=secret, backend=events_backend, **options)
+    from .._config import parse_duration
+    from .._errors import ConfigError
+
+    try:
+        keepalive_s = parse_duration(keepalive)
+    except ConfigError as exc:
+        raise UsageError(f"--keepalive: {exc}") from None
+    try:
+        config = provider.ProviderConfig(
+            secret=secret,
+            backend=events_backend,
+            keepalive=keepalive_s or None,
+            max_body_bytes=max_body,
+            listener_queue=listener_queue,
+            history_limit=history,
+            **options,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     import trio
 
