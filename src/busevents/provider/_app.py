@@ -26,8 +26,14 @@ from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
 from ._backend import Backend, Draft, Selector, StoredEvent, Subscription
 from ._config import ProviderConfig
 from ._memory import MemoryBackend
-from ._names import InvalidParameter, check_flag, check_label, check_name, has_wildcard
-from ._names import literal_prefix
+from ._names import (
+    InvalidParameter,
+    check_flag,
+    check_label,
+    check_name,
+    has_wildcard,
+    literal_prefix,
+)
 from ._policy import Action
 
 __all__ = ["EventsApp", "HTTPError", "create_app"]
@@ -190,7 +196,9 @@ class EventsApp:
             await _read_body(receive, 0)
             if not path.endswith("/events/stream"):
                 raise HTTPError(
-                    404, "not_found", "no such endpoint: use POST …/events or GET …/events/stream"
+                    404,
+                    "not_found",
+                    "no such endpoint: use POST .../events or GET .../events/stream",
                 )
             if method != "GET":
                 raise HTTPError(
@@ -258,8 +266,13 @@ class EventsApp:
                 raise _bad_request("invalid publish body: identity_id must not be empty")
             identity = request.identity_id
         self._authorize(principal, name, "send", pattern=False)
+        metadata = request.metadata
+        if metadata and not principal.internal:
+            # Platform keys (bus.*) are stamped by services; an end user cannot forge them,
+            # just as the identity_id an end user sends is ignored.
+            metadata = {k: v for k, v in metadata.items() if not k.startswith("bus.")} or None
         stored = await self.backend.publish(
-            Draft(name, request.payload, identity, request.correlation_id, request.metadata)
+            Draft(name, request.payload, identity, request.correlation_id, metadata)
         )
         accepted = _AcceptedBody(True, stored.id, name, request.correlation_id, stored.time)
         await _send_response(send, 202, _encode(accepted), _JSON_HEADERS)
@@ -278,6 +291,11 @@ class EventsApp:
             json.loads(body, object_pairs_hook=_reject_duplicate_keys)
         except RecursionError:
             raise _bad_request("invalid publish body: JSON nested too deeply") from None
+        payload = bytes(request.payload)
+        if b"\n" in payload or b"\r" in payload:
+            # Whitespace between tokens would break the one-envelope-per-line framing.
+            compact = msgspec.Raw(msgspec.json.format(payload, indent=-1))
+            request = msgspec.structs.replace(request, payload=compact)
         return request
 
     # -- stream --------------------------------------------------------------

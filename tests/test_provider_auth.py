@@ -1,0 +1,329 @@
+"""Reference provider: bearer tokens (401), the scope policy (403), token helpers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from busevents.provider import (
+    API_AUDIENCE,
+    INTERNAL_AUDIENCE,
+    ProviderConfig,
+    RunningProvider,
+    ScopePolicy,
+    mint_token,
+    open_provider,
+    secret_from_env,
+)
+
+SECRET = b"auth-tests-secret-".ljust(64, b"0")  # long enough for HS512 too
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def b64(data: dict[str, Any]) -> str:
+    raw = json.dumps(data, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base = {
+        "sub": "alice",
+        "aud": API_AUDIENCE,
+        "scope": "events:send events:listen",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def signed(secret: bytes = SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
+    return jwt.encode(claims(**overrides), secret, algorithm=algorithm)
+
+
+@pytest.fixture
+async def prov() -> AsyncIterator[RunningProvider]:
+    async with open_provider(ProviderConfig(secret=SECRET)) as running:
+        yield running
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+BAD_TOKENS: dict[str, str | None] = {
+    "missing header": None,
+    "alg none": b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims()) + ".",
+    "alg RS256": b64({"alg": "RS256", "typ": "JWT"}) + "." + b64(claims()) + ".c2ln",
+    "alg HS512": signed(algorithm="HS512"),
+    "wrong secret": signed(secret=b"another-secret-".ljust(64, b"1")),
+    "expired": signed(exp=int(time.time()) - 120, iat=int(time.time()) - 200),
+    "nbf in future": signed(nbf=int(time.time()) + 600),
+    "wrong audience": signed(aud="example.com/api"),
+    "no audience": signed(aud=None),
+    "no exp": signed(exp=None),
+    "no sub": signed(sub=None),
+    "empty sub": signed(sub=""),
+    "malformed": "not.a.jwt",
+    "garbage": "%%%",
+}
+
+
+def _expect_401(response: httpx.Response, token: str | None) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["error"] == "invalid_auth"
+    assert body["message"]
+    text = response.text
+    assert "Traceback" not in text and SECRET.decode() not in text
+    if token:
+        assert token not in text
+        assert all(part not in text for part in token.split(".") if len(part) > 8)
+
+
+@pytest.mark.parametrize("case", list(BAD_TOKENS))
+async def test_bad_tokens_get_401_on_publish_and_stream(
+    prov: RunningProvider, http: httpx.AsyncClient, case: str
+) -> None:
+    token = BAD_TOKENS[case]
+    headers = auth(token) if token is not None else {}
+    published = await http.post(prov.url, json={"name": "example.ping"}, headers=headers)
+    _expect_401(published, token)
+    streamed = await http.get(
+        prov.url + "/stream", params={"name": "example.ping"}, headers=headers
+    )
+    _expect_401(streamed, token)
+
+
+async def test_other_auth_schemes_get_401(prov: RunningProvider, http: httpx.AsyncClient) -> None:
+    response = await http.post(
+        prov.url, json={"name": "example.ping"}, headers={"Authorization": "Basic YTpi"}
+    )
+    _expect_401(response, None)
+
+
+async def test_reasons_say_what_is_wrong(prov: RunningProvider, http: httpx.AsyncClient) -> None:
+    async def reason(token: str) -> str:
+        response = await http.post(prov.url, json={"name": "example.ping"}, headers=auth(token))
+        return str(response.json()["message"])
+
+    assert "expired" in await reason(str(BAD_TOKENS["expired"]))
+    assert "audience" in await reason(str(BAD_TOKENS["wrong audience"]))
+    assert "HS256" in await reason(str(BAD_TOKENS["alg none"]))
+    assert "signature" in await reason(str(BAD_TOKENS["wrong secret"]))
+    assert "sub" in await reason(str(BAD_TOKENS["no sub"]))
+
+
+async def test_leeway_accepts_a_few_seconds_of_clock_skew(
+    prov: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    token = signed(nbf=int(time.time()) + 2, iat=int(time.time()) + 2)
+    response = await http.post(prov.url, json={"name": "example.ping"}, headers=auth(token))
+    assert response.status_code == 202
+
+
+async def test_internal_audience_is_accepted(
+    prov: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    token = signed(aud=INTERNAL_AUDIENCE)
+    response = await http.post(prov.url, json={"name": "example.ping"}, headers=auth(token))
+    assert response.status_code == 202
+
+
+# -- 403: the scope policy -----------------------------------------------------
+
+
+async def test_protected_namespace_needs_its_scope(
+    prov: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    plain = prov.token("alice")
+    response = await http.post(prov.url, json={"name": "bus.vm.start.request"}, headers=auth(plain))
+    assert response.status_code == 403
+    assert response.json() == {
+        "error": "forbidden",
+        "message": "token lacks scope vm:write required to publish bus.vm.start.request",
+        "required_scopes": ["vm:write"],
+    }
+    stream = await http.get(
+        prov.url + "/stream", params={"name": "bus.vm.start.request"}, headers=auth(plain)
+    )
+    assert (stream.status_code, stream.json()["required_scopes"]) == (403, ["vm:read"])
+    allowed = prov.token("alice", scopes="vm:write")
+    ok = await http.post(prov.url, json={"name": "bus.vm.start.request"}, headers=auth(allowed))
+    assert ok.status_code == 202
+
+
+@pytest.mark.parametrize(
+    ("name", "send", "listen"),
+    [
+        ("bus.container.admin.runner", "container:admin", "container:admin"),
+        ("bus.container.delete.one", "container:delete", "container:read"),
+        ("bus.container.run", "container:run", "container:read"),
+        ("bus.task.new", "task:send", "task:read"),
+        ("bus.dev.task.x", "dev:task:send", "dev:task:read"),
+        ("example.ping", "events:send", "events:listen"),
+    ],
+)
+async def test_required_scopes_follow_the_table(
+    prov: RunningProvider, http: httpx.AsyncClient, name: str, send: str, listen: str
+) -> None:
+    none = prov.token("alice", scopes="unrelated:scope")
+    published = await http.post(prov.url, json={"name": name}, headers=auth(none))
+    assert (published.status_code, published.json()["required_scopes"]) == (403, [send])
+    streamed = await http.get(prov.url + "/stream", params={"name": name}, headers=auth(none))
+    assert (streamed.status_code, streamed.json()["required_scopes"]) == (403, [listen])
+
+
+async def test_reserved_bus_names_are_refused_whatever_the_scopes(
+    prov: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    everything = prov.token("root", scopes="events:send events:listen vm:write bus:admin")
+    for response in (
+        await http.post(prov.url, json={"name": "bus.other"}, headers=auth(everything)),
+        await http.get(
+            prov.url + "/stream", params={"name": "bus.other"}, headers=auth(everything)
+        ),
+        await http.post(prov.url, json={"name": "bus.vm"}, headers=auth(everything)),
+    ):
+        assert response.status_code == 403
+        body = response.json()
+        assert body["error"] == "forbidden" and "reserved" in body["message"]
+        assert "required_scopes" not in body
+
+
+async def test_check_order_is_auth_then_validation_then_scope(
+    prov: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    no_scopes = prov.token("alice", scopes=[])
+    bad_name = {"name": "Bus VM"}
+    assert (await http.get(prov.url + "/stream", params=bad_name)).status_code == 401
+    invalid = await http.get(prov.url + "/stream", params=bad_name, headers=auth(no_scopes))
+    assert invalid.status_code == 400
+    valid = await http.get(prov.url + "/stream", params={"name": "x"}, headers=auth(no_scopes))
+    assert valid.status_code == 403
+    assert (await http.post(prov.url, content=b"[", headers=auth(no_scopes))).status_code == 400
+
+
+async def test_policy_file_replaces_the_table(tmp_path: Path, http: httpx.AsyncClient) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"prefix": "acme.", "send": "acme:write", "listen": "acme:read"},
+                {"prefix": "acme.secret.", "send": None, "listen": "acme:admin"},
+            ]
+        )
+    )
+    policy = ScopePolicy.from_file(path)
+    assert policy.required("acme.x", "send") == ("acme:write",)
+    assert policy.required("acme.secret.x", "send") is None
+    assert policy.required("acme.secret.x", "listen") == ("acme:admin",)
+    assert policy.required("bus.vm.x", "send") == ("events:send",)  # default table replaced
+    async with open_provider(ProviderConfig(secret=SECRET, policy=policy)) as provider:
+        token = provider.token("a", scopes="events:send acme:read")
+        denied = await http.post(provider.url, json={"name": "acme.thing"}, headers=auth(token))
+        assert denied.json()["required_scopes"] == ["acme:write"]
+        reserved = await http.post(
+            provider.url, json={"name": "acme.secret.x"}, headers=auth(token)
+        )
+        assert reserved.status_code == 403 and "reserved" in reserved.json()["message"]
+
+
+def test_policy_longest_prefix_wins_and_defaults() -> None:
+    policy = ScopePolicy.default()
+    assert policy.required("bus.container.admin.x", "send") == ("container:admin",)
+    assert policy.required("bus.container.x", "send") == ("container:run",)
+    assert policy.required("bus.usage.report", "listen") == ("usage:read",)
+    assert policy.required("bus.anything", "send") is None
+    assert policy.required("busy.signal", "send") == ("events:send",)
+    assert policy == ScopePolicy.default()
+    assert policy.required_for_prefix("bus.container.", "listen") == (
+        "container:read",
+        "container:admin",
+    )
+    assert policy.required_for_prefix("", "listen") is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{}",
+        '[{"prefix": "a."}]',
+        '[{"prefix": "a.", "send": 1, "listen": null}]',
+        '[{"prefix": "a.", "send": "x", "listen": "y", "extra": 1}]',
+        '[{"prefix": "a.", "send": "x", "listen": "y"}, {"prefix": "a.", "send": "x", "listen": "y"}]',
+        "not json",
+    ],
+)
+def test_bad_policy_files_are_refused(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=r"policy"):
+        ScopePolicy.from_file(path)
+
+
+# -- token helpers -------------------------------------------------------------
+
+
+def test_mint_token_claims() -> None:
+    before = int(time.time())
+    token = mint_token(SECRET, subject="alice", scopes=["vm:read", "events:listen"], ttl=60)
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "HS256"
+    decoded = jwt.decode(token, SECRET, algorithms=["HS256"], audience=API_AUDIENCE)
+    assert decoded["sub"] == "alice"
+    assert decoded["aud"] == API_AUDIENCE
+    assert decoded["scope"] == "vm:read events:listen"
+    assert before <= decoded["iat"] == decoded["nbf"] <= int(time.time())
+    assert decoded["exp"] == decoded["iat"] + 60
+    internal = mint_token(SECRET, subject="svc", audience=INTERNAL_AUDIENCE)
+    assert jwt.decode(internal, SECRET, algorithms=["HS256"], audience=INTERNAL_AUDIENCE)[
+        "scope"
+    ] == ("events:send events:listen")
+
+
+def test_mint_token_refuses_nonsense() -> None:
+    with pytest.raises(ValueError):
+        mint_token(SECRET, subject="")
+    with pytest.raises(ValueError):
+        mint_token(b"", subject="a")
+    with pytest.raises(ValueError):
+        mint_token(SECRET, subject="a", scopes=["two words"])
+
+
+async def test_short_secrets_work_without_warnings(http: httpx.AsyncClient) -> None:
+    async with open_provider(ProviderConfig(secret=b"dev")) as provider:
+        response = await http.post(
+            provider.url, json={"name": "example.ping"}, headers=auth(provider.token())
+        )
+    assert response.status_code == 202
+
+
+def test_secret_from_env() -> None:
+    assert secret_from_env("plain text") == b"plain text"
+    assert secret_from_env("päivää") == "päivää".encode()
+    assert secret_from_env("base64:c2VjcmV0") == b"secret"
+    assert secret_from_env("base64:c2VjcmV0LQ") == b"secret-"  # padding optional
+    assert secret_from_env("base64:_-8") == b"\xff\xef"  # URL-safe alphabet
+    for bad in ("", "base64:", "base64:!!!", "base64:a"):
+        with pytest.raises(ValueError) as info:
+            secret_from_env(bad)
+        assert "secret" in str(info.value)
+        assert "!!!" not in str(info.value)

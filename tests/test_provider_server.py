@@ -1,0 +1,195 @@
+"""Reference provider: running it (serve, open_provider), configuration and packaging."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from contextlib import AsyncExitStack
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+import busevents.provider
+from busevents.provider import ProviderConfig, create_app, open_provider, serve
+
+SECRET = b"server-tests-secret-0123456789abcdef"
+
+
+def _count_tasks() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(t) for n in task.child_nurseries for t in n.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+async def test_open_provider_reports_real_urls_and_cleans_up() -> None:
+    before = _count_tasks()
+    async with open_provider() as provider, httpx.AsyncClient() as http:
+        match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/api/v1/events", provider.url)
+        assert match and int(match.group(1)) > 0
+        assert provider.origin == f"http://127.0.0.1:{match.group(1)}"
+        assert len(provider.config.secret) == 32
+        token = provider.token("alice", scopes=["events:send"])
+        response = await http.post(
+            provider.url, json={"name": "a.b"}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert response.status_code == 202
+        origin = provider.origin
+    assert _count_tasks() == before
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(origin)
+
+
+async def test_leaving_open_provider_ends_open_streams() -> None:
+    async with httpx.AsyncClient() as http, AsyncExitStack() as stack:
+        with trio.fail_after(5):
+            async with open_provider() as provider:
+                token = provider.token("alice")
+                response = await stack.enter_async_context(
+                    http.stream(
+                        "GET",
+                        provider.url + "/stream",
+                        params={"name": "example.ping"},
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
+                )
+                assert response.status_code == 200
+            # The provider stopped while the stream was open and idle.
+            with pytest.raises(httpx.RemoteProtocolError):
+                await response.aread()
+
+
+async def test_serve_starts_with_the_events_url(nursery: trio.Nursery) -> None:
+    config = ProviderConfig(secret=SECRET)
+    url = await nursery.start(partial(serve, config, "127.0.0.1", 0))
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/api/v1/events", url)
+    async with httpx.AsyncClient() as http:
+        response = await http.post(url, json={"name": "example.x"})
+    assert response.status_code == 401
+    nursery.cancel_scope.cancel()
+
+
+async def test_serve_prints_nothing(capfd: pytest.CaptureFixture[str]) -> None:
+    async with open_provider() as provider, httpx.AsyncClient() as http:
+        await http.post(provider.url, json={"name": "example.x"})
+        await http.get(provider.origin + "/nope")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+
+
+async def test_serve_logs_nothing_above_info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with open_provider() as provider, httpx.AsyncClient() as http:
+        token = provider.token("alice")
+        await http.post(
+            provider.url, json={"name": "example.x"}, headers={"Authorization": f"Bearer {token}"}
+        )
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_port_in_use_raises_oserror() -> None:
+    async with open_provider() as provider:
+        port = int(provider.origin.rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            async with open_provider(port=port):
+                pass  # pragma: no cover
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown provider backend 'redis'"):
+        create_app(ProviderConfig(secret=SECRET, backend="redis"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"secret": b""},
+        {"secret": SECRET, "max_body_bytes": 0},
+        {"secret": SECRET, "listener_queue": 0},
+        {"secret": SECRET, "history_limit": -1},
+        {"secret": SECRET, "keepalive": 0},
+        {"secret": SECRET, "keepalive": float("nan")},
+    ],
+)
+def test_config_validation(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        ProviderConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_config_defaults() -> None:
+    config = ProviderConfig(secret=SECRET)
+    assert config.max_body_bytes == 1024 * 1024
+    assert config.listener_queue == 10_000
+    assert config.history_limit == 100_000
+    assert config.keepalive == 15.0
+    assert config.allow_wildcards is False
+    assert config.policy == busevents.provider.ScopePolicy.default()
+
+
+async def test_history_limit_drops_the_oldest() -> None:
+    config = ProviderConfig(secret=SECRET, history_limit=3)
+    async with open_provider(config) as provider, httpx.AsyncClient() as http:
+        headers = {"Authorization": f"Bearer {provider.token('alice')}"}
+        for n in range(5):
+            await http.post(provider.url, json={"name": "example.h", "payload": n}, headers=headers)
+        await http.post(provider.url, json={"name": "example.other"}, headers=headers)
+        response = await http.get(
+            provider.url + "/stream",
+            params={"name": "example.h", "replay": "true", "follow": "false"},
+            headers=headers,
+        )
+    assert [line.count(b'"payload":') for line in response.content.splitlines()] == [1, 1]
+    assert b'"payload":3' in response.content and b'"payload":4' in response.content
+
+
+def test_public_names() -> None:
+    assert set(busevents.provider.__all__) == {
+        "API_AUDIENCE",
+        "INTERNAL_AUDIENCE",
+        "EventsApp",
+        "ProviderConfig",
+        "RunningProvider",
+        "ScopePolicy",
+        "ScopeRule",
+        "create_app",
+        "mint_token",
+        "open_provider",
+        "secret_from_env",
+        "serve",
+    }
+    for name in busevents.provider.__all__:
+        assert hasattr(busevents.provider, name)
+
+
+@pytest.mark.parametrize("missing", ["jwt", "hypercorn"])
+def test_missing_extra_says_what_to_install(missing: str) -> None:
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "try:\n"
+        "    import busevents.provider\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__mro__[1].__name__, exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert result.stdout.strip() == (
+        "ImportError the reference provider needs extra packages: pip install 'busevents[provider]'"
+    )
+
+
+def test_client_import_does_not_load_the_provider() -> None:
+    code = (
+        "import sys, busevents\n"
+        "loaded = [m for m in ('busevents.provider', 'hypercorn', 'jwt') if m in sys.modules]\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert result.stdout.strip() == "[]"
