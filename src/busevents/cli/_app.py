@@ -189,7 +189,7 @@ def _usage_line(exc: BaseException) -> str:
 
 def run(args: list[str]) -> int:
     """Parse ``args``, run the command, map failures to exit statuses."""
-    from . import _commands, _serve  # noqa: F401  registers the commands
+    from . import _commands, _listen, _serve  # noqa: F401  registers the commands
 
     try:
         status: int = app.meta(args)

@@ -1,18 +1,17 @@
-"""``send`` and ``listen``: the client commands."""
+"""``send`` and what every client command shares: running under trio, exit statuses."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 from cyclopts import Parameter
 
 from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, app, current
 
 if TYPE_CHECKING:
-    from .._client import EventsClient, EventStream
+    from .._client import EventsClient
     from .._contracts import Event
-    from ._output import Results
 
 
 def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
@@ -179,98 +178,8 @@ def send(
     return run_client_command(body)
 
 
-@app.command
-def listen(
-    *,
-    name: Annotated[str, Parameter(help="Event name to stream.")],
-    delivery: Annotated[
-        Literal["broadcast", "unicast"],
-        Parameter(help="broadcast: every listener gets each event; unicast: one of the group."),
-    ] = "broadcast",
-    group: Annotated[
-        str | None,
-        Parameter(help="Unicast group: listeners of one group compete. [default: default]"),
-    ] = None,
-    consumer: Annotated[
-        str | None, Parameter(help="Stable consumer name inside the group. [default: default]")
-    ] = None,
-    replay: Annotated[bool, Parameter(help="First send the existing matching events.")] = False,
-    follow: Annotated[
-        bool, Parameter(help="Keep following new events; --no-follow ends after the replay.")
-    ] = True,
-) -> int:
-    """Stream matching events as newline-delimited JSON.
-
-    json (the default) writes each envelope exactly as received, one per line,
-    flushed as it arrives; text writes one readable line per event.  With an
-    explicit --timeout, stops cleanly when it passes (exit 0).
-
-    Example: bus-events listen --name example.ping --replay --no-follow
-    """
-    if group is not None and delivery != "unicast":
-        raise UsageError("--group needs --delivery unicast")
-
-    async def body(g: Globals) -> int:
-        import trio
-
-        results = g.results()
-        async with (
-            _client(g) as client,
-            client.listen(
-                name,
-                delivery=delivery,
-                group=group,
-                consumer=consumer,
-                replay=replay,
-                follow=follow,
-            ) as stream,
-        ):
-            results.open()
-            try:
-                with trio.move_on_after(g.timeout if g.timeout_given else float("inf")):
-                    await pump(stream, results, g.format)
-            finally:
-                results.close()
-        return EXIT_OK
-
-    return run_client_command(body)
-
-
-async def pump(
-    stream: EventStream, results: Results, format: str | None, count: int | None = None
-) -> int:
-    """Write the events of ``stream`` to ``results``, a flush per network read.
-
-    json (the default) writes the original envelope lines; text one line per
-    event.  Stops after ``count`` events when given; returns how many were written.
-    """
-    written = 0
-    if format == "text":
-        async for batch in stream.batches():
-            if count is not None:
-                batch = batch[: count - written]
-            results.write_lines([_text_line(e) for e in batch])
-            written += len(batch)
-            if written == count:
-                break
-        return written
-    async for block in stream.raw_batches():
-        if count is not None:
-            lines = block.count(b"\n")
-            if written + lines >= count:
-                cut = -1
-                for _ in range(count - written):
-                    cut = block.index(b"\n", cut + 1)
-                results.write(block[: cut + 1])
-                return count
-            written += lines
-        results.write(block)
-    return written
-
-
 def _text_line(event: Event) -> bytes:
-    """One readable line: time, name, id, correlation id, compact payload."""
-    payload = bytes(event.payload).decode("utf-8", "replace")
-    return (
-        f"{event.time or '-'}  {event.name}  {event.id}  {event.correlation_id or '-'}  {payload}\n"
-    ).encode()
+    """One readable line for ``event`` (see :class:`TextFormatter`)."""
+    from ._output import TextFormatter
+
+    return TextFormatter(terminal=False).line(event)

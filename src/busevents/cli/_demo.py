@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ._app import EXIT_OK, Globals
-from ._commands import pump, run_client_command
+from ._commands import run_client_command
+from ._listen import EventWriter
 
 
 def run_demo(g: Globals, name: str, count: int) -> int:
@@ -38,7 +39,7 @@ def run_demo(g: Globals, name: str, count: int) -> int:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(publish)
                         with trio.fail_after(g.timeout):
-                            received = await pump(stream, results, g.format, count)
+                            received = await EventWriter(results, g.format, count).run(stream)
                     diag.note(f"received {received}/{count} events")
                 async with (
                     EventsClient(provider.url, token, timeout=g.timeout) as client,

@@ -8,10 +8,14 @@ only when stderr is a terminal (or ``--color always``) and ``NO_COLOR`` is unset
 from __future__ import annotations
 
 import os
+import shutil
 import sys
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
-__all__ = ["Diagnostics", "Results", "use_color"]
+if TYPE_CHECKING:
+    from .._contracts import Event
+
+__all__ = ["Diagnostics", "Results", "TextFormatter", "use_color"]
 
 ColorMode = Literal["auto", "always", "never"]
 
@@ -108,3 +112,32 @@ class Results:
         stream, self._stream = self._stream, None
         if stream is not None and self._owned:
             stream.close()
+
+
+class TextFormatter:
+    """One aligned line per event: time, name, short id, correlation id, payload.
+
+    No color: stdout carries data (spec §5: color only on stderr).  On a
+    terminal the payload is cut to the terminal's width.
+    """
+
+    def __init__(self, terminal: bool) -> None:
+        self.width = shutil.get_terminal_size().columns if terminal else None
+        self.name_width = 12
+
+    def line(self, event: Event) -> bytes:
+        self.name_width = max(self.name_width, min(len(event.name), 40))
+        event_id = event.id if len(event.id) <= 16 else "…" + event.id[-15:]
+        correlation = event.correlation_id or "-"
+        if len(correlation) > 16:
+            correlation = correlation[:15] + "…"
+        head = (
+            f"{event.time or '-':<27}  {event.name:<{self.name_width}}  "
+            f"{event_id:<16}  {correlation:<16}  "
+        )
+        payload = bytes(event.payload).decode("utf-8", "replace")
+        if self.width is not None:
+            room = max(self.width - len(head), 10)
+            if len(payload) > room:
+                payload = payload[: room - 1] + "…"
+        return (head + payload + "\n").encode()
