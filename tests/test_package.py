@@ -13,6 +13,20 @@ import busevents
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC = {
+    "Worker",
+    "HandlerError",
+    "ListenerUnavailable",
+    "RequestTimeout",
+    "ResponseError",
+    "WorkerError",
+    "Readiness",
+    "RetryPolicy",
+    "ClientPublisher",
+    "run_worker",
+    "Requester",
+    "open_requester",
+    "WorkerHost",
+    "run_host",
     "APIError",
     "Accepted",
     "BadRequest",

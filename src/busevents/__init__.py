@@ -37,17 +37,22 @@ if TYPE_CHECKING:
     from ._contracts import Publisher as Publisher
     from ._contracts import PublishRequest as PublishRequest
     from ._contracts import StreamSpec as StreamSpec
+    from ._contracts import Worker as Worker
     from ._errors import APIError as APIError
     from ._errors import BadRequest as BadRequest
     from ._errors import BusEventsError as BusEventsError
     from ._errors import ConfigError as ConfigError
     from ._errors import ConnectError as ConnectError
     from ._errors import Forbidden as Forbidden
+    from ._errors import HandlerError as HandlerError
     from ._errors import InvalidEvent as InvalidEvent
     from ._errors import LineTooLong as LineTooLong
+    from ._errors import ListenerUnavailable as ListenerUnavailable
     from ._errors import NotFound as NotFound
     from ._errors import PayloadTooLarge as PayloadTooLarge
     from ._errors import RateLimited as RateLimited
+    from ._errors import RequestTimeout as RequestTimeout
+    from ._errors import ResponseError as ResponseError
     from ._errors import ServerError as ServerError
     from ._errors import StreamError as StreamError
     from ._errors import StreamInterrupted as StreamInterrupted
@@ -57,11 +62,29 @@ if TYPE_CHECKING:
     from ._errors import TokenError as TokenError
     from ._errors import TransportError as TransportError
     from ._errors import Unauthorized as Unauthorized
+    from ._errors import WorkerError as WorkerError
+    from ._host import WorkerHost as WorkerHost
+    from ._host import run_host as run_host
+    from ._listener import Readiness as Readiness
+    from ._listener import RetryPolicy as RetryPolicy
     from ._ndjson import NDJSONDecoder as NDJSONDecoder
+    from ._requester import Requester as Requester
+    from ._requester import open_requester as open_requester
+    from ._worker import ClientPublisher as ClientPublisher
+    from ._worker import run_worker as run_worker
 
 _LOCATIONS = {
-    "_client": ("EventsClient", "EventStream"),
-    "_config": ("Token", "config_root", "find_token", "normalize_events_url", "parse_duration"),
+    "_client": (
+        "EventsClient",
+        "EventStream",
+    ),
+    "_config": (
+        "Token",
+        "config_root",
+        "find_token",
+        "normalize_events_url",
+        "parse_duration",
+    ),
     "_contracts": (
         "Accepted",
         "Delivery",
@@ -70,6 +93,7 @@ _LOCATIONS = {
         "PublishRequest",
         "Publisher",
         "StreamSpec",
+        "Worker",
     ),
     "_errors": (
         "APIError",
@@ -78,11 +102,15 @@ _LOCATIONS = {
         "ConfigError",
         "ConnectError",
         "Forbidden",
+        "HandlerError",
         "InvalidEvent",
         "LineTooLong",
+        "ListenerUnavailable",
         "NotFound",
         "PayloadTooLarge",
         "RateLimited",
+        "RequestTimeout",
+        "ResponseError",
         "ServerError",
         "StreamError",
         "StreamInterrupted",
@@ -92,8 +120,25 @@ _LOCATIONS = {
         "TokenError",
         "TransportError",
         "Unauthorized",
+        "WorkerError",
     ),
     "_ndjson": ("NDJSONDecoder",),
+    "_listener": (
+        "Readiness",
+        "RetryPolicy",
+    ),
+    "_worker": (
+        "ClientPublisher",
+        "run_worker",
+    ),
+    "_requester": (
+        "Requester",
+        "open_requester",
+    ),
+    "_host": (
+        "WorkerHost",
+        "run_host",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _LOCATIONS.items() for name in names}
 

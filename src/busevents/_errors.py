@@ -8,7 +8,9 @@ act on::
     │   └── TokenError           no token, unreadable or empty token file
     ├── TransportError           the network failed; names the URL, never the token
     │   ├── ConnectError         could not connect (refused, DNS, TLS)
-    │   └── Timeout              a deadline passed (names the timeout that fired)
+    │   ├── Timeout              a deadline passed (names the timeout that fired)
+    │   │   └── RequestTimeout   no response to a request in time (``correlation_id``)
+    │   └── ListenerUnavailable  a required worker listener could not connect or ended
     ├── APIError                 the provider answered with an error status
     │   ├── BadRequest           400: invalid name, payload, group, …
     │   ├── Unauthorized         401: missing, invalid or expired token
@@ -17,12 +19,15 @@ act on::
     │   ├── PayloadTooLarge      413
     │   ├── RateLimited          429 (``retry_after``)
     │   └── ServerError          5xx
-    └── StreamError              the event stream broke its framing or contract
-        ├── InvalidEvent         a line that is not JSON, or not an event envelope
-        ├── LineTooLong          a line longer than the configured maximum
-        ├── StreamTruncated      the stream ended in the middle of a line
-        └── StreamInterrupted    the connection failed while streaming
-            └── StreamStalled    no byte arrived within the stall timeout
+    ├── StreamError              the event stream broke its framing or contract
+    │   ├── InvalidEvent         a line that is not JSON, or not an event envelope
+    │   ├── LineTooLong          a line longer than the configured maximum
+    │   ├── StreamTruncated      the stream ended in the middle of a line
+    │   └── StreamInterrupted    the connection failed while streaming
+    │       └── StreamStalled    no byte arrived within the stall timeout
+    └── WorkerError              request/reply and worker contracts (above HTTP)
+        ├── ResponseError        the response to a request is an error response (``code``)
+        └── HandlerError         a handler failed and its worker stops (``stop_on_error``)
 
 Messages are bounded in length and free of control characters, whatever the
 provider sent, and no message, ``str`` or ``repr`` ever contains a token.
@@ -31,6 +36,10 @@ provider sent, and no message, ``str`` or ``repr`` ever contains a token.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._contracts import Event
 
 __all__ = [
     "APIError",
@@ -39,11 +48,15 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "Forbidden",
+    "HandlerError",
     "InvalidEvent",
     "LineTooLong",
+    "ListenerUnavailable",
     "NotFound",
     "PayloadTooLarge",
     "RateLimited",
+    "RequestTimeout",
+    "ResponseError",
     "ServerError",
     "StreamError",
     "StreamInterrupted",
@@ -53,6 +66,7 @@ __all__ = [
     "TokenError",
     "TransportError",
     "Unauthorized",
+    "WorkerError",
     "bounded_text",
 ]
 
@@ -234,3 +248,86 @@ class StreamInterrupted(StreamError):
 
 class StreamStalled(StreamInterrupted):
     """No byte (event or keep-alive line) arrived within the stream's stall timeout."""
+
+
+def _rebuild(
+    cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
+) -> object:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class RequestTimeout(Timeout):
+    """No response to a request arrived in time.
+
+    ``name`` is the request's event name, ``correlation_id`` the id it was sent
+    with, ``timeout`` the limit that fired, in seconds.
+    """
+
+    def __init__(
+        self, message: str, *, url: str, timeout: float, name: str, correlation_id: str
+    ) -> None:
+        super().__init__(message, url=url, timeout=timeout)
+        self.name = name
+        self.correlation_id = correlation_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class ListenerUnavailable(TransportError):
+    """A listener that must be connected is not (``BUS_EVENTS_LISTENER_REQUIRED=1``).
+
+    Raised when a required listener's first connection fails, or when its stream
+    ends and retrying is turned off; the underlying error is the ``__cause__``.
+    ``name`` is the event name the listener streams.
+    """
+
+    def __init__(self, message: str, *, url: str, name: str) -> None:
+        super().__init__(message, url=url)
+        self.name = name
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class WorkerError(BusEventsError):
+    """The request/reply and worker contracts failed (above the HTTP layer)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class ResponseError(WorkerError):
+    """The response to a request is an error response.
+
+    An error response's payload is shaped like an API error body:
+    ``{"error": "<code>", "message": "<text>", ...details}``.  ``code`` and
+    ``message`` are those, bounded and printable; ``response`` is the whole
+    response :class:`~busevents.Event` (its payload holds the details);
+    ``correlation_id`` is the request's.
+    """
+
+    def __init__(self, code: str, message: str, *, response: Event, correlation_id: str) -> None:
+        self.code = bounded_text(code, 80)
+        self.message = bounded_text(message)
+        self.response = response
+        self.correlation_id = correlation_id
+        text = f"error response {self.code} (correlation id {correlation_id})"
+        super().__init__(f"{text}: {self.message}" if self.message else text)
+
+
+class HandlerError(WorkerError):
+    """A worker handler raised and the worker was asked to stop on the first error.
+
+    ``worker`` names the worker, ``event_id`` and ``event_name`` the event being
+    handled; the handler's exception is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, worker: str, event_id: str, event_name: str) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.event_id = event_id
+        self.event_name = event_name

@@ -7,7 +7,8 @@ from typing import Annotated
 from cyclopts import Parameter
 
 from ._app import EXIT_FAILURE, EXIT_OK, Globals, app
-from ._commands import _client, _parse_payload, _text_line, run_client_command
+from ._commands import _client, _parse_payload, run_client_command
+from ._output import TextFormatter
 
 
 @app.command
@@ -69,7 +70,7 @@ def request(
             if g.format == "json":
                 results.write(line.rstrip(b"\r") + b"\n")
             else:
-                results.write(_text_line(response))
+                results.write(TextFormatter(results.is_terminal).line(response))
         finally:
             results.close()
         try:

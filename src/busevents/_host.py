@@ -1,0 +1,198 @@
+"""WorkerHost: several workers in one process, sharing one client, stopped by signals.
+
+The host owns its workers' lifetime (spec §6): they run in its nursery,
+SIGINT/SIGTERM cancel it (each worker's in-flight handlers get their grace
+period), and the first worker that fails stops the others and is raised.
+:func:`run_host` wraps it all for a script's ``main()`` and turns the outcome
+into an exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from functools import partial
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._contracts import Worker
+from ._errors import BusEventsError, ConfigError
+from ._listener import Readiness, RetryPolicy
+from ._worker import run_worker, single_error
+
+if TYPE_CHECKING:
+    from ._client import EventsClient
+
+__all__ = ["WorkerHost", "run_host"]
+
+log = logging.getLogger("busevents.worker")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class WorkerHost:
+    """Run several :class:`Worker` declarations in one process, sharing ``client``.
+
+    ``retry`` is the reconnect policy of the workers that have none of their
+    own (default: :meth:`RetryPolicy.from_env`, read when the host starts).
+    ``readiness`` is ready while every stream of every worker is established.
+    With ``handle_signals`` (the default; needs the main thread), SIGINT and
+    SIGTERM stop the host cleanly and ``stop_signal`` records which one came.
+
+    Example::
+
+        async with EventsClient.from_env() as client:
+            host = WorkerHost(client, [Worker("example.echo", echo)])
+            await host.run()  # until SIGINT/SIGTERM, or until a worker fails
+    """
+
+    def __init__(
+        self,
+        client: EventsClient,
+        workers: Iterable[Worker] = (),
+        *,
+        retry: RetryPolicy | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        self.client = client
+        self.workers = list(workers)
+        self.retry = retry
+        self.handle_signals = handle_signals
+        self.readiness = Readiness()
+        self.stop_signal: int | None = None
+        self._started = False
+
+    def add(self, worker: Worker) -> None:
+        """Register one more worker (before :meth:`run`)."""
+        if self._started:
+            raise RuntimeError("WorkerHost.add() after run(): workers are fixed once running")
+        self.workers.append(worker)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Readiness] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run every worker until a signal, until each ended by itself, or until one fails.
+
+        Returns after SIGINT/SIGTERM (see ``stop_signal``) or when every worker
+        ended by itself; cancelling the surrounding scope stops it the same
+        clean way.  With ``await nursery.start(host.run)`` the start returns
+        once the host is ready.  Raises the first worker's error
+        (``Forbidden``, ``ListenerUnavailable``, ``HandlerError``…), never an
+        ``ExceptionGroup``; the other workers are stopped first.
+        """
+        if self._started:
+            raise RuntimeError("a WorkerHost runs once")
+        if not self.workers:
+            raise ConfigError("the WorkerHost has no workers to run")
+        self._started = True
+        retry = self.retry or RetryPolicy.from_env()
+        workers = [w if w.retry else replace(w, retry=retry) for w in self.workers]
+        parts = [self.readiness._part() for _ in workers]
+        running = len(workers)
+        start_scope = trio.CancelScope()
+
+        async def one(worker: Worker, part: Readiness) -> None:
+            nonlocal running
+            try:
+                await run_worker(self.client, worker, readiness=part)
+            finally:
+                running -= 1
+                if not running:
+                    start_scope.cancel()
+
+        with single_error():
+            async with trio.open_nursery() as outer:
+                if self.handle_signals:
+                    await outer.start(self._watch_signals, outer.cancel_scope)
+                outer.start_soon(self._log_readiness)
+                async with trio.open_nursery() as nursery:
+                    for worker, part in zip(workers, parts, strict=True):
+                        nursery.start_soon(
+                            partial(one, worker, part), name=f"worker {worker.label}"
+                        )
+                    with start_scope:
+                        await self.readiness.wait()
+                        task_status.started(self.readiness)
+                outer.cancel_scope.cancel()  # every worker ended: stop watching
+
+    async def _watch_signals(
+        self,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                self.stop_signal = signum
+                log.info("received %s: stopping the workers", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    async def _log_readiness(self) -> None:
+        names = ", ".join(w.label for w in self.workers)
+        while True:
+            await self.readiness.wait()
+            log.info("ready: %s", names)
+            await self.readiness.wait_not_ready()
+            log.warning("not ready: a stream is reconnecting")
+
+
+def run_host(
+    *workers: Worker,
+    api_url: str | None = None,
+    token_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    handle_signals: bool = True,
+    configure_logging: bool = True,
+) -> int:
+    """Run ``workers`` in this process until SIGINT/SIGTERM; return an exit status.
+
+    For a worker script's ``main()``: builds the client from the environment
+    like the CLI (:meth:`EventsClient.from_env`), runs a :class:`WorkerHost`
+    under ``trio.run`` and returns ``0`` when stopped by a signal (or when
+    every worker ended by itself), ``1`` when a worker failed (a required
+    listener that cannot connect, ``403``, a handler with ``stop_on_error``…;
+    the error is logged), ``2`` for invalid configuration (no URL or token, a
+    bad ``BUS_EVENTS_LISTENER_*`` value).  With ``configure_logging`` and no
+    logging set up yet, INFO and above go to stderr.
+
+    Example::
+
+        if __name__ == "__main__":
+            sys.exit(run_host(Worker("example.echo", echo)))
+    """
+    if configure_logging and not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+
+    async def main() -> None:
+        from ._client import EventsClient
+
+        retry = RetryPolicy.from_env(env)
+        async with EventsClient.from_env(api_url=api_url, token_file=token_file, env=env) as client:
+            await WorkerHost(client, workers, retry=retry, handle_signals=handle_signals).run()
+
+    try:
+        trio.run(main)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except BusEventsError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        log.exception("a worker failed")
+        return EXIT_FAILURE
+    return EXIT_OK

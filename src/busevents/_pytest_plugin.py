@@ -1,0 +1,52 @@
+"""The pytest fixtures of :mod:`busevents.testing` (the ``busevents`` pytest11 entry point).
+
+Loaded by pytest in every project where busevents is installed, so this
+module imports nothing heavy: the provider (and its optional dependencies)
+is imported only when a test asks for a fixture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from ._client import EventsClient
+    from .provider import RunningProvider
+    from .testing import TokenFactory
+
+
+@pytest.fixture
+async def bus_provider() -> AsyncIterator[RunningProvider]:
+    """A reference provider on a free 127.0.0.1 port, stopped after the test."""
+    from .provider import open_provider
+
+    async with open_provider() as provider:
+        yield provider
+
+
+@pytest.fixture
+def bus_token_factory(bus_provider: RunningProvider) -> TokenFactory:
+    """Mint tokens for ``bus_provider``: ``bus_token_factory(subject=..., scopes=...)``."""
+    from .testing import TokenFactory
+
+    return TokenFactory(bus_provider)
+
+
+@pytest.fixture
+async def bus_client(
+    bus_provider: RunningProvider, bus_token_factory: TokenFactory
+) -> AsyncIterator[EventsClient]:
+    """An ``EventsClient`` on ``bus_provider`` with an ``events:send events:listen`` token."""
+    from ._client import EventsClient
+
+    async with EventsClient(bus_provider.url, bus_token_factory(), timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def bus_env(bus_provider: RunningProvider, bus_token_factory: TokenFactory) -> dict[str, str]:
+    """``BUS_EVENTS_API_URL`` and ``BUS_API_TOKEN`` of ``bus_provider``, for subprocesses."""
+    return {"BUS_EVENTS_API_URL": bus_provider.url, "BUS_API_TOKEN": bus_token_factory()}

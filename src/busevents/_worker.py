@@ -1,0 +1,312 @@
+"""The worker loop: run a :class:`Worker`'s handler for each event it streams.
+
+:func:`run_worker` opens one reconnecting stream per event name (see
+:mod:`busevents._listener` for the retry and readiness policy) and runs the
+handler for each event in its own task, at most ``worker.concurrency`` at a
+time.  Policies:
+
+* **Handler errors** are logged on the ``busevents.worker`` logger with the
+  worker, the event name and id, and the traceback; the loop goes on.  With
+  ``stop_on_error`` the first error stops the worker: no more events are
+  read, in-flight handlers get the grace period, then :class:`HandlerError`
+  is raised from the handler's exception.
+* **Back-pressure**: while ``concurrency`` handlers run, the stream is not
+  read further (the provider and TCP hold what comes next).
+* **Cancellation**: when the worker is cancelled (or stops), its streams
+  close at once; in-flight handlers get ``grace_period`` seconds to finish
+  (they are shielded from the cancellation until then) and are cancelled
+  after it.  Nothing is left running when :func:`run_worker` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._contracts import ORIGIN_PREFIX, Accepted, Event, Publisher, Worker
+from ._errors import ConfigError, HandlerError, bounded_text
+from ._listener import Readiness, RecentIds, RetryPolicy, listen_with_retry
+
+if TYPE_CHECKING:
+    from ._client import EventsClient, EventStream
+
+__all__ = ["ClientPublisher", "run_worker", "single_error"]
+
+log = logging.getLogger("busevents.worker")
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+@contextmanager
+def single_error() -> Iterator[None]:
+    """Let one meaningful exception out of nested nurseries, not an ExceptionGroup.
+
+    Cancellations are left to trio; of the other exceptions, a
+    ``KeyboardInterrupt``/``SystemExit`` wins, else the first one.  (Structured
+    concurrency cancels the siblings of a failing task, so there is nearly
+    always exactly one.)
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if not leaves:
+            raise
+        chosen = next((e for e in leaves if not isinstance(e, Exception)), leaves[0])
+        raise chosen from chosen.__cause__
+
+
+class ClientPublisher:
+    """The :class:`Publisher` that handlers get: publishes through an :class:`EventsClient`.
+
+    ``reply`` keeps the request's ``correlationId`` (its event id when it has
+    none, so that a requester can still match it), copies its ``bus.origin.*``
+    metadata and publishes on behalf of its ``identity_id`` (honoured for
+    service tokens only).  ``reply_error`` publishes an error response: the
+    payload ``{"error": code, "message": message, ...details}``.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: EventsClient) -> None:
+        self.client = client
+
+    async def send(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        correlation_id: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Accepted:
+        """Publish any event (see :meth:`EventsClient.send`)."""
+        return await self.client.send(
+            name, payload, correlation_id=correlation_id, metadata=metadata
+        )
+
+    async def reply(
+        self,
+        request: Event,
+        name: str,
+        payload: Any = None,
+        *,
+        metadata: dict[str, str] | None = None,
+    ) -> Accepted:
+        """Publish the response ``name`` to ``request``; ``metadata`` adds to the origin keys."""
+        origin = {k: v for k, v in (request.metadata or {}).items() if k.startswith(ORIGIN_PREFIX)}
+        merged = {**origin, **(metadata or {})}
+        return await self.client.send(
+            name,
+            payload,
+            correlation_id=request.correlation_id or request.id,
+            metadata=merged or None,
+            identity_id=request.identity_id,
+        )
+
+    async def reply_error(
+        self,
+        request: Event,
+        name: str,
+        code: str,
+        message: str = "",
+        *,
+        details: Mapping[str, Any] | None = None,
+    ) -> Accepted:
+        """Publish an error response to ``request``: the requester raises ``ResponseError``.
+
+        ``code`` is a short machine-readable error code (e.g. ``not_found``),
+        ``message`` a human-readable explanation, ``details`` more members of
+        the payload (``error`` and ``message`` always win).
+        """
+        if not code:
+            raise ConfigError("an error response needs a non-empty error code")
+        payload = {**(details or {}), "error": code}
+        if message:
+            payload["message"] = message
+        return await self.reply(request, name, payload)
+
+
+async def run_worker(
+    client: EventsClient,
+    worker: Worker,
+    *,
+    readiness: Readiness | None = None,
+    task_status: trio.TaskStatus[Readiness] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``worker`` until cancelled: stream its events and run its handler for each.
+
+    With ``await nursery.start(run_worker, client, worker)`` the start returns
+    once every stream of the worker is established, with the worker's
+    :class:`Readiness` (pass ``readiness`` to supply your own).  Runs until
+    cancelled; returns by itself only when every listener stopped (retrying
+    off and not required).
+
+    Raises ``Unauthorized``/``Forbidden`` (and other answers that retrying
+    cannot change) at once, :class:`ListenerUnavailable` for a required
+    listener, and :class:`HandlerError` after a handler failed with
+    ``stop_on_error``.  See the module documentation for the policies.
+
+    Example::
+
+        async def echo(event: Event, publisher: Publisher) -> None:
+            await publisher.reply(event, "example.echo.reply", event.payload)
+
+        worker = Worker("example.echo", echo, delivery="unicast", group="echo")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_worker, client, worker)
+            ...  # the worker is listening
+    """
+    loop = _WorkerLoop(client, worker, readiness if readiness is not None else Readiness())
+    with single_error():
+        await loop.run(task_status)
+
+
+class _WorkerLoop:
+    """The state of one running worker."""
+
+    def __init__(self, client: EventsClient, worker: Worker, readiness: Readiness) -> None:
+        self.client = client
+        self.worker = worker
+        self.readiness = readiness
+        self.publisher: Publisher = ClientPublisher(client)  # checks it meets the protocol
+        self.limiter = trio.CapacityLimiter(worker.concurrency)
+        self.in_flight: set[trio.CancelScope] = set()
+        self.closing_deadline: float | None = None
+        self.failure: tuple[Event, Exception] | None = None
+        self.listening = 0
+        self.start_scope = trio.CancelScope()
+        self.listeners: trio.Nursery | None = None
+        self.handlers: trio.Nursery | None = None
+
+    async def run(self, task_status: trio.TaskStatus[Readiness]) -> None:
+        worker = self.worker
+        policy = worker.retry or RetryPolicy.from_env()
+        # Every part exists before any stream connects: readiness never
+        # flickers true while only some streams are up.
+        parts = [self.readiness._part() for _ in worker.names]
+        async with trio.open_nursery() as handlers:
+            self.handlers = handlers
+            try:
+                async with trio.open_nursery() as listeners:
+                    self.listeners = listeners
+                    for name, part in zip(worker.names, parts, strict=True):
+                        recent = RecentIds(worker.dedup_window) if worker.replay else None
+                        consume = partial(self._consume, recent=recent)
+                        listeners.start_soon(
+                            partial(
+                                self._listen,
+                                name,
+                                consume,
+                                readiness=part,
+                                policy=policy,
+                                delivery=worker.delivery,
+                                group=worker.group,
+                                consumer=worker.consumer,
+                                replay=worker.replay,
+                                stall_timeout=worker.stall_timeout,
+                                label=worker.label,
+                            )
+                        )
+                        self.listening += 1
+                    with self.start_scope:
+                        await self.readiness.wait()
+                        task_status.started(self.readiness)
+            finally:
+                self._close()
+                for part in parts:
+                    part._remove()
+        if self.failure is not None:
+            event, exc = self.failure
+            raise HandlerError(
+                f"handler {worker.label} failed on {event.name} event {event.id}: "
+                + bounded_text(f"{type(exc).__name__}: {exc}", 200),
+                worker=worker.label,
+                event_id=event.id,
+                event_name=event.name,
+            ) from exc
+
+    async def _listen(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await listen_with_retry(self.client, *args, **kwargs)
+        finally:
+            self.listening -= 1
+            if not self.listening:
+                self.start_scope.cancel()  # nothing left that could become ready
+
+    async def _consume(self, stream: EventStream, *, recent: RecentIds | None) -> None:
+        handlers = self.handlers
+        assert handlers is not None
+        async for batch in stream.batches():
+            for event in batch:
+                if recent is not None and recent.seen(event.id):
+                    log.debug(
+                        "%s: skipped %s event %s: already handled",
+                        self.worker.label,
+                        event.name,
+                        event.id,
+                    )
+                    continue
+                token = object()  # the limiter's borrower: one per handler task
+                await self.limiter.acquire_on_behalf_of(token)
+                handlers.start_soon(self._handle, event, token)
+
+    async def _handle(self, event: Event, token: object) -> None:
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                # Shielded from the worker's cancellation; _close() gives it a deadline.
+                if self.closing_deadline is not None:
+                    scope.deadline = self.closing_deadline
+                self.in_flight.add(scope)
+                try:
+                    await self.worker.handler(event, self.publisher)
+                except Exception as exc:
+                    self._failed(event, exc)
+                finally:
+                    self.in_flight.discard(scope)
+            if scope.cancelled_caught:
+                log.warning(
+                    "%s: handler cancelled on %s event %s: the %gs grace period ended",
+                    self.worker.label,
+                    event.name,
+                    event.id,
+                    self.worker.grace_period,
+                )
+        finally:
+            self.limiter.release_on_behalf_of(token)
+
+    def _failed(self, event: Event, exc: Exception) -> None:
+        log.error(
+            "%s: handler failed on %s event %s: %s",
+            self.worker.label,
+            event.name,
+            event.id,
+            bounded_text(f"{type(exc).__name__}: {exc}", 200),
+            exc_info=exc,
+        )
+        if self.worker.stop_on_error and self.failure is None:
+            self.failure = (event, exc)
+            self.start_scope.cancel()
+            if self.listeners is not None:
+                self.listeners.cancel_scope.cancel()
+
+    def _close(self) -> None:
+        """Stop taking events: in-flight handlers get the grace period, then are cancelled."""
+        self.closing_deadline = deadline = trio.current_time() + self.worker.grace_period
+        for scope in self.in_flight:
+            scope.deadline = min(scope.deadline, deadline)
+        if self.in_flight:
+            log.info(
+                "%s: stopping; %d handler(s) in flight get up to %gs to finish",
+                self.worker.label,
+                len(self.in_flight),
+                self.worker.grace_period,
+            )
