@@ -182,14 +182,16 @@ def _usage_line(exc: BaseException) -> str:
         token = exc.unused_tokens[0]
         if token.startswith("-"):
             return f"unknown option {token!r}"
-        return f"unknown command {token!r} (commands: send, listen, serve, dev-token, demo)"
+        return (
+            f"unknown command {token!r} (commands: send, listen, request, serve, dev-token, demo)"
+        )
     text = " ".join(str(exc).split())
     return text[:1].lower() + text[1:] if text else type(exc).__name__
 
 
 def run(args: list[str]) -> int:
     """Parse ``args``, run the command, map failures to exit statuses."""
-    from . import _commands, _listen, _serve  # noqa: F401  registers the commands
+    from . import _listen, _request, _send, _serve  # noqa: F401  registers the commands
 
     try:
         status: int = app.meta(args)

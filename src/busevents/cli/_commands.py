@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-from cyclopts import Parameter
-
-from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, app, current
+from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, current
 
 if TYPE_CHECKING:
     from .._client import EventsClient
-    from .._contracts import Event
 
 
 def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
@@ -114,72 +111,35 @@ def _client(g: Globals) -> EventsClient:
     return EventsClient.from_env(api_url=g.api_url, token_file=g.token_file, timeout=g.timeout)
 
 
-def _parse_payload(text: str) -> Any:
+def _parse_payload(text: str, option: str = "--payload") -> Any:
+    """The JSON value of a payload option: inline JSON, ``@FILE`` or ``-`` (stdin).
+
+    Raises :class:`UsageError` naming the option and the source, so that an
+    invalid payload sends nothing.
+    """
+    import sys
+
     import msgspec
 
+    source = "stdin" if text == "-" else text[1:] if text.startswith("@") else None
+    if text == "-":
+        data = sys.stdin.buffer.read()
+    elif text.startswith("@"):
+        data = _read_file(text[1:], option)
+    else:
+        data = text.encode()
     try:
-        return msgspec.json.decode(text.encode())
+        return msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
+        where = f" ({source})" if source else ""
         raise UsageError(
-            f"--payload is not valid JSON: {exc}; e.g. --payload '{{\"ok\": true}}'"
+            f"{option}{where} is not valid JSON: {exc}; e.g. --payload '{{\"ok\": true}}'"
         ) from None
 
 
-@app.command
-def send(
-    *,
-    name: Annotated[str, Parameter(help="Event name, e.g. example.ping.")],
-    payload: Annotated[str, Parameter(help="Event payload, any JSON value.")] = "null",
-    correlation_id: Annotated[
-        str | None, Parameter(help="Correlation id, the key of request/reply.")
-    ] = None,
-    retry: Annotated[
-        int,
-        Parameter(
-            help="Retry a 5xx, 429 or network failure up to this many times "
-            "(the event then always carries a correlation id, generated if not given, "
-            "so that a duplicate can be recognised)."
-        ),
-    ] = 0,
-) -> int:
-    """Publish one event.
-
-    Prints the acceptance: ``accepted <name> <id>`` (text) or the provider's JSON (json).
-
-    Example: bus-events send --name example.ping --payload '{"ok":true}'
-    """
-    value = _parse_payload(payload)  # before anything is sent: bad JSON sends nothing
-    if retry < 0:
-        raise UsageError("--retry must be 0 or more")
-
-    async def body(g: Globals) -> int:
-        import msgspec
-
-        from .._contracts import PublishRequest
-
-        results = g.results()
-        results.open()
-        try:
-            async with _client(g) as client:
-                request = PublishRequest(
-                    name=name,
-                    payload=msgspec.Raw(msgspec.json.encode(value)),
-                    correlation_id=correlation_id,
-                )
-                accepted, raw = await client.publish(request, retries=retry)
-            if g.format == "json":
-                results.write(raw.strip() + b"\n")
-            else:
-                results.write(f"accepted {accepted.name} {accepted.id}\n".encode())
-        finally:
-            results.close()
-        return EXIT_OK
-
-    return run_client_command(body)
-
-
-def _text_line(event: Event) -> bytes:
-    """One readable line for ``event`` (see :class:`TextFormatter`)."""
-    from ._output import TextFormatter
-
-    return TextFormatter(terminal=False).line(event)
+def _read_file(path: str, option: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise UsageError(f"{option}: cannot read {path}: {exc.strerror}") from None

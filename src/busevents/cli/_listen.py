@@ -126,9 +126,9 @@ def _correlation_decoder() -> Callable[[bytes], Any]:
     """Decodes only the correlation id of a line (filtering keeps the original bytes)."""
     import msgspec
 
-    class Line(msgspec.Struct, rename={"correlation_id": "correlationId"}):
-        correlation_id: str | None = None
-
+    Line = msgspec.defstruct(
+        "Line", [("correlation_id", str | None, None)], rename={"correlation_id": "correlationId"}
+    )
     return msgspec.json.Decoder(Line).decode
 
 
