@@ -114,3 +114,26 @@ def test_payload_decodes_into_user_types() -> None:
     assert event.payload_as(Ping) == Ping(n=5)
     with pytest.raises(msgspec.ValidationError):
         event.payload_as(list[int])
+
+
+@given(
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=40),
+    blanks=st.lists(st.sampled_from([b"\n", b"\r\n", b" \n"]), max_size=40),
+)
+def test_raw_passthrough_is_exact_under_any_framing(cuts: list[int], blanks: list[bytes]) -> None:
+    parts: list[bytes] = []
+    for i, line in enumerate(LINES):
+        parts.append(line + b"\n")
+        if i < len(blanks):
+            parts.append(blanks[i])
+    data = b"".join(parts)
+    decoder: NDJSONDecoder[Event] = NDJSONDecoder(Event)
+    out: list[bytes] = []
+    start = 0
+    for cut in [*sorted({c for c in cuts if c < len(data)}), len(data)]:
+        out += decoder.feed_raw(data[start:cut])
+        decoder.check()
+        start = cut
+    decoder.close()
+    assert all(out)  # no empty blocks
+    assert b"".join(out) == b"".join(line + b"\n" for line in LINES)

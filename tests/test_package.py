@@ -122,3 +122,10 @@ def test_lint_and_types(command: list[str]) -> None:
         [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_stored_top_level_help_matches_cyclopts() -> None:
+    """`bus-events --help` prints pre-rendered text; it must be what cyclopts renders."""
+    from busevents.cli._helptext import render, stored
+
+    assert stored() == render(), "run: python -m busevents.cli._helptext --write"

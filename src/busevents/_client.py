@@ -17,9 +17,11 @@ How long a stream is read is the caller's business: wrap the ``async for`` in
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -84,6 +86,18 @@ def _keepalive_options() -> list[tuple[int, int, int]]:
     return options
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx's default verifying context, built once per process: loading the CA
+    bundle costs tens of milliseconds, which every new client would pay again."""
+    return httpx.create_ssl_context()
+
+
+# For http:// URLs no TLS is ever used (redirects are not followed), so no CA bundle
+# is loaded; should TLS happen anyway, this context verifies against nothing and fails.
+_NO_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 def _format_seconds(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
@@ -128,6 +142,7 @@ class EventsClient:
             timeout=None,  # deadlines are trio cancel scopes, see _deadline()
             transport=transport
             or httpx.AsyncHTTPTransport(
+                verify=_tls_context() if parts.scheme == "https" else _NO_TLS,
                 socket_options=_keepalive_options(),
                 limits=httpx.Limits(
                     max_connections=max_connections, max_keepalive_connections=max_connections

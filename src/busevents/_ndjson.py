@@ -31,7 +31,6 @@ DEFAULT_MAX_LINE = 16 * 1024 * 1024
 
 Buffer = bytes | bytearray | memoryview
 
-_BLANK_START = (b"\n", b"\r")
 _BLANK_LINES = re.compile(rb"^[ \t\r]*\n", re.MULTILINE)
 
 
@@ -156,10 +155,13 @@ class NDJSONDecoder(Generic[T]):
         """
         out: list[bytes] = []
         for block in self._frame(chunk):
-            size = self._validate(block)
-            if size:
+            size, count = self._validate(block)
+            if count:
                 raw = bytes(block[:size])  # a copy costs little beside the decode
-                if raw[:1] in _BLANK_START or b"\n\n" in raw or b"\n\r" in raw:
+                # Every non-blank line decoded to one value, so more line ends than
+                # values means blank lines (keep-alives).  replace() runs at memchr
+                # speed, several times faster than count() or a two-byte search.
+                if len(raw) - len(raw.replace(b"\n", b"")) != count:
                     raw = _BLANK_LINES.sub(b"", raw)
                 out.append(raw)
             if self._error is not None:
@@ -177,15 +179,16 @@ class NDJSONDecoder(Generic[T]):
         self._offset += len(block)
         return values
 
-    def _validate(self, block: Buffer) -> int:
-        """Decode ``block`` only to check it; return how many leading bytes are good."""
+    def _validate(self, block: Buffer) -> tuple[int, int]:
+        """Decode ``block`` only to check it: how many leading bytes and values are good."""
         try:
             count = len(self._decoder.decode_lines(block))
         except (msgspec.DecodeError, msgspec.ValidationError):
-            return self._decode_slowly(block)[1]
+            values, size = self._decode_slowly(block)
+            return size, len(values)
         self._events += count
         self._offset += len(block)
-        return len(block)
+        return len(block), count
 
     def _decode_slowly(self, block: Buffer) -> tuple[list[T], int]:
         """Line by line: the values and byte length before the first bad line."""

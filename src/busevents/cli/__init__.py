@@ -1,8 +1,9 @@
 """The ``bus-events`` command line.
 
-This module stays import-light: ``--version`` is answered before anything
-heavy is imported, and the cyclopts application (``_app``) imports trio and
-httpx only inside the commands that talk to a provider.
+This module stays import-light: ``--version`` and the top-level ``--help``
+(pre-rendered, see ``_helptext``) are answered before anything heavy is
+imported, and the cyclopts application (``_app``) imports trio and httpx only
+inside the commands that talk to a provider.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         from .._version import __version__
 
         sys.stdout.write(f"bus-events {__version__}\n")
+        return 0
+    if args in (["--help"], ["-h"]):
+        from ._helptext import stored
+
+        sys.stdout.write(stored())
         return 0
     from ._app import run
 

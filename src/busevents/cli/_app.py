@@ -189,10 +189,14 @@ def _usage_line(exc: BaseException) -> str:
     return text[:1].lower() + text[1:] if text else type(exc).__name__
 
 
+def load_commands() -> None:
+    """Import the command modules, which register themselves on ``app``."""
+    from . import _listen, _request, _send, _serve  # noqa: F401
+
+
 def run(args: list[str]) -> int:
     """Parse ``args``, run the command, map failures to exit statuses."""
-    from . import _listen, _request, _send, _serve  # noqa: F401  registers the commands
-
+    load_commands()
     try:
         status: int = app.meta(args)
         return status
