@@ -1,0 +1,238 @@
+"""Child processes of the harness: servers that must not outlive it, workers, timed commands.
+
+Every child is started here and ended here: servers are stopped in ``finally``
+(stdin closed, then SIGTERM, then SIGKILL), workers and timed commands run
+with a timeout that kills them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "ROOT",
+    "WorkerError",
+    "background",
+    "child_env",
+    "finish_worker",
+    "run_worker",
+    "started_worker",
+    "timed",
+    "timed_pipeline",
+]
+
+#: The repository root: ``python -m benchmarks…`` runs from here.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WorkerError(RuntimeError):
+    """A child failed: exit status, timeout, or output that is not the expected JSON."""
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of children: ours, with this repository importable, no BUS_* leaks.
+
+    Bytecode caching is left on (as on a user's machine) even where this
+    environment turns it off, so start-up rows do not measure compiling.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUS_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + path if path else "")
+    env.setdefault("PYTHONHASHSEED", "0")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _readline(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from a child's pipe, or WorkerError after ``timeout`` seconds."""
+    box: list[bytes] = []
+    reader = threading.Thread(target=lambda: box.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not box:
+        raise WorkerError(f"no line from the child within {timeout:g} s")
+    return box[0]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop ``proc`` for good: close its stdin, then SIGTERM, then SIGKILL."""
+    if proc.stdin is not None:
+        with suppress(OSError):
+            proc.stdin.close()
+    for signal_it, wait in ((None, 2.0), (proc.terminate, 3.0), (proc.kill, 5.0)):
+        if signal_it is not None:
+            signal_it()
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@contextmanager
+def background(
+    argv: Sequence[str], *, timeout: float = 30.0, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[dict[str, Any], subprocess.Popen[bytes]]]:
+    """Start a server child; yield the JSON object of its first stdout line, and the process.
+
+    The child must exit when its stdin closes; it is killed otherwise.
+    """
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=child_env(env),
+    )
+    try:
+        line = _readline(proc.stdout, timeout)  # type: ignore[arg-type]
+        if not line:
+            raise WorkerError(f"{argv[2] if len(argv) > 2 else argv[0]} exited before it started")
+        yield json.loads(line), proc
+    finally:
+        _stop(proc)
+
+
+def run_worker(kind: str, params: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
+    """Run ``python -m benchmarks._run KIND PARAMS`` to its end; return its JSON result."""
+    argv = [sys.executable, "-m", "benchmarks._run", kind, json.dumps(dict(params))]
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, cwd=ROOT, env=child_env(), timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"{kind}: no result within {timeout:g} s (killed)") from None
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise WorkerError(f"{kind}: exit status {proc.returncode}: {' | '.join(tail)}")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        raise WorkerError(f"{kind}: no JSON result on stdout") from None
+    return result
+
+
+@contextmanager
+def started_worker(
+    kind: str, params: Mapping[str, Any], *, timeout: float
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a worker that signals readiness with a first stdout line; wait for that line."""
+    argv = [sys.executable, "-m", "benchmarks._run", kind, json.dumps(dict(params))]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=child_env(),
+    )
+    try:
+        line = _readline(proc.stdout, timeout)  # type: ignore[arg-type]
+        if line.strip() != b"ready":
+            raise WorkerError(f"{kind}: did not get ready: {line[:200]!r}")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def finish_worker(proc: subprocess.Popen[bytes], kind: str, *, timeout: float) -> dict[str, Any]:
+    """Wait for a worker started by :func:`started_worker`; return its JSON result."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise WorkerError(f"{kind}: no result within {timeout:g} s (killed)") from None
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        raise WorkerError(f"{kind}: exit status {proc.returncode}: {' | '.join(tail)}")
+    try:
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise WorkerError(f"{kind}: no JSON result on stdout") from None
+    return result
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of all children waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+    stdout: int | IO[bytes] = subprocess.DEVNULL,
+) -> tuple[float, subprocess.CompletedProcess[bytes], float]:
+    """Wall time of running ``argv`` to its end (spawn to exit), its outcome, its CPU time."""
+    cpu = _children_cpu()
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=child_env(env),
+            cwd=ROOT,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"{argv[0]}: did not finish within {timeout:g} s (killed)") from None
+    return time.perf_counter() - start, proc, _children_cpu() - cpu
+
+
+def timed_pipeline(
+    first: Sequence[str], second: Sequence[str], *, timeout: float = 300.0
+) -> tuple[float, float, int, int, bytes]:
+    """``first | second > /dev/null``: wall time, CPU time of both, both exit statuses,
+    and ``first``'s stderr."""
+    cpu = _children_cpu()
+    start = time.perf_counter()
+    producer = subprocess.Popen(
+        list(first), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    consumer: subprocess.Popen[bytes] | None = None
+    try:
+        consumer = subprocess.Popen(
+            list(second), stdin=producer.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        assert producer.stdout is not None
+        producer.stdout.close()  # the consumer holds the read end now
+        deadline = start + timeout
+        _, err = producer.communicate(timeout=max(0.1, deadline - time.perf_counter()))
+        consumer.communicate(timeout=max(0.1, deadline - time.perf_counter()))
+        seconds = time.perf_counter() - start
+        return seconds, _children_cpu() - cpu, producer.returncode, consumer.returncode, err
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"{first[0]} | {second[0]}: timed out (killed)") from None
+    finally:
+        for proc in (producer, consumer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

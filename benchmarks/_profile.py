@@ -1,0 +1,174 @@
+"""Where the listen path spends its time: ``python -m benchmarks._profile TARGET``.
+
+Starts the source server, runs one client under ``py-spy record`` (sampling,
+in its own process, no change to the code measured) and sums the samples by
+where they land: msgspec decoding, our framing, h11/httpcore/httpx/trio
+transfer, the socket syscalls, per-event iteration, output writes, imports.
+
+Targets: ``sdk-iter`` (``async for event in stream``), ``sdk-batches``,
+``sdk-raw`` (``raw_batches()``), ``cli`` (``bus-events listen -o /dev/null``).
+Needs ``py-spy`` (``pip install py-spy``; not a dependency of the project).
+
+``imports-help`` and ``imports-send`` instead sum ``python -X importtime`` of
+``bus-events --help`` / ``bus-events send`` by top-level package (no py-spy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from . import _workload
+from ._procs import ROOT, background, child_env
+
+__all__ = ["categorize", "main"]
+
+TARGETS = ("sdk-iter", "sdk-batches", "sdk-raw", "cli", "imports-help", "imports-send")
+_SETUP_CATEGORY = "set-up (imports, SSL context, process start)"
+
+# (category, test on one "function (file:line)" frame); the leaf frame decides,
+# except that anything under an import or client construction counts as set-up.
+_SETUP = ("<frozen importlib", "create_default_context", "load_verify_locations")
+_LEAF_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("msgspec decode_lines (C)", ("NDJSONDecoder._decode ", "NDJSONDecoder._validate ")),
+    ("socket syscalls (recv/send/epoll)", ("_nonblocking_helper", "get_events")),
+    ("NDJSON framing (busevents/_ndjson.py)", ("busevents/_ndjson.py",)),
+    ("per-event / per-batch iteration (busevents/_client.py)", ("busevents/_client.py",)),
+    ("CLI output (busevents/cli)", ("busevents/cli/",)),
+    ("h11 (HTTP/1.1 parsing, receive buffer)", ("h11/",)),
+    ("httpcore", ("httpcore/",)),
+    ("httpx", ("httpx/",)),
+    ("trio (scheduler, checkpoints, cancel scopes)", ("trio/",)),
+    ("contextlib / async generator glue", ("contextlib.py",)),
+    ("caller loop (benchmarks/_run.py)", ("benchmarks/_run.py",)),
+    ("file writes", ("write", "flush")),
+)
+
+
+def categorize(folded: Path) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
+    """Total samples, samples per category, and the top leaf frames, from py-spy raw output."""
+    total = 0
+    categories: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
+    for line in folded.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        leaf = frames[-1]
+        leaves[leaf] += count
+        if any(marker in frame for frame in frames for marker in _SETUP):
+            categories[_SETUP_CATEGORY] += count
+            continue
+        for category, markers in _LEAF_RULES:
+            if any(marker in leaf for marker in markers):
+                categories[category] += count
+                break
+        else:
+            categories["other"] += count
+    return total, categories, leaves
+
+
+def imports(args: list[str]) -> tuple[float, collections.Counter[str]]:
+    """Total import time of ``bus-events ARGS`` and its self time per top-level package."""
+    env = child_env({"BUS_EVENTS_API_URL": "http://127.0.0.1:9", "BUS_API_TOKEN": "x"})
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "busevents", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    per_package: collections.Counter[str] = collections.Counter()
+    for line in proc.stderr.decode(errors="replace").splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, _, name = (part.strip() for part in line[12:].split("|"))
+        per_package[name.split(".")[0]] += int(self_us)
+    return sum(per_package.values()) / 1e6, per_package
+
+
+def _print_imports(target: str, top: int) -> None:
+    args = ["--help"] if target == "imports-help" else ["send", "--name", "bench.send"]
+    best: tuple[float, collections.Counter[str]] | None = None
+    for _ in range(3):  # best of three: the first may read files from disk
+        result = imports(args)
+        if best is None or result[0] < best[0]:
+            best = result
+    assert best is not None
+    total, per_package = best
+    print(f"bus-events {' '.join(args)}: {total * 1000:.0f} ms of imports (best of 3)")
+    for name, micros in per_package.most_common(top):
+        print(f"  {micros / 1000:7.1f} ms  {micros / 1e6 / total:6.1%}  {name}")
+
+
+def _command(target: str, port: int, events: int) -> tuple[list[str], dict[str, str]]:
+    base = f"http://127.0.0.1:{port}/n/{events}/api/v1/events"
+    if target == "cli":
+        script = Path(sys.executable).with_name("bus-events")
+        argv = [str(script)] if script.exists() else [sys.executable, "-m", "busevents"]
+        argv += ["listen", "--name", _workload.EVENT_NAME, "--replay", "--no-follow"]
+        argv += ["-o", "/dev/null"]
+        return argv, {"BUS_EVENTS_API_URL": base, "BUS_API_TOKEN": "bench"}
+    mode = target.removeprefix("sdk-")
+    params = json.dumps({"url": base, "repeats": 1, "mode": mode})
+    return [sys.executable, "-m", "benchmarks._run", "sdk", params], {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks._profile")
+    parser.add_argument("target", choices=TARGETS)
+    parser.add_argument("--events", type=int, default=3_000_000)
+    parser.add_argument("--rate", type=int, default=250, help="samples per second")
+    parser.add_argument("--top", type=int, default=12, help="leaf frames to list")
+    args = parser.parse_args(argv)
+    if args.target.startswith("imports-"):
+        _print_imports(args.target, args.top)
+        return 0
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        sys.stderr.write("py-spy is needed: pip install py-spy\n")
+        return 2
+    source = [sys.executable, "-m", "benchmarks._source", "--events", str(args.events)]
+    with background(source) as (hello, _), tempfile.TemporaryDirectory() as tmp:
+        port = int(hello["port"])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/prime/{args.events}") as reply:
+            reply.read()
+        command, env = _command(args.target, port, args.events)
+        out = Path(tmp) / "profile.txt"
+        record = [py_spy, "record", "--nonblocking", "-r", str(args.rate), "-f", "raw"]
+        record += ["-o", str(out), "--", *command]
+        proc = subprocess.run(
+            record, cwd=ROOT, env=child_env(env), capture_output=True, timeout=600, check=False
+        )
+        if proc.returncode != 0 or not out.exists():
+            sys.stderr.write(proc.stderr.decode(errors="replace"))
+            return 1
+        total, categories, leaves = categorize(out)
+    result = proc.stdout.decode(errors="replace").strip().splitlines()
+    print(f"{args.target}: {args.events:,} events, {total} samples at {args.rate}/s")
+    if result and args.target != "cli":
+        print(f"worker result: {result[-1]}")
+    streaming = total - categories[_SETUP_CATEGORY]
+    print("  of all samples / of the streaming part (set-up excluded):")
+    for category, count in categories.most_common():
+        share = "" if category == _SETUP_CATEGORY else f"{count / streaming:6.1%}"
+        print(f"  {count / total:6.1%}  {share:>6}  {category}")
+    print("top leaf frames:")
+    for leaf, count in leaves.most_common(args.top):
+        print(f"  {count / total:6.1%}  {leaf}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

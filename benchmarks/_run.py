@@ -1,0 +1,467 @@
+"""The measured clients: ``python -m benchmarks._run KIND JSON-PARAMS``, one per process.
+
+Each kind runs in a fresh interpreter started by the harness, so imports,
+allocator state and the GIL are its own; it prints one JSON object (its
+result) as the last line of stdout.  Timed sections exclude imports and
+process start; each repetition opens a new stream; the best time is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import _workload
+
+__all__ = ["KINDS", "main"]
+
+Params = dict[str, Any]
+Result = dict[str, Any]
+
+_TOKEN = "bench-token"  # the source server accepts any token
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _now_ns() -> int:
+    """A clock shared by all processes of this machine (latency across processes)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (``/proc/self/statm``)."""
+    with open("/proc/self/statm", "rb") as file:
+        return int(file.read().split()[1]) * _PAGE
+
+
+def _max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _last_id_of(tail: bytes) -> str | None:
+    """The ``id`` of the last complete line in ``tail``."""
+    import msgspec
+
+    lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
+    if not lines[-1]:
+        return None
+    value: dict[str, Any] = msgspec.json.decode(lines[-1])
+    return str(value["id"])
+
+
+def _stream_url(base: str) -> str:
+    return f"{base}/stream?name={_workload.EVENT_NAME}&replay=true&follow=false"
+
+
+class _Timer:
+    """Wall and CPU time (this process, all threads) of each timed section."""
+
+    def __init__(self) -> None:
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+
+    def __enter__(self) -> _Timer:
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.walls.append(time.perf_counter() - self._wall)
+        self.cpus.append(time.process_time() - self._cpu)
+
+    def best(self) -> Result:
+        """The best wall time and the best CPU time (of possibly different repetitions)."""
+        return {
+            "seconds": min(self.walls),
+            "cpu": min(self.cpus),
+            "times": [round(t, 6) for t in self.walls],
+        }
+
+
+def _repeat_trio(
+    params: Params,
+    open_client: Callable[[], Any],
+    once: Callable[[Any], Awaitable[tuple[int, str | None, dict[str, Any]]]],
+) -> Result:
+    """Under trio: build a client (untimed), then time ``once(client)`` ``repeats`` times.
+
+    Building an httpx client costs tens of milliseconds (an SSL context); that is
+    a constant, not a rate, so it stays out of the timed section.
+    """
+    import trio
+
+    async def main() -> Result:
+        timer = _Timer()
+        count, last, extra = 0, None, {}
+        async with open_client() as client:
+            for _ in range(params["repeats"]):
+                with timer:
+                    count, last, extra = await once(client)
+        return {**timer.best(), "events": count, "last_id": last, **extra}
+
+    result: Result = trio.run(main)
+    return result
+
+
+def _httpx_client() -> Any:
+    import httpx
+
+    return httpx.AsyncClient(timeout=None)
+
+
+# -- transfer and decode ceilings ---------------------------------------------
+
+
+async def _transfer_once(http: Any, url: str) -> tuple[int, str | None, dict[str, Any]]:
+    """T: what httpx delivers through ``aiter_raw()``, nothing decoded."""
+    size = 0
+    prev = last = b""
+    async with http.stream("GET", _stream_url(url)) as response:
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            prev, last = last, chunk
+    return size // _workload.LINE_SIZE, _last_id_of(prev + last), {"bytes": size}
+
+
+def _decode(params: Params) -> Result:
+    """D: msgspec ``decode_lines`` over the body from memory, line-aligned 64 KiB blocks.
+
+    ``type``: ``event`` (the full :class:`busevents.Event`, the decode ceiling)
+    or ``check`` (only what pass-through validates).  ``framing``: instead feed
+    unaligned 64 KiB chunks through the SDK's own ``NDJSONDecoder.feed``.
+    """
+    import msgspec
+
+    from busevents import Event
+
+    n, chunk = params["events"], params.get("chunk", 64 * 1024)
+    data = _workload.body(n)
+    decode_type: Any = Event if params.get("type", "event") == "event" else _check_type()
+    timer = _Timer()
+    count, last = 0, None
+    if params.get("framing"):
+        from busevents._ndjson import NDJSONDecoder
+
+        chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+        for _ in range(params["repeats"]):
+            framer: NDJSONDecoder[Any] = NDJSONDecoder(decode_type)
+            feed = framer.feed
+            count = 0
+            with timer:
+                for piece in chunks:
+                    values = feed(piece)
+                    if values:
+                        count += len(values)
+                        last = values[-1]
+                framer.close()
+    else:
+        step = chunk - chunk % _workload.LINE_SIZE
+        view = memoryview(data)
+        blocks = [view[i : i + step] for i in range(0, len(data), step)]
+        decoder = msgspec.json.Decoder(decode_type)
+        decode_lines = decoder.decode_lines
+        for _ in range(params["repeats"]):
+            count = 0
+            with timer:
+                for block in blocks:
+                    values = decode_lines(block)
+                    count += len(values)
+                    last = values[-1]
+    return {**timer.best(), "events": count, "last_id": getattr(last, "id", None)}
+
+
+def _check_type() -> Any:
+    """The struct the CLI pass-through validates each line with (``id`` and ``name``)."""
+    from busevents import _client
+
+    check = getattr(_client, "_EnvelopeCheck", None)
+    if check is None:  # renamed in src: measure the same shape
+        import msgspec
+
+        class _Check(msgspec.Struct, gc=False):
+            id: str
+            name: str
+
+        check = _Check
+    return check
+
+
+# -- the SDK -------------------------------------------------------------------
+
+
+async def _sdk_once(client: Any, mode: str) -> tuple[int, str | None, dict[str, Any]]:
+    """SDK ``listen``: ``async for event in stream`` (iter), ``stream.batches()`` or
+    ``stream.raw_batches()`` (raw, what the CLI pass-through reads)."""
+    count = 0
+    last: Any = None
+    async with client.listen(_workload.EVENT_NAME, replay=True, follow=False) as stream:
+        if mode == "batches":
+            async for batch in stream.batches():
+                count += len(batch)
+                last = batch[-1]
+        elif mode == "raw":
+            size = 0
+            async for block in stream.raw_batches():
+                size += len(block)
+                last = block
+            count = size // _workload.LINE_SIZE
+            return count, _last_id_of(last or b""), {}
+        else:
+            event: Any = None
+            async for event in stream:  # noqa: B007 - the last one is checked
+                count += 1
+            last = event
+    return count, getattr(last, "id", None), {}
+
+
+def _sdk_client(url: str) -> Any:
+    from busevents import EventsClient
+
+    return EventsClient(url, _TOKEN)
+
+
+# -- the peers -----------------------------------------------------------------
+
+
+async def _httpx_lines_once(http: Any, url: str) -> tuple[int, str | None, dict[str, Any]]:
+    """httpx ``aiter_lines()`` + ``json.loads``: the obvious hand-written client."""
+    count = 0
+    value: Any = None
+    async with http.stream("GET", _stream_url(url)) as response:
+        async for line in response.aiter_lines():
+            if line:
+                value = json.loads(line)
+                count += 1
+    return count, value and value["id"], {}
+
+
+def _aiohttp_lines(params: Params) -> Result:
+    """aiohttp line iteration + orjson: the strongest common Python peer (asyncio)."""
+    import asyncio
+
+    import aiohttp
+    import orjson
+
+    async def once(session: aiohttp.ClientSession) -> tuple[int, str | None]:
+        count = 0
+        value: Any = None
+        async with session.get(_stream_url(params["url"])) as response:
+            async for line in response.content:
+                if line.strip():
+                    value = orjson.loads(line)
+                    count += 1
+        return count, value and value["id"]
+
+    async def main() -> Result:
+        timer = _Timer()
+        count, last = 0, None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            for _ in range(params["repeats"]):
+                with timer:
+                    count, last = await once(session)
+        return {**timer.best(), "events": count, "last_id": last}
+
+    return asyncio.run(main())
+
+
+# -- memory --------------------------------------------------------------------
+
+
+def _rss(params: Params) -> Result:
+    """Resident memory of an SDK listener after ``early`` events and after all of them."""
+    import trio
+
+    from busevents import EventsClient
+
+    early = params["early"]
+
+    async def main() -> Result:
+        count = 0
+        event: Any = None
+        rss_early = max_early = 0
+        start = time.perf_counter()
+        async with (
+            EventsClient(params["url"], _TOKEN) as client,
+            client.listen(_workload.EVENT_NAME, replay=True, follow=False) as stream,
+        ):
+            async for event in stream:  # noqa: B007 - the last one is checked
+                count += 1
+                if count == early:
+                    rss_early, max_early = _rss_bytes(), _max_rss_bytes()
+            rss_end, max_end = _rss_bytes(), _max_rss_bytes()
+        return {
+            "seconds": time.perf_counter() - start,
+            "events": count,
+            "last_id": getattr(event, "id", None),
+            "early": early,
+            "rss_early": rss_early,
+            "rss_end": rss_end,
+            "maxrss_early": max_early,
+            "maxrss_end": max_end,
+        }
+
+    result: Result = trio.run(main)
+    return result
+
+
+# -- publish -------------------------------------------------------------------
+
+
+def _publish(params: Params) -> Result:
+    """Publish ``count`` events with ``concurrency`` tasks to the reference provider.
+
+    ``mode``: ``reuse`` (one client, its pooled connections), ``new-connection``
+    (one client, no keep-alive: a TCP connection per event) or ``new-client``
+    (an ``EventsClient`` built and closed per event, as a naive script would).
+    """
+    import httpx
+    import trio
+
+    from busevents import EventsClient
+
+    url, token, mode = params["url"], params["token"], params["mode"]
+    total, concurrency = params["count"], params["concurrency"]
+    name = "bench.publish"
+
+    def make_client() -> EventsClient:
+        if mode == "new-connection":
+            transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
+            return EventsClient(url, token, transport=transport)
+        return EventsClient(url, token)
+
+    async def main() -> Result:
+        next_index = 0
+        accepted = 0
+        shared = make_client() if mode != "new-client" else None
+
+        async def worker() -> None:
+            nonlocal next_index, accepted
+            while next_index < total:
+                index = next_index
+                next_index += 1
+                if shared is not None:
+                    reply = await shared.send(name, {"i": index, "ok": True})
+                else:
+                    async with EventsClient(url, token) as client:
+                        reply = await client.send(name, {"i": index, "ok": True})
+                accepted += reply.accepted
+
+        try:
+            if shared is not None:
+                await shared.send(name, {"warmup": True})  # connect before timing
+            timer = _Timer()
+            with timer:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(concurrency):
+                        nursery.start_soon(worker)
+        finally:
+            if shared is not None:
+                await shared.aclose()
+        return {**timer.best(), "events": accepted, "last_id": None}
+
+    result: Result = trio.run(main)
+    return result
+
+
+def _latency_listen(params: Params) -> Result:
+    """Follow ``bench.latency``; print ``ready`` once subscribed; time each event's trip."""
+    import msgspec
+    import trio
+
+    from busevents import EventsClient
+
+    count, warmup = params["count"], params["warmup"]
+
+    class Stamp(msgspec.Struct):
+        t: int
+        i: int
+
+    async def main() -> Result:
+        latencies: list[int] = []
+        seen = 0
+        with trio.fail_after(params["timeout"]):
+            async with (
+                EventsClient(params["url"], params["token"]) as client,
+                client.listen("bench.latency") as stream,
+            ):
+                sys.stdout.write("ready\n")
+                sys.stdout.flush()
+                async for event in stream:
+                    now = _now_ns()
+                    stamp = event.payload_as(Stamp)
+                    seen += 1
+                    if stamp.i >= warmup:
+                        latencies.append(now - stamp.t)
+                    if stamp.i >= warmup + count - 1:
+                        break
+        latencies.sort()
+        return {
+            "events": seen,
+            "samples": len(latencies),
+            "latencies_ns": latencies,
+        }
+
+    result: Result = trio.run(main)
+    return result
+
+
+def _latency_publish(params: Params) -> Result:
+    """Publish ``warmup + count`` stamped events, one at a time, ``interval`` apart."""
+    import trio
+
+    from busevents import EventsClient
+
+    async def main() -> Result:
+        sent = 0
+        async with EventsClient(params["url"], params["token"]) as client:
+            for i in range(params["warmup"] + params["count"]):
+                await client.send("bench.latency", {"t": _now_ns(), "i": i})
+                sent += 1
+                await trio.sleep(params["interval"])
+        return {"events": sent}
+
+    result: Result = trio.run(main)
+    return result
+
+
+def _multi(params: Params) -> Result:
+    """Several runs in this one process, in order (``--quick`` saves process starts)."""
+    return {"results": [KINDS[kind](run) for kind, run in params["runs"]]}
+
+
+KINDS: dict[str, Callable[[Params], Result]] = {
+    "transfer": lambda p: _repeat_trio(
+        p, _httpx_client, lambda http: _transfer_once(http, p["url"])
+    ),
+    "decode": _decode,
+    "sdk": lambda p: _repeat_trio(
+        p, lambda: _sdk_client(p["url"]), lambda client: _sdk_once(client, p["mode"])
+    ),
+    "httpx-lines": lambda p: _repeat_trio(
+        p, _httpx_client, lambda http: _httpx_lines_once(http, p["url"])
+    ),
+    "aiohttp-lines": _aiohttp_lines,
+    "rss": _rss,
+    "publish": _publish,
+    "latency-listen": _latency_listen,
+    "latency-publish": _latency_publish,
+    "multi": _multi,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in KINDS:
+        sys.stderr.write(f"usage: python -m benchmarks._run {{{','.join(KINDS)}}} JSON\n")
+        return 2
+    result = KINDS[args[0]](json.loads(args[1]))
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
