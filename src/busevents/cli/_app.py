@@ -182,16 +182,15 @@ def _usage_line(exc: BaseException) -> str:
         token = exc.unused_tokens[0]
         if token.startswith("-"):
             return f"unknown option {token!r}"
-        return (
-            f"unknown command {token!r} (commands: send, listen, request, serve, dev-token, demo)"
-        )
+        commands = ", ".join(name for name in app if not name.startswith("-"))
+        return f"unknown command {token!r} (commands: {commands})"
     text = " ".join(str(exc).split())
     return text[:1].lower() + text[1:] if text else type(exc).__name__
 
 
 def load_commands() -> None:
     """Import the command modules, which register themselves on ``app``."""
-    from . import _listen, _request, _send, _serve  # noqa: F401
+    from . import _listen, _request, _script, _send, _serve  # noqa: F401
 
 
 def run(args: list[str]) -> int:

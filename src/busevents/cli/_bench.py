@@ -134,15 +134,26 @@ def bench(
     g = current()
     if dry_run:
         return _dry_run(g, plan, report)
-    if report is not None:
-        # Find out now, not after a long run, that the report cannot be written.
-        try:
-            with open(report, "ab"):
-                pass
-        except OSError as exc:
-            g.diagnostics().error(f"cannot write the report to {report}: {exc.strerror or exc}")
-            return EXIT_FAILURE
+    if report is not None and (problem := _unwritable(report)):
+        # Found out now rather than after a long run.
+        g.diagnostics().error(f"cannot write the report to {report}: {problem}")
+        return EXIT_FAILURE
     return run_client_command(lambda g: _run(g, plan, report))
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written, or None when it looks writable (nothing is created)."""
+    import os
+
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        return "it is a directory"
+    if os.path.exists(target):
+        return None if os.access(target, os.W_OK) else "permission denied"
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        return f"no such directory {folder}"
+    return None if os.access(folder, os.W_OK) else "permission denied"
 
 
 def _dry_run(g: Globals, plan: BenchPlan, report: str | None) -> int:
