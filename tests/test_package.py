@@ -129,3 +129,19 @@ def test_stored_top_level_help_matches_cyclopts() -> None:
     from busevents.cli._helptext import render, stored
 
     assert stored() == render(), "run: python -m busevents.cli._helptext --write"
+
+
+def test_readme_reference_is_the_real_help() -> None:
+    from busevents.cli._helptext import readme_with_reference
+
+    readme = (ROOT / "README.md").read_text()
+    assert readme == readme_with_reference(readme), "run: python -m busevents.cli._helptext --write"
+
+
+def test_every_command_has_a_summary_and_an_example() -> None:
+    from busevents.cli._helptext import commands, render
+
+    for command in commands():
+        text = render(command)
+        assert "Example:" in text, command
+        assert text.splitlines()[2].strip(), command  # the one-line summary under the usage
