@@ -38,15 +38,18 @@ async def read_head(stream: trio.SocketStream) -> bytes:
 
 
 @asynccontextmanager
-async def serve_raw(handler: Handler) -> AsyncIterator[str]:
-    """Serve ``handler`` on a free loopback port; yield the base URL."""
+async def serve_raw(handler: Handler, *, read_request: bool = True) -> AsyncIterator[str]:
+    """Serve ``handler`` on a free loopback port; yield the base URL.
+
+    ``read_request=False`` calls the handler at once, before any byte is read.
+    """
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
 
     async def connection(stream: trio.SocketStream) -> None:
         async with stream:
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await handler(stream, await read_head(stream))
+                await handler(stream, await read_head(stream) if read_request else b"")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(trio.serve_listeners, connection, listeners))

@@ -12,6 +12,7 @@ import trio
 
 from busevents import (
     APIError,
+    ConnectError,
     EventsClient,
     InvalidEvent,
     LineTooLong,
@@ -392,3 +393,16 @@ async def test_send_retry_gives_up_after_the_limit() -> None:
             await client.publish(PublishRequest("x.y", correlation_id="mine"), retries=1)
     assert len(bodies) == 3
     assert (await _captured_bodies(bodies))[2]["correlationId"] == "mine"
+
+
+async def test_tls_failure_is_a_connect_error_naming_the_url() -> None:
+    """An https URL whose server does not speak TLS: the handshake fails."""
+    async with serve_raw(answer(response("200 OK", b"plain http")), read_request=False) as url:
+        https = url.replace("http://", "https://")
+        async with EventsClient(https, TOKEN) as client:
+            with pytest.raises(
+                ConnectError,
+                match=r"cannot connect to https://127\.0\.0\.1:\d+/api/v1/events: .*SSL",
+            ) as info:
+                await client.send("example.fault", 1)
+    assert TOKEN not in str(info.value)

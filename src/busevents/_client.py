@@ -349,10 +349,22 @@ class EventsClient:
 
     @staticmethod
     def _raise_transport(exc: httpx.HTTPError, url: str) -> NoReturn:
-        reason = bounded_text(str(exc) or type(exc).__name__, 200)
+        reason = bounded_text(_reason(exc), 200)
         if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
             raise ConnectError(f"cannot connect to {url}: {reason}", url=url) from exc
         raise TransportError(f"request to {url} failed: {reason}", url=url) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The first non-empty message down the exception's cause chain (httpcore often
+    wraps an ``ssl.SSLError`` or ``OSError`` in an exception with no message)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if text:
+            return text if seen is exc else f"{type(seen).__name__}: {text}"
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 class _Deadline:
@@ -474,7 +486,7 @@ class EventStream:
                 raise StreamInterrupted(
                     f"connection to {self.url} failed after {decoder.events} events "
                     f"({decoder.offset} bytes): "
-                    + bounded_text(str(exc) or type(exc).__name__, 200),
+                    + bounded_text(_reason(exc), 200),
                     offset=decoder.offset,
                     event_number=decoder.events + 1,
                 ) from exc
