@@ -485,8 +485,7 @@ class EventStream:
             except httpx.HTTPError as exc:
                 raise StreamInterrupted(
                     f"connection to {self.url} failed after {decoder.events} events "
-                    f"({decoder.offset} bytes): "
-                    + bounded_text(_reason(exc), 200),
+                    f"({decoder.offset} bytes): " + bounded_text(_reason(exc), 200),
                     offset=decoder.offset,
                     event_number=decoder.events + 1,
                 ) from exc

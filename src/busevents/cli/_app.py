@@ -190,7 +190,7 @@ def _usage_line(exc: BaseException) -> str:
 
 def load_commands() -> None:
     """Import the command modules, which register themselves on ``app``."""
-    from . import _completion, _listen, _request, _script, _send, _serve  # noqa: F401
+    from . import _bench, _completion, _listen, _request, _script, _send, _serve  # noqa: F401
 
 
 def run(args: list[str]) -> int:
