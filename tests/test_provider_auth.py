@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import trio
 
 from busevents.provider import (
     API_AUDIENCE,
@@ -327,3 +328,16 @@ def test_secret_from_env() -> None:
             secret_from_env(bad)
         assert "secret" in str(info.value)
         assert "!!!" not in str(info.value)
+
+
+async def test_a_remembered_token_still_expires(
+    prov: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    """Verified tokens are cached, but each use is checked against the clock again."""
+    token = mint_token(SECRET, subject="alice", ttl=-3.8)  # expired, inside the 5 s leeway
+    body = {"name": "example.cache", "payload": 1}
+    first = await http.post(prov.url, json=body, headers=auth(token))
+    assert first.status_code == 202
+    await trio.sleep(1.5)  # now beyond exp + leeway
+    second = await http.post(prov.url, json=body, headers=auth(token))
+    assert second.status_code == 401 and second.json()["error"] == "invalid_auth"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -124,10 +125,16 @@ def _reason(exc: jwt.PyJWTError) -> str:
 class TokenVerifier:
     """Checks ``Authorization`` header values against one HS256 secret."""
 
-    __slots__ = ("_quiet", "_secret")
+    __slots__ = ("_cache", "_quiet", "_secret")
+
+    #: Verified tokens remembered, so that a client's every request does not pay
+    #: for HMAC and claim checks again (a tenth of a publish's CPU otherwise).
+    CACHE_SIZE = 1024
 
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
+        # token → (principal, not before, expires), oldest first
+        self._cache: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
         self._quiet = len(secret) < _MIN_KEY_BYTES
         if self._quiet:
             _log.warning(
@@ -148,7 +155,26 @@ class TokenVerifier:
         return self.verify(token)
 
     def verify(self, token: str) -> Principal:
-        """Verify a bare token; raise :class:`AuthError` if refused."""
+        """Verify a bare token; raise :class:`AuthError` if refused.
+
+        A token verified before is only checked against the clock again, with the
+        same leeway, until it expires.
+        """
+        cached = self._cache.get(token)
+        if cached is not None:
+            principal, not_before, expires = cached
+            now = time.time()
+            if not_before - _LEEWAY <= now <= expires + _LEEWAY:
+                self._cache.move_to_end(token)
+                return principal
+            del self._cache[token]
+        principal, not_before, expires = self._verify(token)
+        self._cache[token] = (principal, not_before, expires)
+        if len(self._cache) > self.CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float, float]:
         try:
             if self._quiet:
                 with warnings.catch_warnings():
@@ -161,7 +187,15 @@ class TokenVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise AuthError("token sub claim must be a non-empty string")
-        return Principal(subject, _scopes(claims.get("scope")), _is_internal(claims.get("aud")))
+        principal = Principal(
+            subject, _scopes(claims.get("scope")), _is_internal(claims.get("aud"))
+        )
+        not_before = claims.get("nbf")
+        return (
+            principal,
+            float(not_before) if isinstance(not_before, int | float) else float("-inf"),
+            float(claims["exp"]),
+        )
 
     def _decode(self, token: str) -> dict[str, Any]:
         return jwt.decode(
