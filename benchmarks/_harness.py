@@ -666,6 +666,8 @@ def _measure_publish(
         "publish.new-client": max(10, opts.publish_count // 10),
     }
     todo = {row: count for row, count in counts.items() if row in rows}
+    if not todo:
+        return
     runs = {
         row: {
             "url": url,
@@ -918,19 +920,23 @@ def _meta(opts: Options, started: float, load_start: tuple[float, ...]) -> dict[
 
 
 def _source_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None:
-    """Every row that reads the source server's stream."""
+    """Every row that talks to the source server: its streams, and publishing."""
     argv = [sys.executable, "-m", "benchmarks._source", "--events", str(opts.events)]
     with background(argv) as (hello, _):
         port = int(hello["port"])
-        _prime(port, opts.rss_events if "rss" in rows else opts.events)
-        _measure_throughput(opts, rows, out, port)
+        if (set(ROUND_ROWS) | set(SLOW_ROWS) | {"rss"}) & set(rows):
+            _prime(port, opts.rss_events if "rss" in rows else opts.events)
+            _measure_throughput(opts, rows, out, port)
         if "rss" in rows:
             _measure_rss(opts, out, port)
+        # Publishing against the source, which answers at once: the rows compare
+        # the client's connection handling, not the reference provider's speed.
+        _measure_publish(opts, rows, out, _events_url(port, 0), "bench")
 
 
 def _provider_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None:
     """Every row that talks to the reference provider."""
-    provider_rows = {r for r in rows if ROWS[r] in ("send", "publish", "latency")}
+    provider_rows = {r for r in rows if ROWS[r] in ("send", "latency")}
     missing = _has_module("hypercorn", "jwt")
     if missing:
         for row in provider_rows:
@@ -940,7 +946,6 @@ def _provider_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None
         url, token = hello["url"], hello["token"]
         if {"send.cli", "send.curl"} & provider_rows:
             _measure_send(opts, rows, out, url, token)
-        _measure_publish(opts, rows, out, url, token)
         if "latency" in provider_rows:
             _measure_latency(opts, out, url, token)
 
@@ -951,11 +956,13 @@ def run(opts: Options) -> dict[str, Any]:
     rows = _selected(opts.only)
     out: dict[str, Row] = {}
     phases: list[Callable[[], None]] = []
-    if (set(ROUND_ROWS) | set(SLOW_ROWS) | {"rss"}) & set(rows):
+    if (set(ROUND_ROWS) | set(SLOW_ROWS) | {"rss"}) & set(rows) or any(
+        ROWS[r] == "publish" for r in rows
+    ):
         phases.append(lambda: _source_phase(opts, rows, out))
     if {"startup.python", "startup.version", "startup.help"} & set(rows):
         phases.append(lambda: _measure_startup(opts, rows, out))
-    if any(ROWS[r] in ("send", "publish", "latency") for r in rows):
+    if any(ROWS[r] in ("send", "latency") for r in rows):
         phases.append(lambda: _provider_phase(opts, rows, out))
     for phase in phases:
         phase()

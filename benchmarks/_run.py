@@ -312,7 +312,8 @@ def _rss(params: Params) -> Result:
 
 
 def _publish(params: Params) -> Result:
-    """Publish ``count`` events with ``concurrency`` tasks to the reference provider.
+    """Publish ``count`` events with ``concurrency`` tasks to ``url`` (the source server,
+    which accepts at once, so that the client's connection handling is what counts).
 
     ``mode``: ``reuse`` (one client, its pooled connections), ``new-connection``
     (one client, no keep-alive: a TCP connection per event) or ``new-client``

@@ -5,6 +5,7 @@ GIL with the client being measured.  It prints ``{"port": P}`` on stdout once
 it listens on 127.0.0.1, and exits when its stdin closes (so it cannot outlive
 the harness) or on SIGTERM.
 
+Any ``POST`` is accepted at once (202, keep-alive) for the publish rows.
 Any ``GET`` is answered with the body of N events (see :mod:`._workload`) as a
 chunked response, one HTTP chunk per pre-built 2 MB block, written with
 ``sendall`` (the copy happens in the kernel, without the GIL).  N comes from a
@@ -17,6 +18,7 @@ else a ``events=<N>`` query parameter, else the ``--events`` default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -104,6 +106,45 @@ def _events_for(target: str, default: int) -> int:
     return int(values[0]) if values else default
 
 
+_ACCEPTED = b'{"accepted":true,"id":"1732900000000-0","name":"bench.publish"}'
+_ACCEPTED_RESPONSE = (
+    b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%b" % (len(_ACCEPTED), _ACCEPTED)
+)
+
+
+def _answer_publishes(conn: socket.socket, data: bytes) -> None:
+    """Accept POSTs on a kept-alive connection, as fast as a socket allows.
+
+    The publish rows measure the client (connection reuse against a connection
+    per event), so the server must cost next to nothing per request.
+    """
+    while True:
+        head, sep, data = data.partition(b"\r\n\r\n")
+        while not sep:
+            more = conn.recv(65536)
+            if not more:
+                return
+            head, sep, data = (head + more).partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(data) < length:
+            more = conn.recv(65536)
+            if not more:
+                return
+            data += more
+        data = data[length:]
+        conn.sendall(_ACCEPTED_RESPONSE)
+        if not data:
+            more = conn.recv(65536)
+            if not more:
+                return
+            data = more
+
+
 def _handle(conn: socket.socket, default: int) -> None:
     with conn:
         head = _read_head(conn)
@@ -111,6 +152,10 @@ def _handle(conn: socket.socket, default: int) -> None:
             return
         method, _, rest = head.partition(b" ")
         target = rest.partition(b" ")[0].decode("latin-1")
+        if method == b"POST":
+            with contextlib.suppress(OSError):
+                _answer_publishes(conn, head)
+            return
         if method != b"GET":
             conn.sendall(
                 b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
