@@ -12,21 +12,12 @@ import trio
 from busevents import EventsClient, __version__
 from busevents.provider import RunningProvider
 
+from .helpers import stored as provider_history
+
 
 @pytest.fixture
 def env(provider: RunningProvider) -> dict[str, str]:
     return {"BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token(subject="cli")}
-
-
-async def history(provider: RunningProvider, name: str) -> list[dict[str, object]]:
-    """What the provider holds for ``name``, read with a service token."""
-    async with EventsClient(provider.url, provider.token(audience="ai.hg.fi/internal")) as client:
-        async with client.listen(name, replay=True, follow=False) as stream:
-            return [
-                json.loads(line)
-                async for block in stream.raw_batches()
-                for line in block.splitlines()
-            ]
 
 
 async def test_send_prints_the_acceptance(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
@@ -34,7 +25,7 @@ async def test_send_prints_the_acceptance(run_cli, env, provider) -> None:  # ty
     assert result.status == 0, result.stderr
     word, name, event_id = result.out.split()
     assert (word, name) == ("accepted", "example.ping")
-    (stored,) = await history(provider, "example.ping")
+    (stored,) = await provider_history(provider, "example.ping")
     assert stored["id"] == event_id and stored["payload"] == {"ok": True}
 
     result = await run_cli(
@@ -53,7 +44,7 @@ async def test_listen_replay_no_follow_writes_ndjson_as_received(run_cli, env, p
     async with EventsClient(provider.url, env["BUS_API_TOKEN"]) as client:
         for i in range(3):
             await client.send("example.history", {"n": i}, correlation_id=f"c{i}")
-    stored = await history(provider, "example.history")
+    stored = await provider_history(provider, "example.history")
     result = await run_cli(
         "listen", "--name", "example.history", "--replay", "--no-follow", env=env
     )
@@ -77,7 +68,7 @@ async def test_invalid_payload_exits_2_and_sends_nothing(run_cli, env, provider)
     assert result.status == 2
     assert "--payload is not valid JSON" in result.stderr and result.stderr.count("\n") == 1
     assert result.stdout == b""
-    assert await history(provider, "example.bad") == []
+    assert await provider_history(provider, "example.bad") == []
 
 
 @pytest.mark.parametrize(
@@ -218,7 +209,7 @@ async def test_api_url_and_token_file_flags(run_cli, provider, tmp_path: Path) -
         "example.flagged",
     )
     assert result.status == 0, result.stderr
-    (stored,) = await history(provider, "example.flagged")
+    (stored,) = await provider_history(provider, "example.flagged")
     assert stored["identity_id"] == "via-flag"
 
 
@@ -256,7 +247,7 @@ async def test_token_discovery_through_the_cli(run_cli, provider, tmp_path: Path
     for i, (extra, subject) in enumerate(cases):
         result = await run_cli("send", "--name", f"example.disc{i}", env={**base, **extra})
         assert result.status == 0, result.stderr
-        (stored,) = await history(provider, f"example.disc{i}")
+        (stored,) = await provider_history(provider, f"example.disc{i}")
         assert stored["identity_id"] == subject
 
     # A repository-local .bus/ token is never read, even in the working directory.
@@ -265,7 +256,7 @@ async def test_token_discovery_through_the_cli(run_cli, provider, tmp_path: Path
     (repo / ".bus" / "auth" / "api-token").write_text(provider.token(subject="repo"))
     result = await run_cli("send", "--name", "example.repo", env=base, cwd=repo)
     assert result.status == 2 and "no bearer token" in result.stderr
-    assert await history(provider, "example.repo") == []
+    assert await provider_history(provider, "example.repo") == []
 
 
 async def test_listen_timeout_is_an_overall_deadline(run_cli, env) -> None:  # type: ignore[no-untyped-def]

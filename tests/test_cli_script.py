@@ -10,20 +10,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from busevents import EventsClient
 from busevents.cli._script import logical_lines
 from busevents.provider import RunningProvider
+
+from .helpers import stored
 
 
 @pytest.fixture
 def env(provider: RunningProvider) -> dict[str, str]:
     return {"BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token(subject="script")}
-
-
-async def history(provider: RunningProvider, name: str) -> list[dict[str, object]]:
-    async with EventsClient(provider.url, provider.token(subject="script")) as client:
-        async with client.listen(name, replay=True, follow=False) as stream:
-            return [json.loads(x) async for b in stream.raw_batches() for x in b.splitlines()]
 
 
 def write(path: Path, text: str) -> Path:
@@ -71,7 +66,7 @@ async def test_an_error_on_the_last_line_stops_everything(
     assert result.status == 2
     assert "broken.bus:2:" in result.stderr and "quotation" in result.stderr
     assert result.stdout == b""
-    assert await history(provider, "example.never") == []
+    assert await stored(provider, "example.never") == []
 
 
 @pytest.mark.parametrize(
@@ -100,7 +95,7 @@ async def test_preflight_errors_name_file_and_line(
     result = await run_cli("run", "broken.bus", env=env)
     assert result.status == 2, result.stderr
     assert message in result.stderr, result.stderr
-    assert await history(provider, "example.never") == []
+    assert await stored(provider, "example.never") == []
 
 
 async def test_includes_and_cycles(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -109,13 +104,13 @@ async def test_includes_and_cycles(run_cli, env, provider, tmp_path: Path) -> No
     write(tmp_path / "lib" / "more.bus", "events send --name example.inc --payload 2\n")
     result = await run_cli("run", "main.bus", env=env)
     assert result.status == 0, result.stderr
-    assert [e["payload"] for e in await history(provider, "example.inc")] == [1, 2]
+    assert [e["payload"] for e in await stored(provider, "example.inc")] == [1, 2]
 
     write(tmp_path / "a.bus", "events send --name example.cycle\nb.bus\n")
     write(tmp_path / "b.bus", "a.bus\n")
     result = await run_cli("run", "a.bus", env=env)
     assert result.status == 2 and "include cycle: a.bus → b.bus → a.bus" in result.stderr
-    assert await history(provider, "example.cycle") == []
+    assert await stored(provider, "example.cycle") == []
 
 
 async def test_first_failure_stops_the_run_with_its_status(
@@ -127,7 +122,7 @@ async def test_first_failure_stops_the_run_with_its_status(
     )
     result = await run_cli("run", "stop.bus", env=env)
     assert result.status == 1 and "HTTP 400" in result.stderr
-    assert [e["payload"] for e in await history(provider, "example.stop")] == [1]
+    assert [e["payload"] for e in await stored(provider, "example.stop")] == [1]
 
 
 async def test_sticky_chdir_quiet_and_outer_output(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -143,7 +138,7 @@ async def test_sticky_chdir_quiet_and_outer_output(run_cli, env, provider, tmp_p
     assert result.status == 0, result.stderr
     written = (tmp_path / "all.txt").read_text().splitlines()
     assert len(written) == 2 and all(x.startswith("accepted example.sticky") for x in written)
-    assert [e["payload"] for e in await history(provider, "example.sticky")] == [
+    assert [e["payload"] for e in await stored(provider, "example.sticky")] == [
         {"from": "data dir"},
         2,
         3,

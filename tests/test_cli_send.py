@@ -10,18 +10,12 @@ import pytest
 from busevents import EventsClient
 from busevents.provider import RunningProvider, open_provider
 
+from .helpers import stored
+
 
 @pytest.fixture
 def env(provider: RunningProvider) -> dict[str, str]:
     return {"BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token(subject="sender")}
-
-
-async def stored(provider: RunningProvider, name: str) -> list[dict[str, object]]:
-    async with EventsClient(provider.url, provider.token(audience="ai.hg.fi/internal")) as client:
-        async with client.listen(name, replay=True, follow=False) as stream:
-            return [
-                json.loads(x) async for block in stream.raw_batches() for x in block.splitlines()
-            ]
 
 
 async def test_payload_from_file_stdin_and_payload_file(

@@ -12,7 +12,6 @@ from busevents import (
     BadRequest,
     ConnectError,
     Delivery,
-    Event,
     EventsClient,
     Forbidden,
     Timeout,
@@ -20,15 +19,7 @@ from busevents import (
 )
 from busevents.provider import RunningProvider
 
-
-async def collect(stream, count: int, limit: float = 10) -> list[Event]:  # type: ignore[no-untyped-def]
-    events: list[Event] = []
-    with trio.fail_after(limit):
-        async for event in stream:
-            events.append(event)
-            if len(events) == count:
-                break
-    return events
+from .helpers import collect
 
 
 async def test_send_then_listen_round_trip(provider: RunningProvider) -> None:

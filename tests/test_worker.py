@@ -27,6 +27,8 @@ from busevents import (
 )
 from busevents.provider import RunningProvider
 
+from .helpers import collect
+
 FAST = RetryPolicy(min_delay=0.05, max_delay=0.2)
 
 
@@ -37,16 +39,6 @@ def unused_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/api/v1/events"
-
-
-async def next_events(stream, count: int, limit: float = 10) -> list[Event]:  # type: ignore[no-untyped-def]
-    events: list[Event] = []
-    with trio.fail_after(limit):
-        async for event in stream:
-            events.append(event)
-            if len(events) == count:
-                break
-    return events
 
 
 async def test_a_worker_replies_with_the_request_correlation_id(provider: RunningProvider) -> None:
@@ -60,7 +52,7 @@ async def test_a_worker_replies_with_the_request_correlation_id(provider: Runnin
             assert isinstance(readiness, Readiness) and readiness.is_ready
             await client.send("example.echo", {"n": 1}, correlation_id="req-42")
             await client.send("example.echo", {"n": 2})  # no correlation id of its own
-            first, second = await next_events(replies, 2)
+            first, second = await collect(replies, 2)
             nursery.cancel_scope.cancel()
     assert first.correlation_id == "req-42"
     assert first.payload_obj() == {"echo": {"n": 1}}
@@ -87,7 +79,7 @@ async def test_a_service_worker_replies_on_behalf_of_the_requester(
     ):
         await nursery.start(run_worker, worker_client, Worker("example.echo", echo, retry=FAST))
         await bob.send("example.echo", "hi", correlation_id="bob-1")
-        (reply,) = await next_events(replies, 1)
+        (reply,) = await collect(replies, 1)
         nursery.cancel_scope.cancel()
     assert (reply.identity_id, reply.correlation_id, reply.payload_obj()) == ("bob", "bob-1", "hi")
 
@@ -107,7 +99,7 @@ async def test_replies_carry_the_origin_metadata_of_the_request(
                 correlation_id="c-1",
                 metadata={"bus.origin.environment.id": "env-7", "trace": "not copied"},
             )
-            (reply,) = await next_events(replies, 1)
+            (reply,) = await collect(replies, 1)
             nursery.cancel_scope.cancel()
     assert reply.correlation_id == "c-1"
     assert reply.metadata == {"bus.origin.environment.id": "env-7", "worker": "w1"}
@@ -299,7 +291,7 @@ async def test_cancelling_a_worker_gives_in_flight_handlers_their_grace_period(
                 started = trio.current_time()
                 nursery.cancel_scope.cancel()
             elapsed = trio.current_time() - started
-            (finished,) = await next_events(done, 1)
+            (finished,) = await collect(done, 1)
     assert outcome == {"quick": "finished", "stuck": "cancelled"}
     assert finished.payload_obj() == "quick"
     assert 0.4 < elapsed < 2, elapsed  # waited for the grace period, not for the stuck handler

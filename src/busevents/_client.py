@@ -38,7 +38,6 @@ from ._contracts import Accepted, Delivery, ErrorBody, Event, PublishRequest, St
 from ._errors import (
     APIError,
     BadRequest,
-    ConfigError,
     ConnectError,
     Forbidden,
     NotFound,
@@ -311,13 +310,7 @@ class EventsClient:
         Raises :class:`APIError` subclasses when the provider refuses the stream
         (before any event).
         """
-        try:
-            delivery = Delivery(delivery)
-        except ValueError:
-            raise ConfigError(
-                f"invalid delivery {delivery!r}: expected 'broadcast' or 'unicast'"
-            ) from None
-        spec = StreamSpec(name, delivery, group, consumer, replay, follow)
+        spec = StreamSpec(name, Delivery.parse(delivery), group, consumer, replay, follow)
         request = self._http.build_request(
             "GET",
             self.stream_url,

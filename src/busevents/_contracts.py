@@ -48,6 +48,16 @@ class Delivery(enum.StrEnum):
     #: Listeners of one group compete: one of them gets each event.
     UNICAST = "unicast"
 
+    @classmethod
+    def parse(cls, value: Delivery | str) -> Delivery:
+        """``value`` as a Delivery; :class:`ConfigError` naming the choices otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(
+                f"invalid delivery {value!r}: expected 'broadcast' or 'unicast'"
+            ) from None
+
 
 class Event(
     msgspec.Struct,
@@ -274,12 +284,7 @@ class Worker:
             raise ConfigError("a Worker needs at least one non-empty event name")
         if len(set(names)) != len(names):
             raise ConfigError(f"a Worker lists an event name twice: {', '.join(names)}")
-        try:
-            delivery = Delivery(delivery)
-        except ValueError:
-            raise ConfigError(
-                f"invalid delivery {delivery!r}: expected 'broadcast' or 'unicast'"
-            ) from None
+        delivery = Delivery.parse(delivery)
         if group is not None and delivery is not Delivery.UNICAST:
             raise ConfigError("a Worker group needs delivery='unicast'")
         if concurrency < 1:
