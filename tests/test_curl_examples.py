@@ -12,11 +12,11 @@ import sys
 import pytest
 import trio
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
 SECRET = "curl-examples-secret-0123456789abcdef0123"
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 async def test_serve_answers_the_spec_curl_examples(cli_env: dict[str, str]) -> None:
     env = {**cli_env, "BUS_API_JWT_SECRET": SECRET}
     server = await trio.lowlevel.open_process(
@@ -88,3 +88,19 @@ async def test_serve_answers_the_spec_curl_examples(cli_env: dict[str, str]) -> 
             server.kill()
             await server.wait()
     assert server.returncode == 0  # Ctrl-C stops the provider cleanly
+
+
+async def test_serve_on_a_taken_port_is_one_clear_error(run_cli) -> None:  # type: ignore[no-untyped-def]
+    taken = trio.socket.socket()
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    result = await run_cli(
+        "serve", "--addr", f"127.0.0.1:{port}", env={"BUS_API_JWT_SECRET": SECRET}
+    )
+    taken.close()
+    assert result.status == 1
+    assert (
+        result.stderr.strip()
+        == f"bus-events: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )

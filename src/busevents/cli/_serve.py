@@ -107,21 +107,31 @@ def serve(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    import signal
+
     import trio
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(provider.serve, config, host, port)
-            diag.note(f"Events API on {url} ({events_backend} backend); Ctrl-C stops")
+        # SIGINT/SIGTERM are the normal way to stop a server: a clean shutdown, exit 0.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(provider.serve, config, host, port)
+                diag.note(f"Events API on {url} ({events_backend} backend); Ctrl-C stops")
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+        diag.note("stopped")
 
     try:
         trio.run(main)
-    except OSError as exc:
-        diag.error(f"cannot listen on {addr}: {exc.strerror or exc}")
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        diag.note("stopped")
-        return EXIT_OK
+    except BaseException as exc:
+        from ._commands import _sole_leaf
+
+        leaf = _sole_leaf(exc)
+        if isinstance(leaf, OSError):
+            diag.error(f"cannot listen on {addr}: {leaf.strerror or leaf}")
+            return EXIT_FAILURE
+        raise
     return EXIT_OK
 
 
