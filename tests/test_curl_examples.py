@@ -12,7 +12,6 @@ import sys
 import pytest
 import trio
 
-
 SECRET = "curl-examples-secret-0123456789abcdef0123"
 
 
