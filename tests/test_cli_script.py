@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from busevents import EventsClient
 from busevents.cli._script import logical_lines
 from busevents.provider import RunningProvider
 
@@ -166,3 +167,29 @@ async def test_shebang_makes_a_script_executable(cli_env, env, provider, tmp_pat
 def test_logical_lines_join_continuations_and_keep_line_numbers() -> None:
     text = "a \\\n  b \\\n  c\nd \\\\\ne\n"
     assert logical_lines(text) == [(1, "a    b    c"), (4, "d \\\\"), (5, "e")]
+
+
+async def test_a_lines_timeout_does_not_stick_to_the_next_line(
+    run_cli, env, provider, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Only flags-only lines are sticky; a --timeout given on one command is that command's."""
+    write(
+        tmp_path / "timeouts.bus",
+        "events --timeout 300ms send --name example.t --payload 1\n"
+        "events listen --name example.t --replay --count 2\n",
+    )
+
+    async def second_event_later() -> None:
+        await trio.sleep(2.0)
+        async with EventsClient(provider.url, env["BUS_API_TOKEN"]) as client:
+            await client.send("example.t", 2)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second_event_later)
+        started = trio.current_time()
+        result = await run_cli("run", "timeouts.bus", env=env)
+    # Had line 1's 300 ms deadline stuck to line 2, the listen would have ended
+    # before the second event (exit 1).  It waited for it instead.
+    assert result.status == 0, result.stderr
+    assert trio.current_time() - started >= 2.0
+    assert len(result.stdout.splitlines()) == 3  # the acceptance, then two events

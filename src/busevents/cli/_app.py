@@ -145,6 +145,8 @@ def _meta(
     g.verbose, g.quiet, g.output, g.format = verbose, quiet, output, format
     g.color = use_color("never" if no_color else color, sys.stderr)
     g.api_url, g.token_file = api_url, token_file
+    # Every field is set on every run: `bus-events run` calls this once per script line.
+    g.timeout, g.timeout_given = Globals.timeout, False
     if timeout is not None:
         try:
             g.timeout = parse_duration(timeout)
