@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
 import trio
+
+from .helpers import serve_subprocess
 
 SECRET = "curl-examples-secret-0123456789abcdef0123"
 
@@ -18,18 +17,7 @@ SECRET = "curl-examples-secret-0123456789abcdef0123"
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 async def test_serve_answers_the_spec_curl_examples(cli_env: dict[str, str]) -> None:
     env = {**cli_env, "BUS_API_JWT_SECRET": SECRET}
-    server = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "busevents", "serve", "--addr", "127.0.0.1:0"],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert server.stderr is not None
-        seen = b""
-        with trio.fail_after(20):
-            while not (found := re.search(rb"on (http://\S+/api/v1/events)", seen)):
-                seen += await server.stderr.receive_some(4096)
-        base = found.group(1).decode()
+    async with serve_subprocess(env) as (base, server):
         token = (
             (
                 await trio.run_process(
@@ -79,13 +67,6 @@ async def test_serve_answers_the_spec_curl_examples(cli_env: dict[str, str]) -> 
         envelope = json.loads(line)
         assert envelope["id"] == accepted["id"] and envelope["correlationId"] == "optional-id"
         assert envelope["payload"] == {"ok": True} and envelope["identity_id"] == "dev"
-    finally:
-        server.send_signal(signal.SIGINT)
-        with trio.move_on_after(10):
-            await server.wait()
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
     assert server.returncode == 0  # Ctrl-C stops the provider cleanly
 
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -16,31 +13,17 @@ import trio
 from busevents import EventsClient, StreamStalled
 from busevents.provider import mint_token
 
+from .helpers import serve_subprocess as serve
 
-@asynccontextmanager
-async def serve_subprocess(*args: str) -> AsyncIterator[tuple[str, trio.Process]]:
-    """``bus-events serve`` in a child process (so that it can be frozen); yields its URL."""
-    env = {**os.environ, "BUS_API_JWT_SECRET": "quiet-stream-test-secret-0123456789abcdef"}
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "busevents", "serve", "--addr", "127.0.0.1:0", *args],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        assert proc.stderr is not None
-        seen = b""
-        with trio.fail_after(20):
-            while not (match := re.search(rb"on (http://\S+/api/v1/events)", seen)):
-                seen += await proc.stderr.receive_some(4096)
-        yield match.group(1).decode(), proc
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        await proc.wait()
+SECRET = "quiet-stream-test-secret-0123456789abcdef"
+
+
+def serve_subprocess(*args: str):  # type: ignore[no-untyped-def]
+    return serve(dict(os.environ, BUS_API_JWT_SECRET=SECRET), *args)
 
 
 def token() -> str:
-    return mint_token(b"quiet-stream-test-secret-0123456789abcdef", subject="quiet")
+    return mint_token(SECRET.encode(), subject="quiet")
 
 
 async def test_keepalive_lines_keep_a_quiet_stream_alive_and_a_frozen_one_stalls() -> None:
