@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -21,6 +23,22 @@ async def provider() -> AsyncIterator[RunningProvider]:
     """A reference provider on a free loopback port, stopped after the test."""
     async with open_provider() as running:
         yield running
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """A plain httpx client, for requests the SDK would not make."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def unused_url() -> str:
+    """An events URL on a loopback port where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/api/v1/events"
 
 
 @dataclass

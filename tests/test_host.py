@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 
 import pytest
 import trio
@@ -40,15 +39,6 @@ def all_tasks() -> set[trio.lowlevel.Task]:
             for nursery in task.child_nurseries:
                 todo.extend(nursery.child_tasks)
     return {task for task in found if not task.name.startswith(PROVIDER_TASKS)}
-
-
-@pytest.fixture
-def unused_url() -> str:
-    """An events URL on a loopback port where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/api/v1/events"
 
 
 async def test_a_host_runs_several_workers_on_one_client_and_leaves_nothing_running(

@@ -61,12 +61,6 @@ async def prov() -> AsyncIterator[RunningProvider]:
         yield running
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
-
-
 BAD_TOKENS: dict[str, str | None] = {
     "missing header": None,
     "alg none": b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims()) + ".",

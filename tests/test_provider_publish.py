@@ -29,12 +29,6 @@ async def prov() -> AsyncIterator[RunningProvider]:
         yield running
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
-
-
 async def replay(http: httpx.AsyncClient, prov: RunningProvider, name: str) -> list[bytes]:
     response = await http.get(
         prov.url + "/stream",

@@ -125,12 +125,6 @@ async def prov() -> AsyncIterator[RunningProvider]:
         yield running
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
-
-
 # -- replay / follow -----------------------------------------------------------
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from collections import Counter
 
 import pytest
@@ -30,15 +29,6 @@ from busevents.provider import RunningProvider
 from .helpers import collect
 
 FAST = RetryPolicy(min_delay=0.05, max_delay=0.2)
-
-
-@pytest.fixture
-def unused_url() -> str:
-    """An events URL on a loopback port where nothing listens."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/api/v1/events"
 
 
 async def test_a_worker_replies_with_the_request_correlation_id(provider: RunningProvider) -> None:
