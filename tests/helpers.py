@@ -7,7 +7,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,6 +26,13 @@ async def collect(stream: EventStream, count: int, limit: float = 10) -> list[Ev
             if len(events) == count:
                 break
     return events
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
+    """Poll ``condition`` (provider state has no event to wait on) for at most ``seconds``."""
+    with trio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110 (there is no event to wait on)
+            await trio.sleep(0.01)
 
 
 async def stored(provider: RunningProvider, name: str) -> list[dict[str, Any]]:

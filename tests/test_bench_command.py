@@ -6,7 +6,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from busevents import EventsClient
 from busevents.provider import RunningProvider
 
 from .conftest import Result
+from .helpers import wait_for
 
 # Imports the command's module itself, so that these tests do not depend on
 # which commands ``cli._app.run`` registers.
@@ -43,15 +44,6 @@ def bench(cli_env: dict[str, str], env: dict[str, str], tmp_path: Path):  # type
         return Result(proc.returncode, proc.stdout, proc.stderr.decode())
 
     return run
-
-
-async def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
-    """Poll ``condition`` (provider state has no event to wait on) for at most ``seconds``."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await trio.sleep(0.01)
-    raise AssertionError("the condition did not come true in time")
 
 
 async def stored(provider: RunningProvider, name: str) -> int:

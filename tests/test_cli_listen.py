@@ -10,6 +10,8 @@ import trio
 from busevents import EventsClient
 from busevents.provider import RunningProvider
 
+from .helpers import wait_for
+
 
 @pytest.fixture
 async def env(provider: RunningProvider) -> dict[str, str]:
@@ -55,7 +57,8 @@ async def test_correlation_id_filter_keeps_the_original_line(run_cli, env, provi
 
 async def test_waiting_for_a_reply_with_count_1(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
     async def reply_later() -> None:
-        await trio.sleep(1.0)
+        # Once the CLI's listener is subscribed, the replies cannot be missed.
+        await wait_for(lambda: provider.backend.subscriber_count("example.reply") == 1)
         async with EventsClient(provider.url, env["BUS_API_TOKEN"]) as client:
             await client.send("example.reply", {"other": True}, correlation_id="someone-else")
             await client.send("example.reply", {"done": True}, correlation_id="mine")

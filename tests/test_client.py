@@ -19,7 +19,7 @@ from busevents import (
 )
 from busevents.provider import RunningProvider
 
-from .helpers import collect
+from .helpers import collect, wait_for
 
 
 async def test_send_then_listen_round_trip(provider: RunningProvider) -> None:
@@ -174,11 +174,15 @@ async def test_from_env_resolves_like_the_cli(provider: RunningProvider, tmp_pat
 
 
 async def test_leaving_listen_closes_the_stream(provider: RunningProvider) -> None:
+    backend = provider.backend
     async with EventsClient(provider.url, provider.token()) as client:
         with trio.move_on_after(0.2):
             async with client.listen("example.quiet") as stream:
+                assert backend.subscriber_count("example.quiet") == 1
                 async for _ in stream:
                     pass
+        # The provider saw the stream close and dropped its subscription.
+        await wait_for(lambda: backend.subscriber_count("example.quiet") == 0, 5)
         # The pool is reusable: the closed stream left no broken connection behind.
         accepted = await client.send("example.quiet", 1)
         assert accepted.id

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Callable
 
 import msgspec
 import pytest
 import trio
 from hdrh.histogram import HdrHistogram
 
-from busevents import EventsClient, Forbidden, PublishRequest
-from busevents._errors import ConfigError
-from busevents._loadtest import Bench, BenchPlan, BenchReport, check_plan
-from busevents._loadtest_report import ListenerResult, PartResult, PublisherResult, build_report
-from busevents._loadtest_stats import HIGHEST_US, SIGNIFICANT_FIGURES, Recorder, Tally
+from busevents import ConfigError, EventsClient, Forbidden, PublishRequest
+from busevents._bench import Bench, BenchPlan, BenchReport, check_plan
+from busevents._bench._report import ListenerResult, PartResult, PublisherResult, build_report
+from busevents._bench._stats import HIGHEST_US, SIGNIFICANT_FIGURES, Recorder, Tally
 from busevents.provider import ProviderConfig, RunningProvider, open_provider
 
 from .faults import chunk, response, serve_raw, stream_head
+from .helpers import wait_for
 
 
 def plan(**fields: object) -> BenchPlan:
@@ -30,15 +29,6 @@ def plan(**fields: object) -> BenchPlan:
 async def run(provider: RunningProvider, the_plan: BenchPlan, **token: str) -> BenchReport:
     bench = Bench(the_plan, url=provider.url, token=provider.token(**token), timeout=10)
     return await bench.run()
-
-
-async def wait_for(condition: Callable[[], bool], seconds: float = 30) -> None:
-    """Poll ``condition`` (provider state has no event to wait on) for at most ``seconds``."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await trio.sleep(0.01)
-    raise AssertionError("the condition did not come true in time")
 
 
 def assert_well_formed(report: BenchReport) -> None:

@@ -26,7 +26,7 @@ from busevents import (
 )
 from busevents.provider import RunningProvider
 
-from .helpers import collect
+from .helpers import collect, wait_for
 
 FAST = RetryPolicy(min_delay=0.05, max_delay=0.2)
 
@@ -225,13 +225,13 @@ async def test_stop_on_error_stops_the_worker_with_a_handler_error(
 
 async def test_the_concurrency_limit_bounds_handlers_in_flight(provider: RunningProvider) -> None:
     running = peak = done = 0
-    all_done = trio.Event()
+    gate, all_done = trio.Event(), trio.Event()
 
-    async def slow(event: Event, publisher: Publisher) -> None:
+    async def blocked(event: Event, publisher: Publisher) -> None:
         nonlocal running, peak, done
         running += 1
         peak = max(peak, running)
-        await trio.sleep(0.02)
+        await gate.wait()
         running -= 1
         done += 1
         if done == 20:
@@ -240,14 +240,18 @@ async def test_the_concurrency_limit_bounds_handlers_in_flight(provider: Running
     async with EventsClient(provider.url, provider.token()) as client:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                run_worker, client, Worker("example.busy", slow, concurrency=3, retry=FAST)
+                run_worker, client, Worker("example.busy", blocked, concurrency=3, retry=FAST)
             )
             for i in range(20):
                 await client.send("example.busy", i)
+            await wait_for(lambda: running == 3, 5)
+            await trio.sleep(0.2)  # the other 17 are waiting for a slot, not running
+            assert running == peak == 3
+            gate.set()
             with trio.fail_after(5):
                 await all_done.wait()
             nursery.cancel_scope.cancel()
-    assert peak == 3
+    assert peak == 3 and done == 20
 
 
 async def test_cancelling_a_worker_gives_in_flight_handlers_their_grace_period(
@@ -314,15 +318,24 @@ async def test_a_required_listener_that_cannot_connect_raises(unused_url: str) -
     assert "token" not in str(caught.value).replace("BUS_", "")
 
 
-async def test_with_retry_off_an_optional_listener_stops_quietly(unused_url: str) -> None:
+async def test_with_retry_off_an_optional_listener_stops_quietly(
+    unused_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def never(event: Event, publisher: Publisher) -> None:
         raise AssertionError("no event expected")
 
+    caplog.set_level(logging.DEBUG, logger="busevents")
     async with EventsClient(unused_url, "token") as client:
         with trio.fail_after(5):
             await run_worker(
                 client, Worker("example.ping", never, retry=RetryPolicy(enabled=False))
             )
+    # Quietly: it returns, with one warning that says why, and no error or traceback.
+    records = [r for r in caplog.records if r.name.startswith("busevents")]
+    assert [r.levelno for r in records if r.levelno >= logging.WARNING] == [logging.WARNING]
+    (warning,) = [r for r in records if r.levelno == logging.WARNING]
+    assert "BUS_EVENTS_LISTENER_RETRY=0" in warning.getMessage()
+    assert all(r.exc_info is None for r in records)
 
 
 def test_worker_declarations_are_checked() -> None:

@@ -23,26 +23,28 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
+    # For type checkers and IDEs; at run time names load lazily (below).
     from ._client import EventsClient as EventsClient
-    from ._client import EventStream as EventStream
     from ._config import Token as Token
     from ._config import config_root as config_root
     from ._config import find_token as find_token
     from ._config import normalize_events_url as normalize_events_url
     from ._config import parse_duration as parse_duration
+    from ._config import resolve_url as resolve_url
     from ._contracts import Accepted as Accepted
     from ._contracts import Delivery as Delivery
+    from ._contracts import ErrorBody as ErrorBody
     from ._contracts import Event as Event
     from ._contracts import Handler as Handler
     from ._contracts import Publisher as Publisher
     from ._contracts import PublishRequest as PublishRequest
     from ._contracts import StreamSpec as StreamSpec
-    from ._contracts import Worker as Worker
     from ._errors import APIError as APIError
     from ._errors import BadRequest as BadRequest
     from ._errors import BusEventsError as BusEventsError
     from ._errors import ConfigError as ConfigError
     from ._errors import ConnectError as ConnectError
+    from ._errors import ExitStatus as ExitStatus
     from ._errors import Forbidden as Forbidden
     from ._errors import HandlerError as HandlerError
     from ._errors import InvalidEvent as InvalidEvent
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from ._errors import NotFound as NotFound
     from ._errors import PayloadTooLarge as PayloadTooLarge
     from ._errors import RateLimited as RateLimited
-    from ._errors import RequestTimeout as RequestTimeout
+    from ._errors import ReplyTimeout as ReplyTimeout
     from ._errors import ResponseError as ResponseError
     from ._errors import ServerError as ServerError
     from ._errors import StreamError as StreamError
@@ -63,37 +65,41 @@ if TYPE_CHECKING:
     from ._errors import TransportError as TransportError
     from ._errors import Unauthorized as Unauthorized
     from ._errors import WorkerError as WorkerError
-    from ._host import WorkerHost as WorkerHost
-    from ._host import run_host as run_host
-    from ._listener import Readiness as Readiness
-    from ._listener import RetryPolicy as RetryPolicy
+    from ._groups import single_error as single_error
     from ._ndjson import NDJSONDecoder as NDJSONDecoder
-    from ._requester import Requester as Requester
-    from ._requester import open_requester as open_requester
-    from ._worker import ClientPublisher as ClientPublisher
-    from ._worker import run_worker as run_worker
+    from ._retry import RetryPolicy as RetryPolicy
+    from ._stream import EventStream as EventStream
+    from .workers._host import WorkerHost as WorkerHost
+    from .workers._host import run_host as run_host
+    from .workers._listener import Readiness as Readiness
+    from .workers._requester import Requester as Requester
+    from .workers._requester import open_requester as open_requester
+    from .workers._worker import ClientPublisher as ClientPublisher
+    from .workers._worker import Worker as Worker
+    from .workers._worker import run_worker as run_worker
 
+# The one list of public names: where each lives.  tests/test_package.py holds the
+# TYPE_CHECKING imports above and the documentation to it.
 _LOCATIONS = {
-    "_client": (
-        "EventsClient",
-        "EventStream",
-    ),
+    "_client": ("EventsClient",),
+    "_stream": ("EventStream",),
     "_config": (
         "Token",
         "config_root",
         "find_token",
         "normalize_events_url",
         "parse_duration",
+        "resolve_url",
     ),
     "_contracts": (
         "Accepted",
         "Delivery",
+        "ErrorBody",
         "Event",
         "Handler",
         "PublishRequest",
         "Publisher",
         "StreamSpec",
-        "Worker",
     ),
     "_errors": (
         "APIError",
@@ -101,6 +107,7 @@ _LOCATIONS = {
         "BusEventsError",
         "ConfigError",
         "ConnectError",
+        "ExitStatus",
         "Forbidden",
         "HandlerError",
         "InvalidEvent",
@@ -109,7 +116,7 @@ _LOCATIONS = {
         "NotFound",
         "PayloadTooLarge",
         "RateLimited",
-        "RequestTimeout",
+        "ReplyTimeout",
         "ResponseError",
         "ServerError",
         "StreamError",
@@ -122,20 +129,20 @@ _LOCATIONS = {
         "Unauthorized",
         "WorkerError",
     ),
+    "_groups": ("single_error",),
     "_ndjson": ("NDJSONDecoder",),
-    "_listener": (
-        "Readiness",
-        "RetryPolicy",
-    ),
-    "_worker": (
+    "_retry": ("RetryPolicy",),
+    "workers._listener": ("Readiness",),
+    "workers._worker": (
         "ClientPublisher",
+        "Worker",
         "run_worker",
     ),
-    "_requester": (
+    "workers._requester": (
         "Requester",
         "open_requester",
     ),
-    "_host": (
+    "workers._host": (
         "WorkerHost",
         "run_host",
     ),

@@ -7,23 +7,19 @@ asks (:meth:`Event.payload_as`).  Unknown fields are ignored on decode, so a
 newer provider can add fields without breaking an older client.
 
 The worker contracts are the :class:`Handler` and :class:`Publisher`
-protocols and :class:`Worker`, a declaration (a frozen dataclass: it holds a
-callable and never goes on the wire) that a host runs.
+protocols; :class:`~busevents.Worker`, the declaration a host runs, lives with
+the worker runtime (it holds a callable and never goes on the wire).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
+from collections.abc import Mapping
+from typing import Any, Final, Protocol, TypeVar, overload
 
 import msgspec
 
 from ._errors import ConfigError
-
-if TYPE_CHECKING:
-    from ._listener import RetryPolicy
 
 __all__ = [
     "Accepted",
@@ -32,7 +28,6 @@ __all__ = [
     "Event",
     "PublishRequest",
     "StreamSpec",
-    "Worker",
 ]
 
 T = TypeVar("T")
@@ -217,102 +212,3 @@ class Handler(Protocol):
     """A worker handler: ``async def handle(event, publisher) -> None``."""
 
     async def __call__(self, event: Event, publisher: Publisher, /) -> None: ...
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class Worker:
-    """A worker declared as data: which events it handles, how, and with what.
-
-    ``names``: one event name or several; one stream is opened per name.
-    ``handler``: ``async def handle(event, publisher) -> None``.
-    ``delivery``/``group``/``consumer``/``replay``: the stream options of
-    :meth:`EventsClient.listen` (``group`` needs unicast delivery).
-    ``concurrency``: most handlers running at once, across all names; the
-    stream is not read further while that many are in flight.
-    ``stop_on_error``: a handler exception stops the worker (``HandlerError``)
-    instead of being logged and skipped.
-    ``grace_period``: seconds in-flight handlers get to finish when the worker
-    is cancelled or stops, before they are cancelled.
-    ``dedup_window``: how many recent event ids are remembered, so that a
-    listener reconnecting with ``replay`` never hands an event to the handler
-    twice (used only with ``replay``).
-    ``stall_timeout``: seconds without any byte after which a stream counts as
-    dead and is reconnected (a few provider keep-alive intervals), ``None`` to
-    rely on TCP keep-alive.
-    ``retry``: the reconnect policy; ``None`` reads it from the environment
-    when the worker starts (``RetryPolicy.from_env``).
-    ``label``: the name used in logs (default: the handler's name).
-
-    Raises :class:`ConfigError` for inconsistent values.
-
-    >>> Worker("example.echo", echo, delivery="unicast", group="echo")  # doctest: +SKIP
-    """
-
-    names: tuple[str, ...]
-    handler: Handler
-    delivery: Delivery
-    group: str | None
-    consumer: str | None
-    replay: bool
-    concurrency: int
-    stop_on_error: bool
-    grace_period: float
-    dedup_window: int
-    stall_timeout: float | None
-    retry: RetryPolicy | None
-    label: str
-
-    def __init__(
-        self,
-        names: str | Iterable[str],
-        handler: Handler,
-        *,
-        delivery: Delivery | str = Delivery.BROADCAST,
-        group: str | None = None,
-        consumer: str | None = None,
-        replay: bool = False,
-        concurrency: int = 16,
-        stop_on_error: bool = False,
-        grace_period: float = 10.0,
-        dedup_window: int = 10_000,
-        stall_timeout: float | None = None,
-        retry: RetryPolicy | None = None,
-        label: str | None = None,
-    ) -> None:
-        names = (names,) if isinstance(names, str) else tuple(names)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ConfigError("a Worker needs at least one non-empty event name")
-        if len(set(names)) != len(names):
-            raise ConfigError(f"a Worker lists an event name twice: {', '.join(names)}")
-        delivery = Delivery.parse(delivery)
-        if group is not None and delivery is not Delivery.UNICAST:
-            raise ConfigError("a Worker group needs delivery='unicast'")
-        if concurrency < 1:
-            raise ConfigError(f"Worker concurrency must be at least 1, not {concurrency}")
-        if not grace_period >= 0:
-            raise ConfigError(f"Worker grace_period must not be negative, not {grace_period}")
-        if dedup_window < 0:
-            raise ConfigError(f"Worker dedup_window must not be negative, not {dedup_window}")
-        if stall_timeout is not None and not stall_timeout > 0:
-            raise ConfigError(f"Worker stall_timeout must be positive, not {stall_timeout}")
-        if not callable(handler):
-            raise ConfigError(f"a Worker handler must be an async callable, not {handler!r}")
-        if label is None:
-            label = getattr(handler, "__qualname__", None) or type(handler).__name__
-        values = {
-            "names": names,
-            "handler": handler,
-            "delivery": delivery,
-            "group": group,
-            "consumer": consumer,
-            "replay": replay,
-            "concurrency": concurrency,
-            "stop_on_error": stop_on_error,
-            "grace_period": float(grace_period),
-            "dedup_window": dedup_window,
-            "stall_timeout": stall_timeout,
-            "retry": retry,
-            "label": label,
-        }
-        for key, value in values.items():
-            object.__setattr__(self, key, value)  # frozen: __setattr__ refuses

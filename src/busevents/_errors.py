@@ -9,7 +9,8 @@ act on::
     ├── TransportError           the network failed; names the URL, never the token
     │   ├── ConnectError         could not connect (refused, DNS, TLS)
     │   ├── Timeout              a deadline passed (names the timeout that fired)
-    │   │   └── RequestTimeout   no response to a request in time (``correlation_id``)
+    │   │   └── ReplyTimeout     no reply to a request in time (``correlation_id``)
+    │   ├── StreamInterrupted    (also a StreamError, below)
     │   └── ListenerUnavailable  a required worker listener could not connect or ended
     ├── APIError                 the provider answered with an error status
     │   ├── BadRequest           400: invalid name, payload, group, …
@@ -23,10 +24,10 @@ act on::
     │   ├── InvalidEvent         a line that is not JSON, or not an event envelope
     │   ├── LineTooLong          a line longer than the configured maximum
     │   ├── StreamTruncated      the stream ended in the middle of a line
-    │   └── StreamInterrupted    the connection failed while streaming
+    │   └── StreamInterrupted    the connection failed while streaming (a TransportError too)
     │       └── StreamStalled    no byte arrived within the stall timeout
-    └── WorkerError              request/reply and worker contracts (above HTTP)
-        ├── ResponseError        the response to a request is an error response (``code``)
+    ├── ResponseError            the reply to a request is an error response (``code``)
+    └── WorkerError              the worker runtime failed
         └── HandlerError         a handler failed and its worker stops (``stop_on_error``)
 
 Messages are bounded in length and free of control characters, whatever the
@@ -35,40 +36,29 @@ provider sent, and no message, ``str`` or ``repr`` ever contains a token.
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._contracts import Event
 
-__all__ = [
-    "APIError",
-    "BadRequest",
-    "BusEventsError",
-    "ConfigError",
-    "ConnectError",
-    "Forbidden",
-    "HandlerError",
-    "InvalidEvent",
-    "LineTooLong",
-    "ListenerUnavailable",
-    "NotFound",
-    "PayloadTooLarge",
-    "RateLimited",
-    "RequestTimeout",
-    "ResponseError",
-    "ServerError",
-    "StreamError",
-    "StreamInterrupted",
-    "StreamStalled",
-    "StreamTruncated",
-    "Timeout",
-    "TokenError",
-    "TransportError",
-    "Unauthorized",
-    "WorkerError",
-    "bounded_text",
-]
+
+class ExitStatus(enum.IntEnum):
+    """Process exit statuses of ``bus-events`` and :func:`~busevents.run_host`."""
+
+    OK = 0
+    #: Any failure: network, HTTP error status, broken stream, unwritable output.
+    FAILURE = 1
+    #: Invalid usage or configuration: nothing was sent.
+    USAGE = 2
+    #: A ``.bus`` script has a syntax error (sysexits' EX_DATAERR); nothing ran.
+    DATA_ERROR = 65
+    #: Interrupted by SIGINT (128 + 2).
+    INTERRUPTED = 130
+    #: Stopped by SIGTERM (128 + 15).
+    TERMINATED = 143
+
 
 #: The longest diagnostic taken from a provider, in characters.
 MAX_DIAGNOSTIC = 300
@@ -96,8 +86,24 @@ def bounded_text(text: str | bytes, limit: int = MAX_DIAGNOSTIC) -> str:
     return text
 
 
+def _rebuild(
+    cls: type[BusEventsError], args: tuple[object, ...], state: dict[str, object]
+) -> BusEventsError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class BusEventsError(Exception):
-    """The root of every busevents exception."""
+    """The root of every busevents exception.
+
+    Every exception of the tree pickles (for multiprocessing and worker
+    processes): its arguments and attributes travel, whatever its constructor.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class ConfigError(BusEventsError):
@@ -133,29 +139,29 @@ class APIError(BusEventsError):
 
     ``status`` is the HTTP status, ``code`` the provider's error code (``None``
     when the body was not a provider error body), ``message`` the provider's
-    bounded, printable diagnostic.
+    bounded, printable diagnostic, ``retry_after`` the seconds of a
+    ``Retry-After`` header (429, 503), when the provider sent one.
     """
 
-    def __init__(self, status: int, code: str | None, message: str, *, url: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str | None,
+        message: str,
+        *,
+        url: str,
+        retry_after: float | None = None,
+    ) -> None:
         self.status = status
         self.code = code
         self.message = message
         self.url = url
+        self.retry_after = retry_after
         super().__init__(self._describe())
 
     def _describe(self) -> str:
         label = f"HTTP {self.status}" + (f" {self.code}" if self.code else "")
         return f"{label}: {self.message}" if self.message else label
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_api_error, (type(self), self.__dict__))
-
-
-def _rebuild_api_error(cls: type[APIError], state: dict[str, object]) -> APIError:
-    error = cls.__new__(cls)
-    error.__dict__.update(state)
-    Exception.__init__(error, error._describe())
-    return error
 
 
 class BadRequest(APIError):
@@ -176,10 +182,11 @@ class Forbidden(APIError):
         message: str,
         *,
         url: str,
+        retry_after: float | None = None,
         required_scopes: tuple[str, ...] = (),
     ) -> None:
         self.required_scopes = required_scopes
-        super().__init__(status, code, message, url=url)
+        super().__init__(status, code, message, url=url, retry_after=retry_after)
 
     @property
     def hint(self) -> str:
@@ -198,18 +205,6 @@ class PayloadTooLarge(APIError):
 
 class RateLimited(APIError):
     """429: too many requests; ``retry_after`` seconds, when the provider said."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str | None,
-        message: str,
-        *,
-        url: str,
-        retry_after: float | None = None,
-    ) -> None:
-        self.retry_after = retry_after
-        super().__init__(status, code, message, url=url)
 
 
 class ServerError(APIError):
@@ -242,25 +237,26 @@ class StreamTruncated(StreamError):
     """The stream ended in the middle of a line; the partial line was not decoded."""
 
 
-class StreamInterrupted(StreamError):
-    """The connection failed while the stream was being read."""
+class StreamInterrupted(StreamError, TransportError):
+    """The connection to ``url`` failed while the stream was being read.
+
+    Both a :class:`StreamError` (``offset``, ``event_number``) and a
+    :class:`TransportError` (``url``): a handler for network failures catches it.
+    """
+
+    def __init__(self, message: str, *, url: str, offset: int, event_number: int) -> None:
+        BusEventsError.__init__(self, message)  # both parents' fields are set here
+        self.url = url
+        self.offset = offset
+        self.event_number = event_number
 
 
 class StreamStalled(StreamInterrupted):
     """No byte (event or keep-alive line) arrived within the stream's stall timeout."""
 
 
-def _rebuild(
-    cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
-) -> object:
-    error = cls.__new__(cls)
-    error.args = args
-    error.__dict__.update(state)
-    return error
-
-
-class RequestTimeout(Timeout):
-    """No response to a request arrived in time.
+class ReplyTimeout(Timeout):
+    """No reply to a request arrived in time.
 
     ``name`` is the request's event name, ``correlation_id`` the id it was sent
     with, ``timeout`` the limit that fired, in seconds.
@@ -273,8 +269,19 @@ class RequestTimeout(Timeout):
         self.name = name
         self.correlation_id = correlation_id
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
+    @classmethod
+    def waiting_for(
+        cls, name: str, response_name: str, *, timeout: float, correlation_id: str, url: str
+    ) -> ReplyTimeout:
+        """The error for no ``response_name`` reply to request ``name`` within ``timeout``."""
+        return cls(
+            f"no {response_name} response to {name} within {timeout:g}s "
+            f"(correlation id {correlation_id})",
+            url=url,
+            timeout=timeout,
+            name=name,
+            correlation_id=correlation_id,
+        )
 
 
 class ListenerUnavailable(TransportError):
@@ -289,18 +296,12 @@ class ListenerUnavailable(TransportError):
         super().__init__(message, url=url)
         self.name = name
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
-
 
 class WorkerError(BusEventsError):
-    """The request/reply and worker contracts failed (above the HTTP layer)."""
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
+    """The worker runtime failed (above the HTTP layer)."""
 
 
-class ResponseError(WorkerError):
+class ResponseError(BusEventsError):
     """The response to a request is an error response.
 
     An error response's payload is shaped like an API error body:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from ._client import EventsClient
+    from busevents import EventsClient
+
     from .provider import RunningProvider
     from .testing import TokenFactory
 
@@ -40,7 +41,7 @@ async def bus_client(
     bus_provider: RunningProvider, bus_token_factory: TokenFactory
 ) -> AsyncIterator[EventsClient]:
     """An ``EventsClient`` on ``bus_provider`` with an ``events:send events:listen`` token."""
-    from ._client import EventsClient
+    from busevents import EventsClient
 
     async with EventsClient(bus_provider.url, bus_token_factory(), timeout=10) as client:
         yield client

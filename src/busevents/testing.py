@@ -42,9 +42,8 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from ._client import EventsClient
-    from ._contracts import Worker
-    from ._listener import Readiness
+    from busevents import EventsClient, Readiness, Worker
+
     from .provider import RunningProvider
 
 __all__ = ["DEFAULT_SCOPES", "TokenFactory", "open_worker"]
@@ -86,8 +85,7 @@ async def open_worker(
     (e.g. ``Forbidden``), and ``TooSlowError`` when the streams are not all up
     within ``ready_within`` seconds.
     """
-    from ._host import WorkerHost
-    from ._worker import single_error
+    from busevents import WorkerHost, single_error
 
     host = WorkerHost(client, workers, handle_signals=False)
     with single_error():

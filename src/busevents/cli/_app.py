@@ -17,14 +17,14 @@ from typing import Annotated, Literal
 import cyclopts
 from cyclopts import App, Group, Parameter
 
+from busevents import ExitStatus
+
 from .._version import __version__
 from ._output import Diagnostics, Results, use_color
 
 __all__ = ["Globals", "app", "run"]
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitStatus.OK, ExitStatus.FAILURE, ExitStatus.USAGE
 
 GLOBAL = Group("Global options", sort_key=0)
 
@@ -136,8 +136,7 @@ def _meta(
         ),
     ] = None,
 ) -> int:
-    from .._config import parse_duration
-    from .._errors import ConfigError
+    from busevents import ConfigError, parse_duration
 
     if verbose and quiet:
         raise UsageError("--quiet and --verbose cannot be used together")
@@ -192,7 +191,17 @@ def _usage_line(exc: BaseException) -> str:
 
 def load_commands() -> None:
     """Import the command modules, which register themselves on ``app``."""
-    from . import _bench, _completion, _listen, _request, _script, _send, _serve  # noqa: F401
+    from . import (  # noqa: F401
+        _bench,
+        _completion,
+        _demo,
+        _devtoken,
+        _listen,
+        _request,
+        _script,
+        _send,
+        _serve,
+    )
 
 
 def run(args: list[str]) -> int:

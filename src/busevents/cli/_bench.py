@@ -1,4 +1,4 @@
-"""``bench``: load-test an Events API deployment (the engine is :mod:`busevents._loadtest`).
+"""``bench``: load-test an Events API deployment (the engine is :mod:`busevents._bench`).
 
 Results — the summary table, or the report as JSON with ``-f json`` — go to
 stdout (or ``--output``); the live progress line goes to stderr, and only when
@@ -18,8 +18,7 @@ from ._app import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app, current
 from ._commands import run_client_command
 
 if TYPE_CHECKING:
-    from .._loadtest import Bench, BenchPlan, BenchReport
-    from .._loadtest_report import Latency
+    from .._bench import Bench, BenchPlan, BenchReport, Latency
 
 __all__ = ["bench", "render_plan", "render_summary"]
 
@@ -32,8 +31,7 @@ _SUMMARISED = "; rows: lowest, median and highest events/s, every one in the JSO
 
 
 def _duration(option: str, text: str) -> float:
-    from .._config import parse_duration
-    from .._errors import ConfigError
+    from busevents import ConfigError, parse_duration
 
     try:
         return parse_duration(text)
@@ -107,9 +105,9 @@ def bench(
 
     Example: bus-events bench --name bench.my-team --publishers 4 --listeners 10 --rate 1000/s
     """
-    from .._contracts import Delivery
-    from .._errors import ConfigError
-    from .._loadtest import BenchPlan, check_plan
+    from busevents import ConfigError, Delivery
+
+    from .._bench import BenchPlan, check_plan
 
     try:
         plan = check_plan(
@@ -159,8 +157,7 @@ def _unwritable(path: str) -> str | None:
 def _dry_run(g: Globals, plan: BenchPlan, report: str | None) -> int:
     import msgspec
 
-    from .._config import find_token, normalize_events_url, resolve_url
-    from .._errors import ConfigError
+    from busevents import ConfigError, find_token, normalize_events_url, resolve_url
 
     try:
         url = normalize_events_url(resolve_url(g.api_url))
@@ -183,8 +180,9 @@ def _dry_run(g: Globals, plan: BenchPlan, report: str | None) -> int:
 async def _run(g: Globals, plan: BenchPlan, report_path: str | None) -> int:
     import trio
 
-    from .._config import find_token, resolve_url
-    from .._loadtest import Bench
+    from busevents import find_token, resolve_url
+
+    from .._bench import Bench
 
     bench = Bench(
         plan, url=resolve_url(g.api_url), token=find_token(g.token_file), timeout=g.timeout

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, current
 
 if TYPE_CHECKING:
-    from .._client import EventsClient
+    from busevents import EventsClient
 
 
 def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
@@ -20,13 +20,15 @@ def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
     """
     import trio
 
+    from busevents import single_error
+
     g = current()
     received: list[int] = []
     try:
-        status = trio.run(_until_signalled, body, g, received)
+        with single_error():
+            status = trio.run(_until_signalled, body, g, received)
     except BaseException as exc:
-        leaf = _sole_leaf(exc)
-        mapped = _status_for(leaf, g)
+        mapped = _status_for(exc, g)
         if mapped is None:
             raise
         return mapped
@@ -63,16 +65,9 @@ async def _until_signalled(
     return EXIT_FAILURE  # cancelled by a signal; the caller reports 128 + signum
 
 
-def _sole_leaf(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) exception groups, or ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _status_for(exc: BaseException, g: Globals) -> int | None:
     """Report ``exc`` on stderr and give its exit status; None for a bug (re-raised)."""
-    from .._errors import BusEventsError, ConfigError, Forbidden
+    from busevents import BusEventsError, ConfigError, Forbidden
 
     diag = g.diagnostics()
     if isinstance(exc, KeyboardInterrupt):
@@ -106,7 +101,7 @@ def _silence_stdout() -> None:
 
 
 def _client(g: Globals) -> EventsClient:
-    from .._client import EventsClient
+    from busevents import EventsClient
 
     return EventsClient.from_env(api_url=g.api_url, token_file=g.token_file, timeout=g.timeout)
 

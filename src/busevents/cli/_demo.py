@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
-from ._app import EXIT_OK, Globals
+from typing import Annotated
+
+from cyclopts import Parameter
+
+from ._app import EXIT_OK, Globals, UsageError, app, current
 from ._commands import run_client_command
 from ._listen import EventWriter
+from ._serve import provider_module
+
+__all__ = ["demo", "run_demo"]
+
+
+@app.command
+def demo(
+    *,
+    name: Annotated[str, Parameter(help="Event name to use.")] = "example.ping",
+    count: Annotated[int, Parameter(help="How many events to publish.")] = 3,
+) -> int:
+    """Start an in-process provider, listen, publish, and show the events arrive.
+
+    Needs nothing but this package: the provider, a token and the client all
+    run in this process, on 127.0.0.1.  Events go to stdout as NDJSON (or
+    text with -f text); what happens is narrated on stderr.
+
+    Example: bus-events demo --count 5
+    """
+    g = current()
+    if count < 1:
+        raise UsageError("--count must be at least 1")
+    provider_module()
+    try:
+        return run_demo(g, name, count)
+    except KeyboardInterrupt:
+        return 130
 
 
 def run_demo(g: Globals, name: str, count: int) -> int:
@@ -13,7 +44,8 @@ def run_demo(g: Globals, name: str, count: int) -> int:
     async def body(g: Globals) -> int:
         import trio
 
-        from .._client import EventsClient
+        from busevents import EventsClient
+
         from ..provider import open_provider
 
         diag = g.diagnostics()

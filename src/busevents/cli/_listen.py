@@ -16,8 +16,8 @@ from ._commands import _client, run_client_command
 from ._output import TextFormatter
 
 if TYPE_CHECKING:
-    from .._client import EventStream
-    from .._contracts import Event
+    from busevents import Event, EventStream
+
     from ._output import Diagnostics, Results
 
 
@@ -70,8 +70,7 @@ def listen(
 
     Example: bus-events listen --name example.ping --replay --no-follow
     """
-    from .._config import parse_duration
-    from .._errors import ConfigError
+    from busevents import ConfigError, parse_duration
 
     if group is not None and delivery != "unicast":
         raise UsageError("--group needs --delivery unicast")

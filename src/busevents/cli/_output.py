@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 if TYPE_CHECKING:
-    from .._contracts import Event
+    from busevents import Event
 
 __all__ = ["Diagnostics", "Results", "TextFormatter", "use_color"]
 

@@ -38,10 +38,14 @@ def request(
 
         import trio
 
-        from .._contracts import Event
-        from .._errors import RequestTimeout, ResponseError
-        from .._listener import RetryPolicy
-        from .._requester import check_response, open_requester
+        from busevents import (
+            Event,
+            ReplyTimeout,
+            Requester,
+            ResponseError,
+            RetryPolicy,
+            open_requester,
+        )
 
         # One short-lived command: an unreachable provider is an error, not a reason to wait.
         retry = RetryPolicy.from_env(required=True)
@@ -51,17 +55,14 @@ def request(
         async with _client(g) as client:
             with trio.move_on_after(g.timeout):
                 async with open_requester(client, response_name, retry=retry) as requester:
-                    answer = await requester._exchange(
-                        name, value, timeout=None, metadata=None, correlation_id=correlation_id
-                    )
+                    answer = await requester.exchange(name, value, correlation_id=correlation_id)
         if answer is None:
-            raise RequestTimeout(
-                f"no {response_name} response to {name} within {g.timeout:g}s "
-                f"(correlation id {correlation_id})",
-                url=client.url,
+            raise ReplyTimeout.waiting_for(
+                name,
+                response_name,
                 timeout=g.timeout,
-                name=name,
                 correlation_id=correlation_id,
+                url=client.url,
             )
         response, line = answer
         results = g.results()
@@ -74,7 +75,7 @@ def request(
         finally:
             results.close()
         try:
-            check_response(response)
+            Requester.check_response(response)
         except ResponseError as exc:
             g.diagnostics().error(str(exc))
             return EXIT_FAILURE

@@ -16,8 +16,8 @@ from ._commands import _client, _parse_payload, run_client_command
 if TYPE_CHECKING:
     import trio
 
-    from .._client import EventsClient
-    from .._contracts import PublishRequest
+    from busevents import EventsClient, PublishRequest
+
     from ._output import Diagnostics
 
 
@@ -114,7 +114,7 @@ def send(
     async def body(g: Globals) -> int:
         import msgspec
 
-        from .._contracts import PublishRequest
+        from busevents import PublishRequest
 
         results = g.results()
         results.open()
@@ -215,7 +215,7 @@ class _Batch:
     async def run(self, client: EventsClient, source: BinaryIO, concurrency: int) -> None:
         import trio
 
-        from .._errors import BusEventsError, TransportError, Unauthorized
+        from busevents import BusEventsError, TransportError, Unauthorized
 
         send_channel, receive_channel = trio.open_memory_channel[tuple[int, Any]](concurrency)
 
@@ -248,7 +248,7 @@ class _Batch:
     def _parse(self, number: int, line: bytes, scope: trio.CancelScope) -> PublishRequest | None:
         import msgspec
 
-        from .._contracts import PublishRequest
+        from busevents import PublishRequest
 
         try:
             item = _line_decoder()(line)

@@ -1,4 +1,4 @@
-"""``serve``, ``dev-token`` and ``demo``: the reference provider from the command line.
+"""``serve``: the reference provider from the command line.
 
 The provider's packages (hypercorn, PyJWT) are imported only here, inside the
 commands, so the client commands never load them.
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 SECRET_ENV = "BUS_API_JWT_SECRET"
 
 
-def _provider() -> ModuleType:
+def provider_module() -> ModuleType:
+    """The provider package; a usage error naming the extra to install when missing."""
     try:
         from .. import provider
     except ImportError as exc:
@@ -27,7 +28,8 @@ def _provider() -> ModuleType:
     return provider
 
 
-def _secret() -> bytes:
+def secret() -> bytes:
+    """The provider's HS256 secret from ``$BUS_API_JWT_SECRET``; a usage error if unset."""
     value = os.environ.get(SECRET_ENV, "")
     if not value:
         raise UsageError(
@@ -35,7 +37,7 @@ def _secret() -> bytes:
             f"export {SECRET_ENV}=\"$(python3 -c 'import secrets; print(secrets.token_hex(32))')\""
         )
     try:
-        secret: bytes = _provider().secret_from_env(value)
+        secret: bytes = provider_module().secret_from_env(value)
     except ValueError as exc:
         raise UsageError(f"{SECRET_ENV}: {exc}") from None
     return secret
@@ -77,8 +79,8 @@ def serve(
     Example: BUS_API_JWT_SECRET=dev-secret bus-events serve --addr 127.0.0.1:8081
     """
     host, port = _split_addr(addr)
-    provider = _provider()
-    secret = _secret()
+    provider = provider_module()
+    secret_key = secret()
     g = current()
     diag = g.diagnostics()
     options = {}
@@ -87,8 +89,7 @@ def serve(
             options["policy"] = provider.ScopePolicy.from_file(policy)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--policy {policy}: {exc}") from None
-    from .._config import parse_duration
-    from .._errors import ConfigError
+    from busevents import ConfigError, parse_duration
 
     try:
         keepalive_s = parse_duration(keepalive)
@@ -96,7 +97,7 @@ def serve(
         raise UsageError(f"--keepalive: {exc}") from None
     try:
         config = provider.ProviderConfig(
-            secret=secret,
+            secret=secret_key,
             backend=events_backend,
             keepalive=keepalive_s or None,
             max_body_bytes=max_body,
@@ -122,93 +123,15 @@ def serve(
                     break
         diag.note("stopped")
 
-    try:
-        trio.run(main)
-    except BaseException as exc:
-        from ._commands import _sole_leaf
+    from busevents import single_error
 
-        leaf = _sole_leaf(exc)
-        if isinstance(leaf, OSError):
-            diag.error(f"cannot listen on {addr}: {leaf.strerror or leaf}")
-            return EXIT_FAILURE
-        raise
+    try:
+        with single_error():
+            trio.run(main)
+    except OSError as exc:
+        diag.error(f"cannot listen on {addr}: {exc.strerror or exc}")
+        return EXIT_FAILURE
     return EXIT_OK
 
 
-@app.command(name="dev-token")
-def dev_token(
-    *,
-    subject: Annotated[str, Parameter(help="Token subject: the identity (JWT sub).")] = "dev",
-    scope: Annotated[str, Parameter(help="Space-separated scopes.")] = "events:send events:listen",
-    audience: Annotated[
-        Literal["ai.hg.fi/api", "ai.hg.fi/internal"],
-        Parameter(help="api: an end user; internal: a trusted service."),
-    ] = "ai.hg.fi/api",
-    ttl: Annotated[str, Parameter(help="Lifetime, Go syntax.")] = "1h",
-    write: Annotated[
-        bool,
-        Parameter(
-            negative="",
-            help="Write the token to auth/api-token under the Bus config root "
-            "(mode 600) instead of printing it.",
-        ),
-    ] = False,
-) -> int:
-    """Mint a development token for the reference provider (HS256, $BUS_API_JWT_SECRET).
-
-    Example: export BUS_API_TOKEN="$(bus-events dev-token --scope 'events:send events:listen')"
-    """
-    from .._config import config_root, parse_duration
-    from .._errors import ConfigError
-
-    try:
-        seconds = parse_duration(ttl)
-    except ConfigError as exc:
-        raise UsageError(f"--ttl: {exc}") from None
-    token: str = _provider().mint_token(
-        _secret(), subject=subject, scopes=scope, audience=audience, ttl=seconds
-    )
-    g = current()
-    if write:
-        path = config_root() / "auth" / "api-token"
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        os.chmod(path, 0o600)
-        g.diagnostics().note(f"wrote a token for {subject!r} ({scope}) to {path}")
-        return EXIT_OK
-    results = g.results()
-    results.open()
-    results.write(token.encode() + b"\n")
-    results.close()
-    return EXIT_OK
-
-
-@app.command
-def demo(
-    *,
-    name: Annotated[str, Parameter(help="Event name to use.")] = "example.ping",
-    count: Annotated[int, Parameter(help="How many events to publish.")] = 3,
-) -> int:
-    """Start an in-process provider, listen, publish, and show the events arrive.
-
-    Needs nothing but this package: the provider, a token and the client all
-    run in this process, on 127.0.0.1.  Events go to stdout as NDJSON (or
-    text with -f text); what happens is narrated on stderr.
-
-    Example: bus-events demo --count 5
-    """
-    from ._demo import run_demo
-
-    g = current()
-    if count < 1:
-        raise UsageError("--count must be at least 1")
-    _provider()
-    try:
-        return run_demo(g, name, count)
-    except KeyboardInterrupt:
-        return 130
-
-
-__all__ = ["demo", "dev_token", "serve"]
+__all__ = ["provider_module", "secret", "serve"]

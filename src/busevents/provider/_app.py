@@ -21,7 +21,8 @@ from urllib.parse import parse_qsl
 import msgspec
 import trio
 
-from .._contracts import Delivery, ErrorBody, PublishRequest, StreamSpec
+from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec
+
 from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
 from ._backend import Backend, Draft, Selector, StoredEvent, Subscription
 from ._config import ProviderConfig

@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,14 +125,15 @@ def _reason(exc: jwt.PyJWTError) -> str:
 class TokenVerifier:
     """Checks ``Authorization`` header values against one HS256 secret."""
 
-    __slots__ = ("_cache", "_quiet", "_secret")
+    __slots__ = ("_cache", "_clock", "_quiet", "_secret")
 
     #: Verified tokens remembered, so that a client's every request does not pay
     #: for HMAC and claim checks again (a tenth of a publish's CPU otherwise).
     CACHE_SIZE = 1024
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, *, clock: Callable[[], float] = time.time) -> None:
         self._secret = secret
+        self._clock = clock  # the wall clock of re-checks (tests move it)
         # token → (principal, not before, expires), oldest first
         self._cache: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
         self._quiet = len(secret) < _MIN_KEY_BYTES
@@ -163,16 +164,22 @@ class TokenVerifier:
         cached = self._cache.get(token)
         if cached is not None:
             principal, not_before, expires = cached
-            now = time.time()
-            if not_before - _LEEWAY <= now <= expires + _LEEWAY:
+            if self._in_time(not_before, expires):
                 self._cache.move_to_end(token)
                 return principal
             del self._cache[token]
         principal, not_before, expires = self._verify(token)
+        if not self._in_time(not_before, expires):  # PyJWT checked its own clock
+            raise AuthError(
+                "token has expired" if self._clock() > expires else "token is not valid yet"
+            )
         self._cache[token] = (principal, not_before, expires)
         if len(self._cache) > self.CACHE_SIZE:
             self._cache.popitem(last=False)
         return principal
+
+    def _in_time(self, not_before: float, expires: float) -> bool:
+        return not_before - _LEEWAY <= self._clock() <= expires + _LEEWAY
 
     def _verify(self, token: str) -> tuple[Principal, float, float]:
         try:

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import msgspec
 
-from .._contracts import Delivery
+from busevents import Delivery
 
 __all__ = [
     "Backend",

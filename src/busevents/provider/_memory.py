@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .._contracts import Delivery
+from busevents import Delivery
+
 from ._backend import Draft, IdClock, Selector, StoredEvent, Subscription, encode_envelope
 from ._names import compile_pattern
 

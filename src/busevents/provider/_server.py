@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
-from collections.abc import AsyncIterator, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import cast
@@ -15,6 +15,8 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 from hypercorn.typing import ASGIFramework
+
+from busevents import single_error
 
 from ._app import EventsApp, create_app
 from ._auth import API_AUDIENCE, mint_token
@@ -51,26 +53,6 @@ def _hypercorn_config(sock: socket.socket) -> hypercorn.config.Config:
     return config
 
 
-def _leaves(error: BaseException) -> Iterator[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield error
-
-
-@contextmanager
-def _single_errors() -> Iterator[None]:
-    """Re-raise a nursery's exception group as its one real error, when there is one."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        errors = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if len(errors) == 1:
-            raise errors[0] from None
-        raise
-
-
 async def _serve_app(
     app: EventsApp,
     host: str,
@@ -79,7 +61,7 @@ async def _serve_app(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     config = _hypercorn_config(_bind(host, port))
-    with _single_errors():
+    with single_error():
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(
                 partial(
@@ -164,7 +146,7 @@ async def open_provider(
     if config is None:
         config = ProviderConfig(secret=secrets.token_bytes(32))
     app = create_app(config)
-    with _single_errors():
+    with single_error():
         async with trio.open_nursery() as nursery:
             url: str = await nursery.start(partial(_serve_app, app, host, port))
             try:

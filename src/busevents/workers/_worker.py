@@ -21,48 +21,125 @@ time.  Policies:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ._contracts import ORIGIN_PREFIX, Accepted, Event, Publisher, Worker
-from ._errors import ConfigError, HandlerError, bounded_text
-from ._listener import Readiness, RecentIds, RetryPolicy, listen_with_retry
+from .._contracts import ORIGIN_PREFIX, Accepted, Delivery, Event, Handler, Publisher
+from .._errors import ConfigError, HandlerError, bounded_text
+from .._groups import single_error
+from .._retry import RetryPolicy
+from ._listener import Readiness, RecentIds, listen_with_retry
 
 if TYPE_CHECKING:
-    from ._client import EventsClient, EventStream
+    from .._client import EventsClient
+    from .._stream import EventStream
 
-__all__ = ["ClientPublisher", "run_worker", "single_error"]
+__all__ = ["ClientPublisher", "Worker", "run_worker"]
 
 log = logging.getLogger("busevents.worker")
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
+@dataclass(frozen=True, slots=True, init=False)
+class Worker:
+    """A worker declared as data: which events it handles, how, and with what.
 
+    ``names``: one event name or several; one stream is opened per name.
+    ``handler``: ``async def handle(event, publisher) -> None``.
+    ``delivery``/``group``/``consumer``/``replay``: the stream options of
+    :meth:`EventsClient.listen` (``group`` needs unicast delivery).
+    ``concurrency``: most handlers running at once, across all names; the
+    stream is not read further while that many are in flight.
+    ``stop_on_error``: a handler exception stops the worker (``HandlerError``)
+    instead of being logged and skipped.
+    ``grace_period``: seconds in-flight handlers get to finish when the worker
+    is cancelled or stops, before they are cancelled.
+    ``dedup_window``: how many recent event ids are remembered, so that a
+    listener reconnecting with ``replay`` never hands an event to the handler
+    twice (used only with ``replay``).
+    ``stall_timeout``: seconds without any byte after which a stream counts as
+    dead and is reconnected (a few provider keep-alive intervals), ``None`` to
+    rely on TCP keep-alive.
+    ``retry``: the reconnect policy; ``None`` reads it from the environment
+    when the worker starts (``RetryPolicy.from_env``).
+    ``label``: the name used in logs (default: the handler's name).
 
-@contextmanager
-def single_error() -> Iterator[None]:
-    """Let one meaningful exception out of nested nurseries, not an ExceptionGroup.
+    Raises :class:`ConfigError` for inconsistent values.
 
-    Cancellations are left to trio; of the other exceptions, a
-    ``KeyboardInterrupt``/``SystemExit`` wins, else the first one.  (Structured
-    concurrency cancels the siblings of a failing task, so there is nearly
-    always exactly one.)
+    >>> Worker("example.echo", echo, delivery="unicast", group="echo")  # doctest: +SKIP
     """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if not leaves:
-            raise
-        chosen = next((e for e in leaves if not isinstance(e, Exception)), leaves[0])
-        raise chosen from chosen.__cause__
+
+    names: tuple[str, ...]
+    handler: Handler
+    delivery: Delivery
+    group: str | None
+    consumer: str | None
+    replay: bool
+    concurrency: int
+    stop_on_error: bool
+    grace_period: float
+    dedup_window: int
+    stall_timeout: float | None
+    retry: RetryPolicy | None
+    label: str
+
+    def __init__(
+        self,
+        names: str | Iterable[str],
+        handler: Handler,
+        *,
+        delivery: Delivery | str = Delivery.BROADCAST,
+        group: str | None = None,
+        consumer: str | None = None,
+        replay: bool = False,
+        concurrency: int = 16,
+        stop_on_error: bool = False,
+        grace_period: float = 10.0,
+        dedup_window: int = 10_000,
+        stall_timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        label: str | None = None,
+    ) -> None:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError("a Worker needs at least one non-empty event name")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"a Worker lists an event name twice: {', '.join(names)}")
+        delivery = Delivery.parse(delivery)
+        if group is not None and delivery is not Delivery.UNICAST:
+            raise ConfigError("a Worker group needs delivery='unicast'")
+        if concurrency < 1:
+            raise ConfigError(f"Worker concurrency must be at least 1, not {concurrency}")
+        if not grace_period >= 0:
+            raise ConfigError(f"Worker grace_period must not be negative, not {grace_period}")
+        if dedup_window < 0:
+            raise ConfigError(f"Worker dedup_window must not be negative, not {dedup_window}")
+        if stall_timeout is not None and not stall_timeout > 0:
+            raise ConfigError(f"Worker stall_timeout must be positive, not {stall_timeout}")
+        if not callable(handler):
+            raise ConfigError(f"a Worker handler must be an async callable, not {handler!r}")
+        if label is None:
+            label = getattr(handler, "__qualname__", None) or type(handler).__name__
+        values = {
+            "names": names,
+            "handler": handler,
+            "delivery": delivery,
+            "group": group,
+            "consumer": consumer,
+            "replay": replay,
+            "concurrency": concurrency,
+            "stop_on_error": stop_on_error,
+            "grace_period": float(grace_period),
+            "dedup_window": dedup_window,
+            "stall_timeout": stall_timeout,
+            "retry": retry,
+            "label": label,
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)  # frozen: __setattr__ refuses
 
 
 class ClientPublisher:
@@ -192,7 +269,7 @@ class _WorkerLoop:
         policy = worker.retry or RetryPolicy.from_env()
         # Every part exists before any stream connects: readiness never
         # flickers true while only some streams are up.
-        parts = [self.readiness._part() for _ in worker.names]
+        parts = [self.readiness.child() for _ in worker.names]
         async with trio.open_nursery() as handlers:
             self.handlers = handlers
             try:
@@ -223,7 +300,7 @@ class _WorkerLoop:
             finally:
                 self._close()
                 for part in parts:
-                    part._remove()
+                    part.detach()
         if self.failure is not None:
             event, exc = self.failure
             raise HandlerError(

@@ -12,7 +12,7 @@ import zlib
 from collections import Counter
 from typing import Any, Final
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = [
     "HIGHEST_US",

@@ -10,9 +10,9 @@ All publishers and listeners are tasks of one trio nursery sharing one
 :class:`EventsClient` (one connection pool).  The listeners' streams are open
 (response headers received) before the first event is published.  Payloads
 carry what listeners need to measure end-to-end latency and to tell loss,
-duplication and re-ordering apart (:mod:`busevents._loadtest_node`).  With
+duplication and re-ordering apart (:mod:`busevents._bench._node`).  With
 ``plan.processes > 1`` the participants are split over worker processes
-(:mod:`busevents._loadtest_procs`) and their results merged.
+(:mod:`busevents._bench._procs`) and their results merged.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import trio
 
-from ._client import EventsClient
-from ._config import Token, normalize_events_url
-from ._contracts import Delivery
-from ._errors import BusEventsError, ConfigError
-from ._loadtest_node import Node, Progress
-from ._loadtest_report import BenchPlan, BenchReport, PartResult, build_report
-from ._loadtest_stats import hdr_histogram_class
+from .._client import EventsClient
+from .._config import Token, normalize_events_url
+from .._contracts import Delivery
+from .._errors import BusEventsError, ConfigError
+from .._groups import first_error
+from ._node import Node, Progress
+from ._report import BenchPlan, BenchReport, PartResult, build_report
+from ._stats import hdr_histogram_class
 
 if TYPE_CHECKING:
-    from ._loadtest_procs import Workers
+    from ._procs import Workers
 
 __all__ = [
     "Bench",
@@ -46,7 +47,6 @@ __all__ = [
     "check_plan",
     "delivered_all",
     "drain",
-    "single_error",
 ]
 
 #: Events published when the plan gives neither ``events`` nor ``duration``.
@@ -143,18 +143,6 @@ async def drain(snapshot: Callable[[], Progress], expected: int) -> None:
         await trio.sleep(0.02)
 
 
-def single_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The first real error in a nursery's exception group (not a cancellation)."""
-    stack: list[BaseException] = [group]
-    while stack:
-        error = stack.pop(0)
-        if isinstance(error, BaseExceptionGroup):
-            stack[:0] = list(error.exceptions)
-        elif not isinstance(error, trio.Cancelled):
-            return error
-    return None
-
-
 class Bench:
     """One bench run of ``plan`` (see :func:`check_plan`) against the deployment at ``url``.
 
@@ -195,7 +183,7 @@ class Bench:
         self._began = time.perf_counter()
         try:
             if self.plan.processes > 1:
-                from ._loadtest_procs import Workers
+                from ._procs import Workers
 
                 workers = Workers(self)
                 self._workers = workers
@@ -203,7 +191,7 @@ class Bench:
             else:
                 parts = [await self._run_here()]
         except BaseExceptionGroup as group:
-            error = single_error(group)
+            error = first_error(group)
             if error is None or not isinstance(error, BusEventsError | OSError):
                 raise
             raise error from None

@@ -1,8 +1,8 @@
 """The participants of a bench run in one process: publisher and listener tasks.
 
 :class:`Node` holds one process's share of a run's publishers and listeners
-and the counters they keep; :mod:`busevents._loadtest` drives it in this
-process, :mod:`busevents._loadtest_procs` in worker processes.
+and the counters they keep; :mod:`busevents._bench` drives it in this
+process, :mod:`busevents._bench._procs` in worker processes.
 
 Each payload carries the run id, the publisher id, a per-publisher sequence
 number and the wall-clock send time (``time.time_ns()``, so that processes
@@ -24,17 +24,20 @@ from typing import Final
 import msgspec
 import trio
 
-from ._client import EventsClient, EventStream
-from ._contracts import Delivery, Event, PublishRequest
-from ._errors import APIError, RateLimited, StreamError, TransportError
-from ._loadtest_report import BenchPlan, ListenerResult, PartResult, PublisherResult
-from ._loadtest_stats import Recorder, Tally
+from .._client import EventsClient
+from .._contracts import Delivery, Event, PublishRequest
+from .._errors import APIError, StreamError, TransportError
+from .._retry import Backoff, RetryPolicy, is_retryable
+from .._stream import EventStream
+from ._report import BenchPlan, ListenerResult, PartResult, PublisherResult
+from ._stats import Recorder, Tally
 
 __all__ = ["Node", "Progress"]
 
 #: Statuses below 500 after which publishing again can succeed; any other
 #: (a redirect, 400, 401, 403, 404, 413, …) would fail every time: the run stops.
-RETRIABLE_STATUSES: Final = frozenset({408, 429})
+#: A load generator pauses briefly after a failure: it measures, it must not hammer.
+PUBLISH_BACKOFF: Final = RetryPolicy(min_delay=0.05, max_delay=1.0)
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -252,6 +255,7 @@ class Node:
             interval = plan.publishers / plan.rate
             next_send = start + publisher.id / plan.rate
         record = publisher.latency.append
+        backoff = Backoff(PUBLISH_BACKOFF)
         # result.next_seq is the sequence number of the next event: it moves on
         # when an event was (or may have been) stored, so a partial result is exact.
         while True:
@@ -272,22 +276,22 @@ class Node:
             try:
                 await client.publish(PublishRequest(plan.name, msgspec.Raw(body)))
             except APIError as exc:
-                if exc.status < 500 and exc.status not in RETRIABLE_STATUSES:
+                if not is_retryable(exc):
                     raise
                 _count(result.errors, str(exc.status))
                 if exc.status >= 500:  # it may have been stored before the failure
                     result.in_doubt.append(seq)
                     result.next_seq += 1
-                else:  # 408, 429: not stored, so the number is used again
-                    retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-                    await trio.sleep(retry_after or 0.1)
+                # 408, 429: not stored, so the number is used again
+                await trio.sleep(backoff.next_delay(exc))
                 continue
             except TransportError as exc:
                 _count(result.errors, type(exc).__name__.lower())
                 result.in_doubt.append(seq)
                 result.next_seq += 1
-                await trio.sleep(0.05)  # a refused connection fails at once: don't spin
+                await trio.sleep(backoff.next_delay(exc))  # a refused connection fails at once
                 continue
+            backoff.reset()
             result.next_seq += 1
             if warmup:
                 result.warmup_accepted += 1

@@ -27,13 +27,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import trio
 
-from ._contracts import Delivery, Event
-from ._errors import ConfigError, ListenerUnavailable, RequestTimeout, ResponseError
-from ._listener import Readiness, RetryPolicy, listen_with_retry
-from ._worker import single_error
+from .._contracts import Delivery, Event
+from .._errors import ConfigError, ListenerUnavailable, ReplyTimeout, ResponseError
+from .._groups import single_error
+from .._retry import RetryPolicy
+from ._listener import Readiness, listen_with_retry
 
 if TYPE_CHECKING:
-    from ._client import EventsClient, EventStream
+    from .._client import EventsClient
+    from .._stream import EventStream
 
 __all__ = ["Requester", "open_requester"]
 
@@ -50,7 +52,7 @@ class _ErrorPayload(msgspec.Struct):
 _decode_error_payload = msgspec.json.Decoder(_ErrorPayload).decode
 
 
-def check_response(response: Event) -> None:
+def _check_response(response: Event) -> None:
     """Raise :class:`ResponseError` when ``response`` is an error response.
 
     That is: its payload is an object whose ``error`` is a non-empty string.
@@ -98,6 +100,10 @@ class Requester:
         self.unmatched = 0
         self._pending: dict[str, _Slot] = {}
 
+    #: Raise :class:`ResponseError` when a response is an error response (its
+    #: payload is an object whose ``error`` is a non-empty string).
+    check_response = staticmethod(_check_response)
+
     def __repr__(self) -> str:
         return (
             f"<Requester {self.response_name} pending={len(self._pending)} "
@@ -124,27 +130,32 @@ class Requester:
         ``timeout`` (seconds, ``None`` for none) bounds the whole exchange,
         including waiting for the listener to be (re)connected.
 
-        Raises :class:`RequestTimeout` when no response came in time,
+        Raises :class:`ReplyTimeout` when no response came in time,
         :class:`ResponseError` for an error response, the client's errors
         when publishing fails, and :class:`ConfigError` when ``name`` is the
         response name (the request would answer itself).
 
         Example: ``response = await requester.request("example.echo", {"n": 1}, timeout=5)``
         """
-        response, _ = await self._exchange(name, payload, timeout=timeout, metadata=metadata)
-        check_response(response)
+        response, _ = await self.exchange(name, payload, timeout=timeout, metadata=metadata)
+        self.check_response(response)
         return response
 
-    async def _exchange(
+    async def exchange(
         self,
         name: str,
-        payload: Any,
+        payload: Any = None,
         *,
-        timeout: float | None,  # noqa: ASYNC109
-        metadata: dict[str, str] | None,
+        timeout: float | None = None,  # noqa: ASYNC109
+        metadata: dict[str, str] | None = None,
         correlation_id: str | None = None,
     ) -> tuple[Event, bytes]:
-        """Publish and await the response (error or not) and its line exactly as received."""
+        """Like :meth:`request`, but return the response even when it is an error response.
+
+        Returns the response and its NDJSON line exactly as received (for
+        pass-through output); check it with :meth:`check_response`.
+        ``correlation_id`` replaces the generated one.
+        """
         if name == self.response_name:
             raise ConfigError(
                 f"the request name and the response name are both {name!r}: "
@@ -165,13 +176,12 @@ class Requester:
             del self._pending[correlation_id]
         if slot.event is None:
             assert timeout is not None
-            raise RequestTimeout(
-                f"no {self.response_name} response to {name} within {timeout:g}s "
-                f"(correlation id {correlation_id})",
-                url=self.client.url,
+            raise ReplyTimeout.waiting_for(
+                name,
+                self.response_name,
                 timeout=timeout,
-                name=name,
                 correlation_id=correlation_id,
+                url=self.client.url,
             )
         return slot.event, slot.line
 
@@ -234,7 +244,7 @@ async def open_requester(
     policy = retry or RetryPolicy.from_env()
     readiness = readiness if readiness is not None else Readiness()
     requester = Requester(client, response_name, readiness)
-    part = readiness._part()
+    part = readiness.child()
     listen = partial(
         listen_with_retry,
         client,
@@ -266,4 +276,4 @@ async def open_requester(
                 finally:
                     nursery.cancel_scope.cancel()
     finally:
-        part._remove()
+        part.detach()

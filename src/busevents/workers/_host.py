@@ -19,21 +19,20 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ._contracts import Worker
-from ._errors import BusEventsError, ConfigError
-from ._listener import Readiness, RetryPolicy
-from ._worker import run_worker, single_error
+from .._errors import BusEventsError, ConfigError, ExitStatus
+from .._groups import single_error
+from .._retry import RetryPolicy
+from ._listener import Readiness
+from ._worker import Worker, run_worker
 
 if TYPE_CHECKING:
-    from ._client import EventsClient
+    from .._client import EventsClient
 
 __all__ = ["WorkerHost", "run_host"]
 
 log = logging.getLogger("busevents.worker")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitStatus.OK, ExitStatus.FAILURE, ExitStatus.USAGE
 
 
 class WorkerHost:
@@ -93,7 +92,7 @@ class WorkerHost:
         self._started = True
         retry = self.retry or RetryPolicy.from_env()
         workers = [w if w.retry else replace(w, retry=retry) for w in self.workers]
-        parts = [self.readiness._part() for _ in workers]
+        parts = [self.readiness.child() for _ in workers]
         running = len(workers)
         start_scope = trio.CancelScope()
 
@@ -176,7 +175,7 @@ def run_host(
         )
 
     async def main() -> None:
-        from ._client import EventsClient
+        from .._client import EventsClient
 
         retry = RetryPolicy.from_env(env)
         async with EventsClient.from_env(api_url=api_url, token_file=token_file, env=env) as client:

@@ -7,7 +7,7 @@ into one :class:`BenchReport` with its verdict.  Everything here is plain data
 plus arithmetic, so the merge is the same whether the parts ran in this
 process or in worker processes (their results travel as JSON).
 
-Latencies are microseconds, from HdrHistograms (:mod:`busevents._loadtest_stats`).
+Latencies are microseconds, from HdrHistograms (:mod:`busevents._bench._stats`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections import Counter
 
 import msgspec
 
-from ._contracts import Delivery
-from ._loadtest_stats import Tally, hdr_histogram_class, new_histogram
+from .._contracts import Delivery
+from ._stats import Tally, hdr_histogram_class, new_histogram
 
 __all__ = [
     "BenchPlan",
@@ -36,7 +36,7 @@ __all__ = [
 
 
 class BenchPlan(msgspec.Struct, frozen=True, kw_only=True):
-    """What a bench run does; see :func:`busevents._loadtest.check_plan` for the rules.
+    """What a bench run does; see :func:`busevents._bench.check_plan` for the rules.
 
     ``events`` is the number of *measured* events (after the warmup), split
     among the publishers; ``duration`` the measured publishing time in seconds;

@@ -1,7 +1,7 @@
 """Worker processes of ``bus-events bench --processes K``: for when one core is the limit.
 
 The parent (:class:`Workers`) starts K children running
-``python -m busevents._loadtest_procs`` and talks to each over its stdin and
+``python -m busevents._bench._procs`` and talks to each over its stdin and
 stdout, one JSON message per line (the token travels there, never in argv)::
 
     parent → child   setup (plan, part, url, token) · go (wall-clock start) · stop
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import trio
 
-from ._client import EventsClient
-from ._config import Token
-from ._contracts import Delivery
-from ._errors import (
+from .._client import EventsClient
+from .._config import Token
+from .._contracts import Delivery
+from .._errors import (
     APIError,
     BusEventsError,
     ConfigError,
@@ -43,12 +43,13 @@ from ._errors import (
     TransportError,
     bounded_text,
 )
-from ._loadtest import drain, single_error
-from ._loadtest_node import Node, Progress
-from ._loadtest_report import BenchPlan, PartResult
+from .._groups import first_error
+from ._engine import drain
+from ._node import Node, Progress
+from ._report import BenchPlan, PartResult
 
 if TYPE_CHECKING:
-    from ._loadtest import Bench
+    from ._engine import Bench
 
 __all__ = ["Workers", "main"]
 
@@ -118,7 +119,7 @@ class _Failure(msgspec.Struct, tag="failure", kw_only=True):
 
     def error(self, part: int) -> BusEventsError:
         if self.status is not None:
-            from ._client import _STATUS_ERRORS
+            from .._responses import STATUS_ERRORS
 
             if self.status == 403:
                 return Forbidden(
@@ -128,7 +129,7 @@ class _Failure(msgspec.Struct, tag="failure", kw_only=True):
                     url=self.url,
                     required_scopes=tuple(self.required_scopes),
                 )
-            cls = _STATUS_ERRORS.get(self.status) or (
+            cls = STATUS_ERRORS.get(self.status) or (
                 ServerError if self.status >= 500 else APIError
             )
             return cls(self.status, self.code, self.message, url=self.url)
@@ -182,7 +183,7 @@ class _Child:
 
 
 class Workers:
-    """The worker processes of one :class:`~busevents._loadtest.Bench` run."""
+    """The worker processes of one :class:`~busevents._bench.Bench` run."""
 
     def __init__(self, bench: Bench) -> None:
         self.bench = bench
@@ -251,7 +252,7 @@ class Workers:
         for part in range(self.plan.processes):
             try:
                 process = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "busevents._loadtest_procs"],
+                    [sys.executable, "-m", "busevents._bench._procs"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                 )
@@ -395,7 +396,7 @@ async def _child() -> int:
             node.stop_listeners()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        error = single_error(group)
+        error = first_error(group)
         if not isinstance(error, BusEventsError):
             raise
         _emit(_Failure.of(error))

@@ -2,18 +2,15 @@
 
 The policy (spec §6), shared by workers and requesters:
 
-* **Reconnect** after the stream ends or the network fails.  The n-th
-  consecutive retry waits a delay drawn uniformly between ``min_delay`` and
-  ``min(max_delay, min_delay * 2**n)``: full jitter above a floor, so that
-  listeners cut off together do not come back together, and a flapping
-  provider is never hammered faster than ``min_delay``.
+* **Reconnect** after the stream ends or the network fails, with the one
+  backoff policy of :mod:`busevents._retry` (full jitter above a floor, a cap,
+  ``Retry-After`` honoured but capped).
 * The backoff **resets** once a connection has delivered an event or stayed
   up ``healthy_after`` seconds: a following stream never "returns", so a
   backoff that reset only on success would never reset.
 * **Fail fast** on answers that retrying cannot change: ``401``, ``403``,
   ``400``, ``404``… propagate at once.  ``5xx``, ``408``, ``429`` and every
-  transport or stream error are retried; a ``429``'s ``Retry-After`` is
-  honoured as a minimum delay.
+  transport or stream error are retried.
 * **Readiness** is false until the stream is established (its response
   headers arrived: the provider has subscribed it), and false again as soon
   as the stream ends, before any reconnect.
@@ -26,125 +23,24 @@ The policy (spec §6), shared by workers and requesters:
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
-from ._config import parse_duration
-from ._contracts import Delivery
-from ._errors import (
-    APIError,
-    BusEventsError,
-    ConfigError,
-    ListenerUnavailable,
-    RateLimited,
-    ServerError,
-    StreamError,
-    TransportError,
-)
+from .._contracts import Delivery
+from .._errors import BusEventsError, ListenerUnavailable
+from .._retry import REQUIRED_ENV, RETRY_ENV, Backoff, RetryPolicy, is_retryable
 
 if TYPE_CHECKING:
-    from ._client import EventsClient, EventStream
+    from .._client import EventsClient
+    from .._stream import EventStream
 
-__all__ = ["Readiness", "RetryPolicy", "listen_with_retry"]
+__all__ = ["Readiness", "RecentIds", "listen_with_retry"]
 
 log = logging.getLogger("busevents.worker")
-
-RETRY_ENV: Final = "BUS_EVENTS_LISTENER_RETRY"
-RETRY_MIN_ENV: Final = "BUS_EVENTS_LISTENER_RETRY_MIN"
-RETRY_MAX_ENV: Final = "BUS_EVENTS_LISTENER_RETRY_MAX"
-REQUIRED_ENV: Final = "BUS_EVENTS_LISTENER_REQUIRED"
-#: The longest ``Retry-After`` honoured, in seconds: a hostile or confused
-#: provider must not park a worker for days.
-MAX_RETRY_AFTER: Final = 3600.0
-
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def _parse_flag(env: Mapping[str, str], key: str, default: bool) -> bool:
-    text = env.get(key, "").strip().lower()
-    if not text:
-        return default
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(f"invalid {key}={text[:20]!r}: expected 1 or 0 (true/false, yes/no, on/off)")
-
-
-def _parse_seconds(env: Mapping[str, str], key: str, default: float) -> float:
-    text = env.get(key, "").strip()
-    if not text:
-        return default
-    try:
-        return parse_duration(text)
-    except ConfigError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How a listener reconnects (see the module documentation).
-
-    ``enabled``: reconnect at all.  ``min_delay``/``max_delay``: the bounds of
-    every delay, in seconds.  ``required``: the listener must connect (its
-    first attempt must succeed, and with ``enabled=False`` its stream must not
-    end), else :class:`ListenerUnavailable`.  ``healthy_after``: seconds a
-    connection must stay up for the backoff to reset even without events.
-
-    Raises :class:`ConfigError` for a non-positive ``min_delay`` or
-    ``max_delay < min_delay``.
-
-    >>> RetryPolicy(min_delay=0.5, max_delay=10).delay(3, rng=random.Random(1)) <= 4.0
-    True
-    """
-
-    enabled: bool = True
-    min_delay: float = 1.0
-    max_delay: float = 30.0
-    required: bool = False
-    healthy_after: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.min_delay > 0:
-            raise ConfigError(f"the listener retry minimum must be positive, not {self.min_delay}")
-        if not self.max_delay >= self.min_delay:
-            raise ConfigError(
-                f"the listener retry maximum ({self.max_delay}s) is below "
-                f"its minimum ({self.min_delay}s)"
-            )
-        if not self.healthy_after >= 0:
-            raise ConfigError(f"healthy_after must not be negative, not {self.healthy_after}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RetryPolicy:
-        """The policy of the environment contract (spec §6), with ``overrides`` applied.
-
-        ``BUS_EVENTS_LISTENER_RETRY`` (default 1), ``BUS_EVENTS_LISTENER_RETRY_MIN``
-        (default ``1s``), ``BUS_EVENTS_LISTENER_RETRY_MAX`` (default ``30s``; Go
-        durations) and ``BUS_EVENTS_LISTENER_REQUIRED`` (default 0).  Raises
-        :class:`ConfigError` naming the variable that holds an invalid value.
-        """
-        env = os.environ if env is None else env
-        policy = cls(
-            enabled=_parse_flag(env, RETRY_ENV, True),
-            min_delay=_parse_seconds(env, RETRY_MIN_ENV, 1.0),
-            max_delay=_parse_seconds(env, RETRY_MAX_ENV, 30.0),
-            required=_parse_flag(env, REQUIRED_ENV, False),
-        )
-        return replace(policy, **overrides) if overrides else policy
-
-    def delay(self, attempt: int, *, rng: random.Random | None = None) -> float:
-        """The delay before retry number ``attempt`` (1 for the first retry), in seconds."""
-        ceiling = min(self.max_delay, self.min_delay * 2.0 ** min(attempt, 64))
-        uniform = rng.uniform if rng is not None else random.uniform
-        return uniform(self.min_delay, ceiling)
 
 
 class Readiness:
@@ -187,7 +83,7 @@ class Readiness:
         while self._ready:
             await self._changed.wait()
 
-    def _part(self) -> Readiness:
+    def child(self) -> Readiness:
         """A new component; this readiness is ready only when all its components are."""
         part = Readiness()
         part._parent = self
@@ -195,14 +91,15 @@ class Readiness:
         self._update()
         return part
 
-    def _remove(self) -> None:
+    def detach(self) -> None:
         """Stop counting this component in its parent (its listener is gone for good)."""
         parent, self._parent = self._parent, None
         if parent is not None:
             parent._parts.remove(self)
             parent._update()
 
-    def _set(self, up: bool) -> None:
+    def set_up(self, up: bool) -> None:
+        """Report a leaf's own stream as established (True) or not (False)."""
         self._up = up
         self._update()
 
@@ -241,15 +138,7 @@ class RecentIds:
         return False
 
 
-def _retryable(exc: BusEventsError) -> bool:
-    if isinstance(exc, TransportError | StreamError):
-        return True
-    if isinstance(exc, APIError):
-        return isinstance(exc, ServerError | RateLimited) or exc.status == 408
-    return False
-
-
-def _reason(error: BaseException | None) -> str:
+def _why(error: BaseException | None) -> str:
     return str(error) if error is not None else "the stream ended"
 
 
@@ -274,9 +163,8 @@ async def listen_with_retry(
     retrying is off and the listener is not required; raises what cannot be
     retried (see the module documentation) and :class:`ListenerUnavailable`.
     """
-    rng = rng or random.Random()
+    backoff = Backoff(policy, rng=rng or random.Random())
     who = f"listener {name}" + (f" ({label})" if label else "")
-    failures = 0
     connected_once = False
     while True:
         error: BusEventsError | None = None
@@ -292,43 +180,40 @@ async def listen_with_retry(
                 stall_timeout=stall_timeout,
             ) as stream:
                 since = trio.current_time()
-                readiness._set(True)
+                readiness.set_up(True)
                 log.info("%s: %s", who, "reconnected" if connected_once else "connected")
                 try:
                     await consume(stream)
                 finally:
-                    readiness._set(False)
+                    readiness.set_up(False)
                     delivered = stream.events_received
         except BusEventsError as exc:
-            if not _retryable(exc):
+            if not is_retryable(exc):
                 raise
             error = exc
         if since is not None:
             connected_once = True
             if delivered or trio.current_time() - since >= policy.healthy_after:
-                failures = 0
+                backoff.reset()
         if not policy.enabled:
             if policy.required:
                 raise ListenerUnavailable(
-                    f"{who}: {_reason(error)}; retrying is off ({RETRY_ENV}=0) and the "
+                    f"{who}: {_why(error)}; retrying is off ({RETRY_ENV}=0) and the "
                     f"listener is required ({REQUIRED_ENV}=1)",
                     url=client.stream_url,
                     name=name,
                 ) from error
             log.warning(
-                "%s: %s; retrying is off (%s=0): not reconnecting", who, _reason(error), RETRY_ENV
+                "%s: %s; retrying is off (%s=0): not reconnecting", who, _why(error), RETRY_ENV
             )
             return
         if not connected_once and policy.required:
             raise ListenerUnavailable(
-                f"{who}: cannot connect ({_reason(error)}) and the listener is required "
+                f"{who}: cannot connect ({_why(error)}) and the listener is required "
                 f"({REQUIRED_ENV}=1)",
                 url=client.stream_url,
                 name=name,
             ) from error
-        failures += 1
-        delay = policy.delay(failures, rng=rng)
-        if isinstance(error, RateLimited) and error.retry_after:
-            delay = max(delay, min(error.retry_after, MAX_RETRY_AFTER))
-        log.warning("%s: %s; reconnecting in %.2fs", who, _reason(error), delay)
+        delay = backoff.next_delay(error)
+        log.warning("%s: %s; reconnecting in %.2fs", who, _why(error), delay)
         await trio.sleep(delay)

@@ -1,0 +1,140 @@
+"""From HTTP responses and httpx failures to busevents' exceptions.
+
+Every error status becomes the :class:`APIError` subclass a caller catches,
+with the provider's diagnostic bounded and printable; every httpx failure a
+:class:`TransportError` naming the URL and the underlying reason.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from typing import Final, NoReturn
+
+import httpx
+import msgspec
+
+from ._contracts import ErrorBody
+from ._errors import (
+    APIError,
+    BadRequest,
+    ConnectError,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    TransportError,
+    Unauthorized,
+    bounded_text,
+)
+
+__all__ = [
+    "MAX_ERROR_BODY",
+    "STATUS_ERRORS",
+    "api_error",
+    "describe_cause",
+    "format_seconds",
+    "parse_retry_after",
+    "raise_transport",
+    "read_bounded",
+]
+
+#: The most of an error body that is read, in bytes.
+MAX_ERROR_BODY: Final = 64 * 1024
+
+_decode_error_body = msgspec.json.Decoder(ErrorBody).decode
+_SCOPE = re.compile(r"^[A-Za-z0-9:._*-]{1,64}$")
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def describe_cause(exc: BaseException) -> str:
+    """The first non-empty message down the exception's cause chain (httpcore often
+    wraps an ``ssl.SSLError`` or ``OSError`` in an exception with no message)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if text:
+            return text if seen is exc else f"{type(seen).__name__}: {text}"
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
+
+
+def raise_transport(exc: httpx.HTTPError, url: str) -> NoReturn:
+    """Raise the :class:`TransportError` for an httpx failure talking to ``url``."""
+    reason = bounded_text(describe_cause(exc), 200)
+    if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
+        raise ConnectError(f"cannot connect to {url}: {reason}", url=url) from exc
+    raise TransportError(f"request to {url} failed: {reason}", url=url) from exc
+
+
+async def read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+    body = bytearray()
+    try:
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) >= limit:
+                break
+    except httpx.HTTPError:
+        pass  # the status already says what matters
+    return bytes(body[:limit])
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+STATUS_ERRORS: dict[int, type[APIError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    413: PayloadTooLarge,
+    429: RateLimited,
+}
+
+
+def api_error(status: int, headers: httpx.Headers, body: bytes, url: str) -> APIError:
+    """The typed error for an error response, its diagnostic bounded and printable."""
+    code: str | None = None
+    message = ""
+    scopes: tuple[str, ...] = ()
+    try:
+        parsed = _decode_error_body(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        message = bounded_text(body)
+    else:
+        code = bounded_text(parsed.error, 40) if parsed.error else None
+        message = bounded_text(parsed.message or "") or ("" if code else bounded_text(body))
+        scopes = tuple(s for s in parsed.required_scopes or () if _SCOPE.match(s))
+    if not message:
+        message = httpx.codes.get_reason_phrase(status)
+        if not body:
+            message = f"{message} (empty body)".strip()
+    cls = STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIError)
+    if cls is Forbidden:
+        return Forbidden(status, code, message, url=url, required_scopes=scopes)
+    if cls is RateLimited:
+        return RateLimited(
+            status,
+            code,
+            message,
+            url=url,
+            retry_after=parse_retry_after(headers.get("retry-after")),
+        )
+    return cls(status, code, message, url=url)

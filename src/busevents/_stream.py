@@ -1,0 +1,187 @@
+"""EventStream: an open NDJSON stream of events, and its iterators.
+
+``async for event in stream`` yields :class:`Event` values, ``stream.batches()``
+a list per network read (fastest), ``stream.raw_batches()`` the original bytes
+of validated envelope lines (for pass-through output).  Events received before
+a broken line or a dropped connection are always delivered before the error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+
+from ._contracts import Event, StreamSpec
+from ._errors import StreamInterrupted, StreamStalled, bounded_text
+from ._ndjson import NDJSONDecoder
+from ._responses import describe_cause, format_seconds
+
+__all__ = ["EventStream"]
+
+
+class _EnvelopeCheck(msgspec.Struct, gc=False):
+    """What pass-through output validates of each line: an object with id and name."""
+
+    id: str
+    name: str
+
+
+class EventStream:
+    """An open stream of events; iterate it with ``async for``.
+
+    ``async for event in stream`` yields :class:`Event` values;
+    ``async for batch in stream.batches()`` yields them a list per network read
+    (fastest); ``async for block in stream.raw_batches()`` yields the original
+    bytes of validated envelope lines (for pass-through output).  Use one of
+    the three per stream.  Events received before a broken line or a dropped
+    connection are always delivered before the error is raised.
+    """
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        spec: StreamSpec,
+        max_line: int,
+        url: str,
+        stall_timeout: float | None = None,
+    ) -> None:
+        self.spec = spec
+        self._stall_timeout = stall_timeout
+        self.url = url
+        self.bytes_received = 0
+        self._response = response
+        self._max_line = max_line
+        self._chunks: AsyncIterator[bytes] | None = None
+        self._decoder: NDJSONDecoder[Any] | None = None
+        self._feed: Any = None
+        self._pending: list[Event] = []
+        self._pos = 0
+
+    @property
+    def events_received(self) -> int:
+        """Complete events received so far."""
+        return self._decoder.events if self._decoder is not None else 0
+
+    def __aiter__(self) -> EventStream:
+        self._begin(Event, raw=False)
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._pos < len(self._pending):
+            event = self._pending[self._pos]
+            self._pos += 1
+            return event
+        batch = await self._read()
+        if batch is None:
+            raise StopAsyncIteration
+        self._pending, self._pos = batch, 1
+        return batch[0]  # type: ignore[no-any-return]
+
+    def batches(self) -> AsyncIterator[list[Event]]:
+        """The events, a list per network read."""
+        self._begin(Event, raw=False)
+        return _Batches(self)
+
+    def raw_batches(self) -> AsyncIterator[bytes]:
+        """Validated envelope lines, their original bytes, a block per network read.
+
+        Each line is checked to be a JSON object with string ``id`` and ``name``;
+        blank keep-alive lines are left out; nothing is re-encoded.
+        """
+        self._begin(_EnvelopeCheck, raw=True)
+        return _RawBlocks(self)
+
+    def _begin(self, type: Any, *, raw: bool) -> None:
+        if self._decoder is not None:
+            raise RuntimeError("this stream is already being read")
+        self._decoder = decoder = NDJSONDecoder(type, max_line=self._max_line)
+        self._feed = decoder.feed_raw if raw else decoder.feed
+        self._chunks = self._response.aiter_raw()
+
+    async def _read(self) -> list[Any] | None:
+        """The next non-empty batch, or None at the clean end of the stream."""
+        decoder, chunks, feed = self._decoder, self._chunks, self._feed
+        assert decoder is not None and chunks is not None
+        while True:
+            decoder.check()  # an error found with the last batch, once it was consumed
+            try:
+                if self._stall_timeout is None:
+                    chunk = await chunks.__anext__()
+                else:
+                    chunk = await self._read_or_stall(chunks, self._stall_timeout)
+            except StopAsyncIteration:
+                decoder.close()
+                return None
+            except httpx.HTTPError as exc:
+                raise StreamInterrupted(
+                    f"connection to {self.url} failed after {decoder.events} events "
+                    f"({decoder.offset} bytes): " + bounded_text(describe_cause(exc), 200),
+                    url=self.url,
+                    offset=decoder.offset,
+                    event_number=decoder.events + 1,
+                ) from exc
+            self.bytes_received += len(chunk)
+            batch = feed(chunk)
+            if batch:
+                return batch  # type: ignore[no-any-return]
+
+    async def _read_or_stall(self, chunks: AsyncIterator[bytes], limit: float) -> bytes:
+        with trio.move_on_after(limit):
+            return await chunks.__anext__()
+        decoder = self._decoder
+        assert decoder is not None
+        raise StreamStalled(
+            f"no data from {self.url} for {format_seconds(limit)} (the stall timeout) "
+            f"after {decoder.events} events; the connection is presumed dead",
+            url=self.url,
+            offset=decoder.offset,
+            event_number=decoder.events + 1,
+        )
+
+    async def aclose(self) -> None:
+        """Stop reading; the owning ``listen`` block closes the connection."""
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            with trio.CancelScope(shield=True):
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+
+class _Batches:
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: EventStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[Event]:
+        batch = await self._stream._read()
+        if batch is None:
+            raise StopAsyncIteration
+        return batch
+
+
+class _RawBlocks:
+    """One validated block of envelope lines per step (a read gives one or two)."""
+
+    __slots__ = ("_blocks", "_stream")
+
+    def __init__(self, stream: EventStream) -> None:
+        self._stream = stream
+        self._blocks: list[bytes] = []
+
+    def __aiter__(self) -> _RawBlocks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._blocks:
+            blocks = await self._stream._read()
+            if blocks is None:
+                raise StopAsyncIteration
+            self._blocks = blocks
+        return self._blocks.pop(0)
