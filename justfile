@@ -10,7 +10,7 @@ setup:
 
 # The whole test suite (the command CI runs, see .ci/run).
 test: setup
-    {{py}} -m pytest
+    {{py}} -m pytest --cov
 
 # The end-to-end demo against the embedded reference provider.
 demo: setup
