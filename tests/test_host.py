@@ -77,7 +77,7 @@ async def test_a_host_runs_several_workers_on_one_client_and_leaves_nothing_runn
         elapsed = trio.current_time() - started
         assert all_tasks() == before  # no task left running
         assert not host.readiness.is_ready
-    assert elapsed < 2, elapsed  # the grace period, not the stuck handler
+    assert elapsed < 20, elapsed  # the grace period, not the stuck handler (asleep for ever)
     assert seen == {"a": [1], "b": [2, "stuck"]}
 
 

@@ -61,22 +61,24 @@ async def prov() -> AsyncIterator[RunningProvider]:
         yield running
 
 
-BAD_TOKENS: dict[str, str | None] = {
-    "missing header": None,
-    "alg none": b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims()) + ".",
-    "alg RS256": b64({"alg": "RS256", "typ": "JWT"}) + "." + b64(claims()) + ".c2ln",
-    "alg HS512": signed(algorithm="HS512"),
-    "wrong secret": signed(secret=b"another-secret-".ljust(64, b"1")),
-    "expired": signed(exp=int(time.time()) - 120, iat=int(time.time()) - 200),
-    "nbf in future": signed(nbf=int(time.time()) + 600),
-    "wrong audience": signed(aud="example.com/api"),
-    "no audience": signed(aud=None),
-    "no exp": signed(exp=None),
-    "no sub": signed(sub=None),
-    "empty sub": signed(sub=""),
-    "malformed": "not.a.jwt",
-    "garbage": "%%%",
-}
+def bad_tokens() -> dict[str, str | None]:
+    """Tokens the provider must refuse, minted now (a suite can run longer than a ttl)."""
+    return {
+        "missing header": None,
+        "alg none": b64({"alg": "none", "typ": "JWT"}) + "." + b64(claims()) + ".",
+        "alg RS256": b64({"alg": "RS256", "typ": "JWT"}) + "." + b64(claims()) + ".c2ln",
+        "alg HS512": signed(algorithm="HS512"),
+        "wrong secret": signed(secret=b"another-secret-".ljust(64, b"1")),
+        "expired": signed(exp=int(time.time()) - 120, iat=int(time.time()) - 200),
+        "nbf in future": signed(nbf=int(time.time()) + 600),
+        "wrong audience": signed(aud="example.com/api"),
+        "no audience": signed(aud=None),
+        "no exp": signed(exp=None),
+        "no sub": signed(sub=None),
+        "empty sub": signed(sub=""),
+        "malformed": "not.a.jwt",
+        "garbage": "%%%",
+    }
 
 
 def _expect_401(response: httpx.Response, token: str | None) -> None:
@@ -93,11 +95,11 @@ def _expect_401(response: httpx.Response, token: str | None) -> None:
         assert all(part not in text for part in token.split(".") if len(part) > 8)
 
 
-@pytest.mark.parametrize("case", list(BAD_TOKENS))
+@pytest.mark.parametrize("case", list(bad_tokens()))
 async def test_bad_tokens_get_401_on_publish_and_stream(
     prov: RunningProvider, http: httpx.AsyncClient, case: str
 ) -> None:
-    token = BAD_TOKENS[case]
+    token = bad_tokens()[case]
     headers = auth(token) if token is not None else {}
     published = await http.post(prov.url, json={"name": "example.ping"}, headers=headers)
     _expect_401(published, token)
@@ -119,11 +121,12 @@ async def test_reasons_say_what_is_wrong(prov: RunningProvider, http: httpx.Asyn
         response = await http.post(prov.url, json={"name": "example.ping"}, headers=auth(token))
         return str(response.json()["message"])
 
-    assert "expired" in await reason(str(BAD_TOKENS["expired"]))
-    assert "audience" in await reason(str(BAD_TOKENS["wrong audience"]))
-    assert "HS256" in await reason(str(BAD_TOKENS["alg none"]))
-    assert "signature" in await reason(str(BAD_TOKENS["wrong secret"]))
-    assert "sub" in await reason(str(BAD_TOKENS["no sub"]))
+    bad = bad_tokens()
+    assert "expired" in await reason(str(bad["expired"]))
+    assert "audience" in await reason(str(bad["wrong audience"]))
+    assert "HS256" in await reason(str(bad["alg none"]))
+    assert "signature" in await reason(str(bad["wrong secret"]))
+    assert "sub" in await reason(str(bad["no sub"]))
 
 
 async def test_leeway_accepts_a_few_seconds_of_clock_skew(

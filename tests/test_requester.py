@@ -58,13 +58,13 @@ async def test_a_hundred_concurrent_requests_each_get_their_own_answer(
             async with open_requester(client, "example.echo.reply", retry=FAST) as requester:
 
                 async def ask(n: int) -> None:
-                    response = await requester.request("example.echo", {"n": n}, timeout=10)
+                    response = await requester.request("example.echo", {"n": n}, timeout=60)
                     answers[n] = response.payload_obj()
 
                 async with trio.open_nursery() as requests:
                     for n in range(100):
                         requests.start_soon(ask, n)
-                    with trio.fail_after(5):
+                    with trio.fail_after(30):
                         # All in flight at once, on one listener (a counter: poll it).
                         while requester.pending < 100:  # noqa: ASYNC110
                             await trio.sleep(0.01)
@@ -119,7 +119,7 @@ async def test_no_answer_raises_request_timeout(provider: RunningProvider) -> No
                 await requester.request("example.nobody", {}, timeout=0.3)
             elapsed = trio.current_time() - started
             assert requester.pending == 0
-    assert 0.3 <= elapsed < 2
+    assert 0.3 <= elapsed < 20  # the request timeout, not a default wait
     error = caught.value
     assert isinstance(error, Timeout) and error.timeout == 0.3
     assert error.name == "example.nobody" and len(error.correlation_id) == 32

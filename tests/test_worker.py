@@ -288,7 +288,7 @@ async def test_cancelling_a_worker_gives_in_flight_handlers_their_grace_period(
             (finished,) = await collect(done, 1)
     assert outcome == {"quick": "finished", "stuck": "cancelled"}
     assert finished.payload_obj() == "quick"
-    assert 0.4 < elapsed < 2, elapsed  # waited for the grace period, not for the stuck handler
+    assert 0.4 < elapsed < 20, elapsed  # waited for the grace period, not for the stuck handler
 
 
 async def test_a_worker_fails_fast_on_403_and_401(provider: RunningProvider) -> None:
