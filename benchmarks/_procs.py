@@ -7,6 +7,7 @@ with a timeout that kills them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -23,8 +24,12 @@ __all__ = [
     "ROOT",
     "WorkerError",
     "background",
+    "bus_events",
     "child_env",
+    "exit_when_stdin_closes",
     "finish_worker",
+    "missing_modules",
+    "progress",
     "run_worker",
     "started_worker",
     "timed",
@@ -37,6 +42,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class WorkerError(RuntimeError):
     """A child failed: exit status, timeout, or output that is not the expected JSON."""
+
+
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stderr: what the harness is doing, and since when."""
+    sys.stderr.write(f"[bench {time.perf_counter() - _T0:6.1f} s] {message}\n")
+    sys.stderr.flush()
+
+
+def bus_events() -> list[str]:
+    """The ``bus-events`` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("bus-events")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "busevents"]
+
+
+def missing_modules(*names: str) -> str | None:
+    """Why a row cannot run (modules not installed), or None when all are there."""
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    return f"needs {', '.join(missing)} (pip install -e '.[bench]')" if missing else None
+
+
+def exit_when_stdin_closes() -> None:
+    """In a server child (run it in a daemon thread): exit when the harness's pipe closes."""
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    finally:
+        os._exit(0)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -118,12 +153,16 @@ def run_worker(kind: str, params: Mapping[str, Any], *, timeout: float) -> dict[
         )
     except subprocess.TimeoutExpired:
         raise WorkerError(f"{kind}: no result within {timeout:g} s (killed)") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise WorkerError(f"{kind}: exit status {proc.returncode}: {' | '.join(tail)}")
-    lines = proc.stdout.strip().splitlines()
+    return _result(kind, proc.returncode, proc.stdout, proc.stderr)
+
+
+def _result(kind: str, status: int | None, out: bytes, err: bytes) -> dict[str, Any]:
+    """A worker's JSON result (its last stdout line), or WorkerError with its stderr's tail."""
+    if status != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        raise WorkerError(f"{kind}: exit status {status}: {' | '.join(tail)}")
     try:
-        result: dict[str, Any] = json.loads(lines[-1])
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     except (IndexError, ValueError):
         raise WorkerError(f"{kind}: no JSON result on stdout") from None
     return result
@@ -165,14 +204,7 @@ def finish_worker(proc: subprocess.Popen[bytes], kind: str, *, timeout: float) -
         proc.kill()
         proc.communicate()
         raise WorkerError(f"{kind}: no result within {timeout:g} s (killed)") from None
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-3:]
-        raise WorkerError(f"{kind}: exit status {proc.returncode}: {' | '.join(tail)}")
-    try:
-        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise WorkerError(f"{kind}: no JSON result on stdout") from None
-    return result
+    return _result(kind, proc.returncode, out, err)
 
 
 def _children_cpu() -> float:
@@ -208,27 +240,42 @@ def timed(
 
 
 def timed_pipeline(
-    first: Sequence[str], second: Sequence[str], *, timeout: float = 300.0
-) -> tuple[float, float, int, int, bytes]:
-    """``first | second > /dev/null``: wall time, CPU time of both, both exit statuses,
-    and ``first``'s stderr."""
+    first: Sequence[str],
+    second: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300.0,
+    keep_output: bool = False,
+) -> tuple[float, float, int, int, bytes, bytes]:
+    """``first | second``: wall time, CPU time of both, both exit statuses, ``first``'s
+    stderr and ``second``'s stdout (only with ``keep_output``, for a short one like
+    ``wc -c``; else it goes to /dev/null)."""
     cpu = _children_cpu()
     start = time.perf_counter()
     producer = subprocess.Popen(
-        list(first), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        list(first),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(env),
+        cwd=ROOT,
     )
     consumer: subprocess.Popen[bytes] | None = None
     try:
         consumer = subprocess.Popen(
-            list(second), stdin=producer.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            list(second),
+            stdin=producer.stdout,
+            stdout=subprocess.PIPE if keep_output else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         assert producer.stdout is not None
         producer.stdout.close()  # the consumer holds the read end now
         deadline = start + timeout
         _, err = producer.communicate(timeout=max(0.1, deadline - time.perf_counter()))
-        consumer.communicate(timeout=max(0.1, deadline - time.perf_counter()))
+        out, _ = consumer.communicate(timeout=max(0.1, deadline - time.perf_counter()))
         seconds = time.perf_counter() - start
-        return seconds, _children_cpu() - cpu, producer.returncode, consumer.returncode, err
+        status = producer.returncode, consumer.returncode
+        return seconds, _children_cpu() - cpu, *status, err, out or b""
     except subprocess.TimeoutExpired:
         raise WorkerError(f"{first[0]} | {second[0]}: timed out (killed)") from None
     finally:

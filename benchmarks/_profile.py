@@ -22,11 +22,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 from . import _workload
-from ._procs import ROOT, background, child_env
+from ._procs import ROOT, background, bus_events, child_env
+from ._source import events_url, prime
 
 __all__ = ["categorize", "main"]
 
@@ -113,11 +113,9 @@ def _print_imports(target: str, top: int) -> None:
 
 
 def _command(target: str, port: int, events: int) -> tuple[list[str], dict[str, str]]:
-    base = f"http://127.0.0.1:{port}/n/{events}/api/v1/events"
+    base = events_url(port, events)
     if target == "cli":
-        script = Path(sys.executable).with_name("bus-events")
-        argv = [str(script)] if script.exists() else [sys.executable, "-m", "busevents"]
-        argv += ["listen", "--name", _workload.EVENT_NAME, "--replay", "--no-follow"]
+        argv = [*bus_events(), "listen", "--name", _workload.EVENT_NAME, "--replay", "--no-follow"]
         argv += ["-o", "/dev/null"]
         return argv, {"BUS_EVENTS_API_URL": base, "BUS_API_TOKEN": "bench"}
     mode = target.removeprefix("sdk-")
@@ -142,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     source = [sys.executable, "-m", "benchmarks._source", "--events", str(args.events)]
     with background(source) as (hello, _), tempfile.TemporaryDirectory() as tmp:
         port = int(hello["port"])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/prime/{args.events}") as reply:
-            reply.read()
+        prime(port, args.events)
         command, env = _command(args.target, port, args.events)
         out = Path(tmp) / "profile.txt"
         record = [py_spy, "record", "--nonblocking", "-r", str(args.rate), "-f", "raw"]

@@ -13,15 +13,9 @@ import signal
 import sys
 import threading
 
+from ._procs import exit_when_stdin_closes
+
 __all__ = ["main"]
-
-
-def _exit_when_stdin_closes() -> None:
-    try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    finally:
-        os._exit(0)
 
 
 def main() -> int:
@@ -30,7 +24,7 @@ def main() -> int:
     from busevents.provider import ProviderConfig, open_provider
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
+    threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
     config = ProviderConfig(secret=secrets.token_bytes(32), history_limit=10_000)
 
     async def serve() -> None:

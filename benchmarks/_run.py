@@ -15,7 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import _workload
+from . import _run_nats, _run_publish, _workload
+from ._timer import Timer
 
 __all__ = ["KINDS", "main"]
 
@@ -24,11 +25,6 @@ Result = dict[str, Any]
 
 _TOKEN = "bench-token"  # the source server accepts any token
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _now_ns() -> int:
-    """A clock shared by all processes of this machine (latency across processes)."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 def _rss_bytes() -> int:
@@ -58,30 +54,6 @@ def _stream_url(base: str) -> str:
     return f"{base}/stream?name={_workload.EVENT_NAME}&replay=true&follow=false"
 
 
-class _Timer:
-    """Wall and CPU time (this process, all threads) of each timed section."""
-
-    def __init__(self) -> None:
-        self.walls: list[float] = []
-        self.cpus: list[float] = []
-
-    def __enter__(self) -> _Timer:
-        self._cpu, self._wall = time.process_time(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.walls.append(time.perf_counter() - self._wall)
-        self.cpus.append(time.process_time() - self._cpu)
-
-    def best(self) -> Result:
-        """The best wall time and the best CPU time (of possibly different repetitions)."""
-        return {
-            "seconds": min(self.walls),
-            "cpu": min(self.cpus),
-            "times": [round(t, 6) for t in self.walls],
-        }
-
-
 def _repeat_trio(
     params: Params,
     open_client: Callable[[], Any],
@@ -95,7 +67,7 @@ def _repeat_trio(
     import trio
 
     async def main() -> Result:
-        timer = _Timer()
+        timer = Timer()
         count, last, extra = 0, None, {}
         async with open_client() as client:
             for _ in range(params["repeats"]):
@@ -141,7 +113,7 @@ def _decode(params: Params) -> Result:
     n, chunk = params["events"], params.get("chunk", 64 * 1024)
     data = _workload.body(n)
     decode_type: Any = Event if params.get("type", "event") == "event" else _check_type()
-    timer = _Timer()
+    timer = Timer()
     count, last = 0, None
     if params.get("framing"):
         from busevents._ndjson import NDJSONDecoder
@@ -257,7 +229,7 @@ def _aiohttp_lines(params: Params) -> Result:
         return count, value and value["id"]
 
     async def main() -> Result:
-        timer = _Timer()
+        timer = Timer()
         count, last = 0, None
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             for _ in range(params["repeats"]):
@@ -308,127 +280,6 @@ def _rss(params: Params) -> Result:
     return result
 
 
-# -- publish -------------------------------------------------------------------
-
-
-def _publish(params: Params) -> Result:
-    """Publish ``count`` events with ``concurrency`` tasks to ``url`` (the source server,
-    which accepts at once, so that the client's connection handling is what counts).
-
-    ``mode``: ``reuse`` (one client, its pooled connections), ``new-connection``
-    (one client, no keep-alive: a TCP connection per event) or ``new-client``
-    (an ``EventsClient`` built and closed per event, as a naive script would).
-    """
-    import httpx
-    import trio
-
-    from busevents import EventsClient
-
-    url, token, mode = params["url"], params["token"], params["mode"]
-    total, concurrency = params["count"], params["concurrency"]
-    name = "bench.publish"
-
-    def make_client() -> EventsClient:
-        if mode == "new-connection":
-            transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
-            return EventsClient(url, token, transport=transport)
-        return EventsClient(url, token)
-
-    async def main() -> Result:
-        next_index = 0
-        accepted = 0
-        shared = make_client() if mode != "new-client" else None
-
-        async def worker() -> None:
-            nonlocal next_index, accepted
-            while next_index < total:
-                index = next_index
-                next_index += 1
-                if shared is not None:
-                    reply = await shared.send(name, {"i": index, "ok": True})
-                else:
-                    async with EventsClient(url, token) as client:
-                        reply = await client.send(name, {"i": index, "ok": True})
-                accepted += reply.accepted
-
-        try:
-            if shared is not None:
-                await shared.send(name, {"warmup": True})  # connect before timing
-            timer = _Timer()
-            with timer:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(concurrency):
-                        nursery.start_soon(worker)
-        finally:
-            if shared is not None:
-                await shared.aclose()
-        return {**timer.best(), "events": accepted, "last_id": None}
-
-    result: Result = trio.run(main)
-    return result
-
-
-def _latency_listen(params: Params) -> Result:
-    """Follow ``bench.latency``; print ``ready`` once subscribed; time each event's trip."""
-    import msgspec
-    import trio
-
-    from busevents import EventsClient
-
-    count, warmup = params["count"], params["warmup"]
-
-    class Stamp(msgspec.Struct):
-        t: int
-        i: int
-
-    async def main() -> Result:
-        latencies: list[int] = []
-        seen = 0
-        with trio.fail_after(params["timeout"]):
-            async with (
-                EventsClient(params["url"], params["token"]) as client,
-                client.listen("bench.latency") as stream,
-            ):
-                sys.stdout.write("ready\n")
-                sys.stdout.flush()
-                async for event in stream:
-                    now = _now_ns()
-                    stamp = event.payload_as(Stamp)
-                    seen += 1
-                    if stamp.i >= warmup:
-                        latencies.append(now - stamp.t)
-                    if stamp.i >= warmup + count - 1:
-                        break
-        latencies.sort()
-        return {
-            "events": seen,
-            "samples": len(latencies),
-            "latencies_ns": latencies,
-        }
-
-    result: Result = trio.run(main)
-    return result
-
-
-def _latency_publish(params: Params) -> Result:
-    """Publish ``warmup + count`` stamped events, one at a time, ``interval`` apart."""
-    import trio
-
-    from busevents import EventsClient
-
-    async def main() -> Result:
-        sent = 0
-        async with EventsClient(params["url"], params["token"]) as client:
-            for i in range(params["warmup"] + params["count"]):
-                await client.send("bench.latency", {"t": _now_ns(), "i": i})
-                sent += 1
-                await trio.sleep(params["interval"])
-        return {"events": sent}
-
-    result: Result = trio.run(main)
-    return result
-
-
 def _multi(params: Params) -> Result:
     """Several runs in this one process, in order (``--quick`` saves process starts)."""
     return {"results": [KINDS[kind](run) for kind, run in params["runs"]]}
@@ -447,9 +298,8 @@ KINDS: dict[str, Callable[[Params], Result]] = {
     ),
     "aiohttp-lines": _aiohttp_lines,
     "rss": _rss,
-    "publish": _publish,
-    "latency-listen": _latency_listen,
-    "latency-publish": _latency_publish,
+    **_run_publish.KINDS,
+    **_run_nats.KINDS,
     "multi": _multi,
 }
 

@@ -29,8 +29,9 @@ import threading
 from urllib.parse import parse_qs, urlsplit
 
 from . import _workload
+from ._procs import exit_when_stdin_closes
 
-__all__ = ["main"]
+__all__ = ["events_url", "main", "prime"]
 
 _MAX_HEAD = 64 * 1024
 _CACHE_LIMIT = 1_300_000_000  # bytes of framed blocks kept; beyond that, built per request
@@ -185,12 +186,17 @@ def _handle(conn: socket.socket, default: int) -> None:
             return  # the client went away: fine, it may stop early on purpose
 
 
-def _exit_when_stdin_closes() -> None:
-    try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    finally:
-        os._exit(0)
+def events_url(port: int, n: int) -> str:
+    """For clients: the events base URL under which the source on ``port`` streams ``n``."""
+    return f"http://127.0.0.1:{port}/n/{n}/api/v1/events"
+
+
+def prime(port: int, n: int) -> None:
+    """For clients: have the source build (and cache) the body of ``n`` events before timing."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/prime/{n}", timeout=300) as reply:
+        reply.read()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", args.port))
     listener.listen(128)
-    threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
+    threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
     sys.stdout.write(json.dumps({"port": listener.getsockname()[1]}) + "\n")
     sys.stdout.flush()
     while True:
