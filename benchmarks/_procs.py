@@ -146,14 +146,25 @@ def background(
 
 def run_worker(kind: str, params: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
     """Run ``python -m benchmarks._run KIND PARAMS`` to its end; return its JSON result."""
-    argv = [sys.executable, "-m", "benchmarks._run", kind, json.dumps(dict(params))]
+    argv = [sys.executable, "-m", "benchmarks._run", kind]
     try:
         proc = subprocess.run(
-            argv, capture_output=True, cwd=ROOT, env=child_env(), timeout=timeout, check=False
+            argv,
+            input=_params_line(params),
+            capture_output=True,
+            cwd=ROOT,
+            env=child_env(),
+            timeout=timeout,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise WorkerError(f"{kind}: no result within {timeout:g} s (killed)") from None
     return _result(kind, proc.returncode, proc.stdout, proc.stderr)
+
+
+def _params_line(params: Mapping[str, Any]) -> bytes:
+    """A worker's parameters go on its stdin, never its command line (they may hold a token)."""
+    return json.dumps(dict(params)).encode() + b"\n"
 
 
 def _result(kind: str, status: int | None, out: bytes, err: bytes) -> dict[str, Any]:
@@ -173,16 +184,19 @@ def started_worker(
     kind: str, params: Mapping[str, Any], *, timeout: float
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start a worker that signals readiness with a first stdout line; wait for that line."""
-    argv = [sys.executable, "-m", "benchmarks._run", kind, json.dumps(dict(params))]
+    argv = [sys.executable, "-m", "benchmarks._run", kind]
     proc = subprocess.Popen(
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
         env=child_env(),
     )
     try:
+        assert proc.stdin is not None
+        proc.stdin.write(_params_line(params))
+        proc.stdin.close()
         line = _readline(proc.stdout, timeout)  # type: ignore[arg-type]
         if line.strip() != b"ready":
             raise WorkerError(f"{kind}: did not get ready: {line[:200]!r}")

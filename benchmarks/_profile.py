@@ -6,8 +6,13 @@ where they land: msgspec decoding, our framing, h11/httpcore/httpx/trio
 transfer, the socket syscalls, per-event iteration, output writes, imports.
 
 Targets: ``sdk-iter`` (``async for event in stream``), ``sdk-batches``,
-``sdk-raw`` (``raw_batches()``), ``cli`` (``bus-events listen -o /dev/null``).
-Needs ``py-spy`` (``pip install py-spy``; not a dependency of the project).
+``sdk-raw`` (``raw_batches()``), ``cli`` (``bus-events listen -o /dev/null``),
+``cli-pipe`` (``bus-events listen | wc -c``); against the reference provider:
+``publish-sdk`` and ``publish-raw`` (the publish rows' workers, 8 concurrent),
+``bench`` (``bus-events bench --publishers 8 --listeners 0``) and
+``provider-wrk`` (the provider process itself, sampled while wrk POSTs to it).
+Besides the categories, the functions most often on the stack (inclusive) are
+listed.  Needs ``py-spy`` (``pip install py-spy``; not a dependency of the project).
 
 ``imports-help`` and ``imports-send`` instead sum ``python -X importtime`` of
 ``bus-events --help`` / ``bus-events send`` by top-level package (no py-spy).
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -25,12 +31,24 @@ import tempfile
 from pathlib import Path
 
 from . import _workload
-from ._procs import ROOT, background, bus_events, child_env
+from ._procs import ROOT, background, bus_events, child_env, run_worker
 from ._source import events_url, prime
 
 __all__ = ["categorize", "main"]
 
-TARGETS = ("sdk-iter", "sdk-batches", "sdk-raw", "cli", "imports-help", "imports-send")
+TARGETS = (
+    "sdk-iter",
+    "sdk-batches",
+    "sdk-raw",
+    "cli",
+    "cli-pipe",
+    "publish-sdk",
+    "publish-raw",
+    "bench",
+    "provider-wrk",
+    "imports-help",
+    "imports-send",
+)
 _SETUP_CATEGORY = "set-up (imports, SSL context, process start)"
 
 # (category, test on one "function (file:line)" frame); the leaf frame decides,
@@ -47,16 +65,28 @@ _LEAF_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("httpx", ("httpx/",)),
     ("trio (scheduler, checkpoints, cancel scopes)", ("trio/",)),
     ("contextlib / async generator glue", ("contextlib.py",)),
-    ("caller loop (benchmarks/_run.py)", ("benchmarks/_run.py",)),
+    ("caller loop (benchmarks/_run*.py)", ("benchmarks/_run",)),
+    ("provider (busevents/provider)", ("busevents/provider/",)),
+    ("hypercorn", ("hypercorn/",)),
+    ("PyJWT", ("jwt/",)),
+    ("SDK client (busevents/_client.py etc.)", ("busevents/",)),
     ("file writes", ("write", "flush")),
 )
 
 
-def categorize(folded: Path) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
-    """Total samples, samples per category, and the top leaf frames, from py-spy raw output."""
+_LINE_NUMBER = re.compile(r":\d+\)$")
+
+
+def categorize(
+    folded: Path,
+) -> tuple[int, collections.Counter[str], collections.Counter[str], collections.Counter[str]]:
+    """Total samples, samples per category, the top leaf frames, and the functions on the
+    stack (inclusive: a function counts once per sample it is anywhere in), from py-spy's
+    raw output."""
     total = 0
     categories: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
     for line in folded.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit():
@@ -66,6 +96,8 @@ def categorize(folded: Path) -> tuple[int, collections.Counter[str], collections
         frames = stack.split(";")
         leaf = frames[-1]
         leaves[leaf] += count
+        for function in {_LINE_NUMBER.sub(")", frame) for frame in frames}:
+            inclusive[function] += count
         if any(marker in frame for frame in frames for marker in _SETUP):
             categories[_SETUP_CATEGORY] += count
             continue
@@ -75,7 +107,7 @@ def categorize(folded: Path) -> tuple[int, collections.Counter[str], collections
                 break
         else:
             categories["other"] += count
-    return total, categories, leaves
+    return total, categories, leaves, inclusive
 
 
 def imports(args: list[str]) -> tuple[float, collections.Counter[str]]:
@@ -114,19 +146,82 @@ def _print_imports(target: str, top: int) -> None:
 
 def _command(target: str, port: int, events: int) -> tuple[list[str], dict[str, str]]:
     base = events_url(port, events)
-    if target == "cli":
+    if target in ("cli", "cli-pipe"):
         argv = [*bus_events(), "listen", "--name", _workload.EVENT_NAME, "--replay", "--no-follow"]
-        argv += ["-o", "/dev/null"]
+        argv += ["-o", "/dev/null"] if target == "cli" else []
         return argv, {"BUS_EVENTS_API_URL": base, "BUS_API_TOKEN": "bench"}
     mode = target.removeprefix("sdk-")
     params = json.dumps({"url": base, "repeats": 1, "mode": mode})
     return [sys.executable, "-m", "benchmarks._run", "sdk", params], {}
 
 
+def _provider_command(
+    target: str, url: str, token: str, events: int
+) -> tuple[list[str], dict[str, str], bytes | None]:
+    """The command, its environment, and its stdin (a worker's parameters: a token is
+    never put on a command line)."""
+    if target == "bench":
+        argv = [*bus_events(), "-f", "json", "bench", "--name", "bench.profile"]
+        argv += ["--publishers", "8", "--listeners", "0", "--events", str(events)]
+        return argv, {"BUS_EVENTS_API_URL": url, "BUS_API_TOKEN": token}, None
+    params = {"url": url, "token": token, "count": events, "concurrency": 8, "mode": "reuse"}
+    kind = "publish-raw" if target == "publish-raw" else "publish"
+    argv = [sys.executable, "-m", "benchmarks._run", kind]
+    return argv, {}, json.dumps(params).encode() + b"\n"
+
+
+def _record(py_spy: str, rate: int, out: Path, target: str, events: int) -> str:
+    """Run the target under py-spy, samples into ``out``; return the run's own output."""
+    record = [py_spy, "record", "--nonblocking", "-r", str(rate), "-f", "raw", "-o", str(out)]
+    if target in ("publish-sdk", "publish-raw", "bench", "provider-wrk"):
+        with background([sys.executable, "-m", "benchmarks._provider"]) as (hello, provider):
+            url, token = hello["url"], hello["token"]
+            if target == "provider-wrk":  # sample the provider while wrk loads it
+                record += ["--pid", str(provider.pid), "--duration", "10"]
+                sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL)
+                params = {"url": url, "token": token, "count": events, "concurrency": 8}
+                result = run_worker("publish-raw", params, timeout=120)
+                sampler.wait(60)
+                return json.dumps(result)
+            command, env, stdin = _provider_command(target, url, token, events)
+            return _run_recorded([*record, "--", *command], env, stdin)
+    source = [sys.executable, "-m", "benchmarks._source", "--events", str(events)]
+    with background(source) as (hello, _):
+        port = int(hello["port"])
+        prime(port, events)
+        command, env = _command(target, port, events)
+        if target == "cli-pipe":  # the CLI's stdout is a pipe into wc -c
+            proc = subprocess.Popen(
+                [*record, "--", *command], cwd=ROOT, env=child_env(env), stdout=subprocess.PIPE
+            )
+            counted = subprocess.run(["wc", "-c"], stdin=proc.stdout, capture_output=True)
+            proc.wait(600)
+            return counted.stdout.decode().strip() + " bytes through the pipe"
+        return _run_recorded([*record, "--", *command], env)
+
+
+def _run_recorded(argv: list[str], env: dict[str, str], stdin: bytes | None = None) -> str:
+    proc = subprocess.run(
+        argv,
+        input=stdin,
+        cwd=ROOT,
+        env=child_env(env),
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr.decode(errors="replace")[-2000:])
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    return lines[-1][:400] if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks._profile")
     parser.add_argument("target", choices=TARGETS)
-    parser.add_argument("--events", type=int, default=3_000_000)
+    parser.add_argument(
+        "--events", type=int, help="events streamed (3,000,000) or published (5,000)"
+    )
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--top", type=int, default=12, help="leaf frames to list")
     args = parser.parse_args(argv)
@@ -137,33 +232,29 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(py_spy).exists():
         sys.stderr.write("py-spy is needed: pip install py-spy\n")
         return 2
-    source = [sys.executable, "-m", "benchmarks._source", "--events", str(args.events)]
-    with background(source) as (hello, _), tempfile.TemporaryDirectory() as tmp:
-        port = int(hello["port"])
-        prime(port, args.events)
-        command, env = _command(args.target, port, args.events)
+    publishing = args.target in ("publish-sdk", "publish-raw", "bench", "provider-wrk")
+    events = args.events or (5_000 if publishing else 3_000_000)
+    with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "profile.txt"
-        record = [py_spy, "record", "--nonblocking", "-r", str(args.rate), "-f", "raw"]
-        record += ["-o", str(out), "--", *command]
-        proc = subprocess.run(
-            record, cwd=ROOT, env=child_env(env), capture_output=True, timeout=600, check=False
-        )
-        if proc.returncode != 0 or not out.exists():
-            sys.stderr.write(proc.stderr.decode(errors="replace"))
+        result = _record(py_spy, args.rate, out, args.target, events)
+        if not out.exists():
+            sys.stderr.write("py-spy wrote no samples\n")
             return 1
-        total, categories, leaves = categorize(out)
-    result = proc.stdout.decode(errors="replace").strip().splitlines()
-    print(f"{args.target}: {args.events:,} events, {total} samples at {args.rate}/s")
-    if result and args.target != "cli":
-        print(f"worker result: {result[-1]}")
-    streaming = total - categories[_SETUP_CATEGORY]
-    print("  of all samples / of the streaming part (set-up excluded):")
+        total, categories, leaves, inclusive = categorize(out)
+    print(f"{args.target}: {events:,} events, {total} samples at {args.rate}/s")
+    if result:
+        print(f"result: {result}")
+    work = total - categories[_SETUP_CATEGORY]
+    print("  of all samples / of the work (set-up excluded):")
     for category, count in categories.most_common():
-        share = "" if category == _SETUP_CATEGORY else f"{count / streaming:6.1%}"
+        share = "" if category == _SETUP_CATEGORY else f"{count / work:6.1%}"
         print(f"  {count / total:6.1%}  {share:>6}  {category}")
     print("top leaf frames:")
     for leaf, count in leaves.most_common(args.top):
         print(f"  {count / total:6.1%}  {leaf}")
+    print("functions most often on the stack (inclusive):")
+    for function, count in inclusive.most_common(args.top * 2):
+        print(f"  {count / total:6.1%}  {function}")
     return 0
 
 

@@ -305,11 +305,14 @@ KINDS: dict[str, Callable[[Params], Result]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks._run KIND [JSON]``: the parameters as an argument, or on
+    stdin (the harness's way: a token in them must never be on a command line)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] not in KINDS:
-        sys.stderr.write(f"usage: python -m benchmarks._run {{{','.join(KINDS)}}} JSON\n")
+    if len(args) not in (1, 2) or args[0] not in KINDS:
+        sys.stderr.write(f"usage: python -m benchmarks._run {{{','.join(KINDS)}}} [JSON]\n")
         return 2
-    result = KINDS[args[0]](json.loads(args[1]))
+    params = json.loads(args[1] if len(args) == 2 else sys.stdin.readline())
+    result = KINDS[args[0]](params)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

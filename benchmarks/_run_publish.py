@@ -168,7 +168,12 @@ def _publish_raw(params: Params) -> Result:
 
 def _latency_listen(params: Params) -> Result:
     """Follow ``name`` on ``streams`` streams (one client); print ``ready`` once all are
-    subscribed; time each event's trip on each stream (one clock read per batch)."""
+    subscribed; time each event's trip on each stream (one clock read per batch).
+
+    A stream is done when it has seen its ``count`` measured events (whatever their
+    order: a paced publisher uses several connections); all stop after ``idle``
+    seconds without an event once one arrived (a lost event is then a missing sample).
+    """
     import msgspec
     import trio
 
@@ -176,6 +181,7 @@ def _latency_listen(params: Params) -> Result:
 
     count, warmup = params["count"], params["warmup"]
     name, streams = params.get("name", "bench.latency"), params.get("streams", 1)
+    idle = params.get("idle", 3.0)
 
     class Stamp(msgspec.Struct):
         t: int
@@ -183,19 +189,23 @@ def _latency_listen(params: Params) -> Result:
 
     latencies: list[int] = []
     seen = 0
+    last_arrival = float("inf")
 
     async def one(client: EventsClient, ready: Any) -> None:
-        nonlocal seen
+        nonlocal seen, last_arrival
+        measured = 0
         async with client.listen(name) as stream:
             ready()
             async for batch in stream.batches():
                 now = now_ns()
+                last_arrival = trio.current_time()
                 for event in batch:
                     stamp = event.payload_as(Stamp)
                     seen += 1
                     if stamp.i >= warmup:
                         latencies.append(now - stamp.t)
-                if stamp.i >= warmup + count - 1:
+                        measured += 1
+                if measured >= count:
                     return
 
     async def main() -> None:
@@ -213,8 +223,19 @@ def _latency_listen(params: Params) -> Result:
                 EventsClient(params["url"], params["token"], max_connections=streams + 1) as client,
                 trio.open_nursery() as nursery,
             ):
-                for _ in range(streams):
-                    nursery.start_soon(one, client, ready)
+                async with trio.open_nursery() as listeners:
+                    for _ in range(streams):
+                        listeners.start_soon(one, client, ready)
+
+                    async def watchdog() -> None:
+                        while True:
+                            await trio.sleep(0.1)
+                            if trio.current_time() - last_arrival >= idle:
+                                listeners.cancel_scope.cancel()
+                                return
+
+                    nursery.start_soon(watchdog)
+                nursery.cancel_scope.cancel()
 
     trio.run(main)
     latencies.sort()
@@ -248,7 +269,7 @@ def _paced_publish(params: Params) -> Result:
     import trio
 
     rate, total = params["rate"], params["warmup"] + params["count"]
-    connections_n = params.get("connections", 4)
+    connections_n = params.get("connections", 10)
     name = params.get("name", "bench.fanout").encode()
 
     async def main() -> Result:
