@@ -69,7 +69,7 @@ def _provider_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None
         for row in todo:
             out[row] = Row.of(row, skipped=f"reference provider {missing}")
         return
-    with background([sys.executable, "-m", "benchmarks._provider"]) as (hello, _):
+    with background([sys.executable, "-m", "benchmarks._provider"]) as (hello, provider):
         url, token = hello["url"], hello["token"]
         if {"send.python", "send.cli", "send.curl"} & set(todo):
             measure_send(opts, rows, out, url, token)
@@ -81,7 +81,7 @@ def _provider_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None
         if {"provider.wrk", "bench.cli"} & set(todo):
             reason = wrk_or_reason(opts)
             if reason is None:
-                measure_wrk(opts, out, url, token)
+                measure_wrk(opts, out, url, token, provider.pid)
             else:
                 out["provider.wrk"] = Row.of("provider.wrk", skipped=reason)
         if "bench.cli" in todo:

@@ -10,7 +10,8 @@ Targets: ``sdk-iter`` (``async for event in stream``), ``sdk-batches``,
 ``cli-pipe`` (``bus-events listen | wc -c``); against the reference provider:
 ``publish-sdk`` and ``publish-raw`` (the publish rows' workers, 8 concurrent),
 ``bench`` (``bus-events bench --publishers 8 --listeners 0``) and
-``provider-wrk`` (the provider process itself, sampled while wrk POSTs to it).
+``provider-wrk`` (the provider process itself, sampled while the minimal trio
+publisher POSTs to it over 8 connections).
 Besides the categories, the functions most often on the stack (inclusive) are
 listed.  Needs ``py-spy`` (``pip install py-spy``; not a dependency of the project).
 
@@ -176,7 +177,7 @@ def _record(py_spy: str, rate: int, out: Path, target: str, events: int) -> str:
     if target in ("publish-sdk", "publish-raw", "bench", "provider-wrk"):
         with background([sys.executable, "-m", "benchmarks._provider"]) as (hello, provider):
             url, token = hello["url"], hello["token"]
-            if target == "provider-wrk":  # sample the provider while wrk loads it
+            if target == "provider-wrk":  # sample the provider while it is loaded
                 record += ["--pid", str(provider.pid), "--duration", "10"]
                 sampler = subprocess.Popen(record, stdout=subprocess.DEVNULL)
                 params = {"url": url, "token": token, "count": events, "concurrency": 8}

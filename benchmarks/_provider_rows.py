@@ -5,7 +5,8 @@
 * ``publish.raw`` / ``publish.sdk`` (+ ``.cpu``): the SDK's ``send`` on one client, 8
   concurrent, against a minimal trio publisher, both on the reference provider, in
   alternating rounds: publish rate, and client CPU per request (the target: at most 3 times).
-* ``provider.wrk``: wrk POSTing to the provider (its publishes/s per process, target 3,000);
+* ``provider.wrk``: wrk POSTing to the provider (its publishes/s per process, target 3,000,
+  and its CPU per publish);
   ``bench.cli``: ``bus-events bench`` with as many publishers as wrk has connections.
 * ``latency`` (one listener, 250 events/s) and ``latency.fanout`` (10 listeners in two
   processes, 1,000 events/s from a paced minimal publisher): publish → delivery.
@@ -41,6 +42,7 @@ __all__ = [
     "measure_provider_publish",
     "measure_source_publish",
     "measure_wrk",
+    "process_cpu",
     "wrk_or_reason",
 ]
 
@@ -203,8 +205,18 @@ def _wrk_figures(text: str) -> dict[str, float]:
     return figures
 
 
-def measure_wrk(opts: Options, out: dict[str, Row], url: str, token: str) -> None:
-    """The provider's publish rate under wrk (1 thread, ``provider_connections``)."""
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) that process ``pid`` has used so far (``/proc``)."""
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        fields = file.read().rpartition(b")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_wrk(
+    opts: Options, out: dict[str, Row], url: str, token: str, provider_pid: int
+) -> None:
+    """The provider's publish rate under wrk (1 thread, ``provider_connections``), and the
+    provider process's CPU time per publish meanwhile."""
     r = out["provider.wrk"] = Row.of("provider.wrk", target=">= 3000")
     conns, seconds = opts.provider_connections, opts.wrk_seconds
     progress(f"provider.wrk ({conns} connections, {seconds:g} s)")
@@ -213,9 +225,11 @@ def measure_wrk(opts: Options, out: dict[str, Row], url: str, token: str) -> Non
         script.write_text(_WRK_SCRIPT)
         argv = ["wrk", "-t", "1", "-c", str(conns), "-d", f"{seconds:g}s", "--latency"]
         argv += ["-s", str(script), url]
+        provider_cpu = process_cpu(provider_pid)
         _, proc, cpu = timed(
             argv, env={"BENCH_WRK_TOKEN": token}, stdout=subprocess.PIPE, timeout=seconds + 60
         )
+    provider_cpu = process_cpu(provider_pid) - provider_cpu
     text = proc.stdout.decode(errors="replace")
     figures = _wrk_figures(text)
     if proc.returncode != 0 or "rate" not in figures:
@@ -225,8 +239,10 @@ def measure_wrk(opts: Options, out: dict[str, Row], url: str, token: str) -> Non
     r.events = int(figures.get("requests", 0))
     r.seconds = figures.get("seconds")
     r.intact = figures["non_2xx"] == 0 and figures["socket_errors"] == 0
-    r.details = {**figures, "wrk_cpu_seconds": cpu}
-    r.note = f"{conns} connections, 1 wrk thread"
+    per_publish = provider_cpu / max(1, r.events) * 1e6
+    r.details = {**figures, "wrk_cpu_seconds": cpu, "provider_cpu_seconds": provider_cpu}
+    r.details["provider_cpu_us_per_publish"] = per_publish
+    r.note = f"{conns} connections, 1 wrk thread; provider CPU {per_publish:,.0f} µs/publish"
     if "p99_s" in figures:
         r.note += f", request p99 {figures['p99_s'] * 1e3:.1f} ms"
 
