@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def _provider_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None
         if "latency" in todo:
             measure_latency(opts, out, url, token)
         if "latency.fanout" in todo:
-            measure_latency_fanout(opts, out, url, token)
+            measure_latency_fanout(opts, out, url, token, provider.pid)
         measure_provider_publish(opts, rows, out, url, token)
         if {"provider.wrk", "bench.cli"} & set(todo):
             reason = wrk_or_reason(opts)
@@ -103,7 +104,13 @@ def run(opts: Options) -> dict[str, Any]:
     if any(ROWS[r] == "nats" for r in rows):
         phases.append(lambda: measure_nats(opts, rows, out))
     for phase in phases:
-        phase()
+        try:
+            phase()
+        except Exception as exc:  # a harness bug: keep the rows measured so far
+            traceback.print_exc()
+            for row in rows:
+                if row not in out and row != "H":
+                    out[row] = Row.of(row, error=f"the harness failed: {exc!r}"[:300])
     derive(out)
     ordered = [out[r] for r in ROWS if r in out]
     report = {"meta": meta(opts, started, load_start), "rows": [r.as_json() for r in ordered]}

@@ -197,6 +197,7 @@ def started_worker(
         assert proc.stdin is not None
         proc.stdin.write(_params_line(params))
         proc.stdin.close()
+        proc.stdin = None  # so that communicate() does not flush it again
         line = _readline(proc.stdout, timeout)  # type: ignore[arg-type]
         if line.strip() != b"ready":
             raise WorkerError(f"{kind}: did not get ready: {line[:200]!r}")

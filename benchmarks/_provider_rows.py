@@ -318,9 +318,12 @@ def measure_latency(opts: Options, out: dict[str, Row], url: str, token: str) ->
     _percentiles(r, result["latencies_ns"], 0.010)
 
 
-def measure_latency_fanout(opts: Options, out: dict[str, Row], url: str, token: str) -> None:
+def measure_latency_fanout(
+    opts: Options, out: dict[str, Row], url: str, token: str, provider_pid: int
+) -> None:
     """Issue 14, target 6: p99 publish → delivery at ``fanout_rate`` with 10 listeners
-    (two listener processes of 5 streams each; the publisher is the minimal one, paced)."""
+    (two listener processes of 5 streams each; the publisher is the minimal one, paced),
+    and the provider's CPU time per event meanwhile."""
     r = out["latency.fanout"] = Row.of("latency.fanout", unit="s")
     listeners, rate = opts.fanout_listeners, opts.fanout_rate
     count, warmup = int(rate * opts.fanout_seconds), int(rate * 0.5)
@@ -337,7 +340,9 @@ def measure_latency_fanout(opts: Options, out: dict[str, Row], url: str, token: 
                 )
                 for share in shares
             ]
+            provider_cpu = process_cpu(provider_pid)
             sent = run_worker("paced-publish", params, timeout=opts.worker_timeout)
+            provider_cpu = process_cpu(provider_pid) - provider_cpu
             results = [finish_worker(proc, "latency-listen", timeout=60) for proc in procs]
     except WorkerError as exc:
         r.error = str(exc)
@@ -346,8 +351,12 @@ def measure_latency_fanout(opts: Options, out: dict[str, Row], url: str, token: 
     r.events = len(samples)
     r.intact = len(samples) == count * listeners and sent["failed"] == 0
     r.details = {"late_sends": sent["late"], "publish_seconds": sent["seconds"]}
+    r.details["provider_cpu_share"] = provider_cpu / sent["seconds"]
+    r.details["provider_cpu_us_per_event"] = provider_cpu / max(1, sent["events"]) * 1e6
     if not samples:
         r.error = "no event arrived"
         return
     _percentiles(r, samples, 0.005)
-    r.note += f"; {sent['late']} sends >1 ms late"
+    r.note += (
+        f"; {sent['late']} sends >1 ms late; provider CPU {provider_cpu / sent['seconds']:.0%}"
+    )
