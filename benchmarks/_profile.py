@@ -59,7 +59,10 @@ _LEAF_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("msgspec decode_lines (C)", ("NDJSONDecoder._decode ", "NDJSONDecoder._validate ")),
     ("socket syscalls (recv/send/epoll)", ("_nonblocking_helper", "get_events")),
     ("NDJSON framing (busevents/_ndjson.py)", ("busevents/_ndjson.py",)),
-    ("per-event / per-batch iteration (busevents/_client.py)", ("busevents/_client.py",)),
+    (
+        "busevents SDK: iteration, publish (_stream.py, _client.py)",
+        ("busevents/_stream.py", "busevents/_client.py"),
+    ),
     ("CLI output (busevents/cli)", ("busevents/cli/",)),
     ("h11 (HTTP/1.1 parsing, receive buffer)", ("h11/",)),
     ("httpcore", ("httpcore/",)),
@@ -70,7 +73,7 @@ _LEAF_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("provider (busevents/provider)", ("busevents/provider/",)),
     ("hypercorn", ("hypercorn/",)),
     ("PyJWT", ("jwt/",)),
-    ("SDK client (busevents/_client.py etc.)", ("busevents/",)),
+    ("other busevents code (client, responses, retry)", ("busevents/",)),
     ("file writes", ("write", "flush")),
 )
 
