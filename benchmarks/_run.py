@@ -148,18 +148,22 @@ def _decode(params: Params) -> Result:
 
 def _check_type() -> Any:
     """The struct the CLI pass-through validates each line with (``id`` and ``name``)."""
-    from busevents import _client
+    import importlib
 
-    check = getattr(_client, "_EnvelopeCheck", None)
-    if check is None:  # renamed in src: measure the same shape
-        import msgspec
+    for module in ("busevents._stream", "busevents._client"):  # where it lived, in turn
+        try:
+            check = getattr(importlib.import_module(module), "_EnvelopeCheck", None)
+        except ImportError:
+            continue
+        if check is not None:
+            return check
+    import msgspec
 
-        class _Check(msgspec.Struct, gc=False):
-            id: str
-            name: str
+    class _Check(msgspec.Struct, gc=False):  # renamed in src: measure the same shape
+        id: str
+        name: str
 
-        check = _Check
-    return check
+    return _Check
 
 
 # -- the SDK -------------------------------------------------------------------
