@@ -108,7 +108,7 @@ async def test_dry_run_prints_the_plan_and_sends_nothing(bench, provider) -> Non
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--publishers", "2"], "--name requires an argument"),
+        (["--publishers", "2"], "bench needs --name"),
         (["--name", "bus.vm.start"], "--allow-reserved"),
         (["--name", "bench.x", "--rate", "fast"], "--rate"),
         (["--name", "bench.x", "--duration", "5"], "missing unit"),

@@ -173,12 +173,15 @@ async def test_quiet_output_chdir_and_verbose(run_cli, env, provider, tmp_path: 
     missing = await run_cli("-C", "no-such-dir", "send", "--name", "example.flags", env=env)
     assert missing.status == 1 and "no-such-dir" in missing.stderr
 
+    very = await run_cli("-vv", "send", "--name", "example.flags", env=env)
     verbose = await run_cli("-v", "send", "--name", "example.flags", env=env)
     plain = await run_cli("send", "--name", "example.flags", env=env)
-    assert verbose.status == plain.status == 0
-    assert verbose.out.split()[:2] == plain.out.split()[:2]  # -v never changes stdout
-    assert "HTTP Request: POST" in verbose.stderr and plain.stderr == ""
-    assert env["BUS_API_TOKEN"] not in verbose.stderr
+    assert very.status == verbose.status == plain.status == 0
+    assert very.out.split()[:2] == plain.out.split()[:2]  # -v never changes stdout
+    # -vv shows the HTTP requests, -v does not (it says what happened), default: nothing.
+    assert "HTTP Request: POST" in very.stderr and "HTTP Request" not in verbose.stderr
+    assert plain.stderr == ""
+    assert env["BUS_API_TOKEN"] not in very.stderr
 
 
 async def test_color_only_on_stderr_and_only_when_asked(run_cli, env) -> None:  # type: ignore[no-untyped-def]

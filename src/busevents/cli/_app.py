@@ -8,25 +8,56 @@ one line on stderr; every other failure exits 1.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from typing import Annotated, Literal
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import cyclopts
-from cyclopts import App, Group, Parameter
+from cyclopts import App, Group, Parameter, Token
 
 from busevents import ExitStatus
 
 from .._version import __version__
 from ._output import Diagnostics, Results, use_color
 
-__all__ = ["Globals", "app", "run"]
+__all__ = ["Duration", "Globals", "UsageError", "app", "run", "run_with", "usage_message"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitStatus.OK, ExitStatus.FAILURE, ExitStatus.USAGE
 
 GLOBAL = Group("Global options", sort_key=0)
+
+
+def _duration_from_tokens(type_: Any, tokens: Sequence[Token]) -> Duration:
+    from busevents import ConfigError, parse_duration
+
+    try:
+        return Duration(parse_duration(tokens[0].value))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None  # cyclopts reports it as a usage error
+
+
+@Parameter(converter=_duration_from_tokens)
+class Duration(float):
+    """Seconds, given on the command line in Go syntax (``300ms``, ``10s``, ``1m30s``).
+
+    The one option type for every duration: a bad value is a usage error
+    (exit 2) found while parsing, so a ``.bus`` preflight catches it too.  Shown
+    (e.g. as a default in ``--help``) in Go syntax.
+    """
+
+    def __str__(self) -> str:
+        seconds = float(self)
+        if seconds and seconds < 1:
+            return f"{seconds * 1000:g}ms"
+        return f"{seconds:g}s"
+
+    __repr__ = __str__
 
 
 @dataclass
@@ -42,6 +73,10 @@ class Globals:
     token_file: str | None = None
     timeout: float = 30.0
     timeout_given: bool = False
+    perf: bool = False
+    command: str | None = None
+    #: The global flags as given (parameter name → value), for ``run`` to hand on.
+    given: dict[str, Any] = field(default_factory=dict)
 
     def diagnostics(self) -> Diagnostics:
         return Diagnostics(color=self.color, verbose=self.verbose, quiet=self.quiet)
@@ -129,64 +164,217 @@ def _meta(
         ),
     ] = None,
     timeout: Annotated[
-        str | None,
+        Duration | None,
         Parameter(
             help="HTTP timeout, Go syntax (300ms, 10s, 1m30s); for listen also the "
             "overall deadline. [default: 30s]"
         ),
     ] = None,
+    perf: Annotated[
+        bool,
+        Parameter(
+            show_default=False,
+            help="Print the command's duration on stderr: INFO perf bus-events COMMAND SECONDS.",
+        ),
+    ] = False,
 ) -> int:
-    from busevents import ConfigError, parse_duration
+    given = {
+        "verbose": verbose, "quiet": quiet, "chdir": chdir, "output": output, "format": format,
+        "color": color, "no_color": no_color, "api_url": api_url, "token_file": token_file,
+        "timeout": timeout, "perf": perf,
+    }  # fmt: skip
+    return run_with({k: v for k, v in given.items() if v != _FLAG_DEFAULTS[k]}, tokens)
 
-    if verbose and quiet:
+
+#: The value of every global flag when it is not given.
+_FLAG_DEFAULTS: dict[str, Any] = {
+    "verbose": 0, "quiet": False, "chdir": None, "output": None, "format": None,
+    "color": "auto", "no_color": False, "api_url": None, "token_file": None,
+    "timeout": None, "perf": False,
+}  # fmt: skip
+
+#: Commands whose every side effect starts in ``run_client_command``: a ``.bus``
+#: preflight runs them in check mode, so their own checks (payload JSON,
+#: option combinations, the token) run before anything is sent.
+CHECKABLE = frozenset({"send", "listen", "request"})
+
+_checking = False
+
+
+def checking() -> bool:
+    """True while a ``.bus`` preflight checks a command: do everything but the I/O."""
+    return _checking
+
+
+@contextlib.contextmanager
+def check_mode() -> Iterator[None]:
+    """Within: :func:`run_with` checks the command instead of running it."""
+    global _checking
+    _checking = True
+    try:
+        yield
+    finally:
+        _checking = False
+
+
+def apply_globals(flags: Mapping[str, Any]) -> Globals:
+    """Set this run's :class:`Globals` from the given flags (parameter name → value).
+
+    Every field is set on every call: ``bus-events run`` calls this once per
+    script line.  ``--chdir`` is left to the caller.
+    """
+    f = {**_FLAG_DEFAULTS, **flags}
+    if f["verbose"] and f["quiet"]:
         raise UsageError("--quiet and --verbose cannot be used together")
     g = _globals
-    g.verbose, g.quiet, g.output, g.format = verbose, quiet, output, format
-    g.color = use_color("never" if no_color else color, sys.stderr)
-    g.api_url, g.token_file = api_url, token_file
-    # Every field is set on every run: `bus-events run` calls this once per script line.
-    g.timeout, g.timeout_given = Globals.timeout, False
-    if timeout is not None:
-        try:
-            g.timeout = parse_duration(timeout)
-        except ConfigError as exc:
-            raise UsageError(f"--timeout: {exc}") from None
-        g.timeout_given = True
-    _setup_logging(verbose)
+    g.given = dict(flags)
+    g.verbose, g.quiet, g.output, g.format = f["verbose"], f["quiet"], f["output"], f["format"]
+    g.color = use_color("never" if f["no_color"] else f["color"], sys.stderr)
+    g.api_url, g.token_file, g.perf = f["api_url"], f["token_file"], f["perf"]
+    g.timeout_given = f["timeout"] is not None
+    g.timeout = float(f["timeout"]) if g.timeout_given else Globals.timeout
+    _setup_logging(g.verbose)
+    return g
+
+
+def run_with(flags: Mapping[str, Any], tokens: Sequence[str]) -> int:
+    """Apply the global ``flags`` (see :func:`apply_globals`) and run the command ``tokens``.
+
+    In :func:`check_mode` the command is only checked: parsed, and for
+    :data:`CHECKABLE` commands run up to the point where it would do I/O.
+    """
+    g = apply_globals(flags)
+    tokens = list(tokens)
+    if tokens[:1] == ["--"]:  # a lone -- ends the global flags (upstream's global-flags page)
+        tokens = tokens[1:]
+    chdir = flags.get("chdir")
     if chdir is not None:
         try:
             os.chdir(chdir)
         except OSError as exc:
+            if checking():
+                raise UsageError(f"cannot change directory to {chdir}: {exc.strerror}") from None
             g.diagnostics().error(f"cannot change directory to {chdir}: {exc.strerror}")
             return EXIT_FAILURE
+    g.command = tokens[0] if tokens else None
     if not tokens:
+        if checking():
+            raise UsageError("no command")
         app.help_print([])
         return EXIT_USAGE
+    if checking():
+        if tokens[0] == "run":
+            raise UsageError("run cannot be used inside a script: include the file instead")
+        if tokens[0] not in CHECKABLE:
+            app.parse_args(tokens, exit_on_error=False, print_error=False)
+            return EXIT_OK
+    start = time.perf_counter()
     result = app(tokens)
+    if g.perf and not g.quiet:
+        _write_stderr(f"INFO perf bus-events {tokens[0]} {time.perf_counter() - start:.3f}\n")
     return result if isinstance(result, int) else EXIT_OK
 
 
+def _write_stderr(text: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
 def _setup_logging(verbose: int) -> None:
-    from ._logging import StderrHandler
+    from ._logging import StderrHandler, quiet_http_loggers
 
     handler = StderrHandler(_globals.diagnostics())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
-    if verbose < 3:
-        for noisy in ("httpcore", "hpack", "hypercorn.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_http_loggers(verbose)
 
 
-def _usage_line(exc: BaseException) -> str:
+def _lower_first(text: str) -> str:
+    """Lower-case a capitalised first word (``Unknown`` → ``unknown``), not a name
+    (``BUS_API_JWT_SECRET``, ``--name``, ``HTTP``)."""
+    word = text.split(" ", 1)[0]
+    if len(word) > 1 and word[0].isupper() and not any(c.isupper() for c in word[1:]):
+        return text[0].lower() + text[1:]
+    return text
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+#: What a missing required option means, by (command, option).
+_MISSING = {
+    ("run", "--files"): "run needs at least one .bus file, e.g. bus-events run checks.bus",
+    ("listen", "--name"): "listen needs --name, e.g. bus-events listen --name example.ping",
+    ("request", "--name"): (
+        "request needs --name and --response-name, e.g. bus-events request "
+        "--name example.echo --response-name example.echo.reply"
+    ),
+    ("bench", "--name"): "bench needs --name, e.g. bus-events bench --name bench.my-team",
+}
+
+
+def command_names() -> list[str]:
+    """The commands, for messages and suggestions."""
+    return [name for name in app if not name.startswith("-")]
+
+
+def usage_message(exc: BaseException) -> str:
+    """The one-line message of a usage error, worded the same way for every command."""
     if isinstance(exc, cyclopts.UnknownCommandError) and exc.unused_tokens:
-        token = exc.unused_tokens[0]
+        token = str(exc.unused_tokens[0])
         if token.startswith("-"):
-            return f"unknown option {token!r}"
-        commands = ", ".join(name for name in app if not name.startswith("-"))
-        return f"unknown command {token!r} (commands: {commands})"
-    text = " ".join(str(exc).split())
-    return text[:1].lower() + text[1:] if text else type(exc).__name__
+            return _unknown_option(token, meta_options())
+        commands = command_names()
+        return (
+            f"unknown command {token!r}{suggest(token, commands)} (commands: {', '.join(commands)})"
+        )
+    if isinstance(exc, cyclopts.UnknownOptionError) and exc.token is not None:
+        command = exc.command_chain[-1] if exc.command_chain else None
+        return _unknown_option(exc.token.keyword or exc.token.value, _options_of(command))
+    if isinstance(exc, cyclopts.MissingArgumentError) and exc.argument is not None:
+        command = exc.command_chain[-1] if exc.command_chain else "bus-events"
+        option = exc.argument.name
+        return _MISSING.get((command, option), f"{command} needs {option}")
+    if (
+        isinstance(exc, cyclopts.CoercionError)
+        and isinstance(exc.__cause__, ValueError)
+        and exc.token is not None
+        and exc.token.keyword
+    ):  # our own converter's message (e.g. a duration) says what is wrong
+        return f"{exc.token.keyword}: {exc.__cause__}"
+    if isinstance(exc, cyclopts.UnusedCliTokensError) and exc.unused_tokens:
+        return (
+            f"unexpected {str(exc.unused_tokens[0])!r}: an option takes one value "
+            "(repeat the option for more)"
+        )
+    text = " ".join(str(exc).split()).rstrip(".")
+    return _lower_first(text) if text else type(exc).__name__
+
+
+def _unknown_option(token: str, options: list[str]) -> str:
+    flag = token.split("=", 1)[0]  # never echo a value: it may be a secret
+    if flag in ("--token", "--api-token", "--bearer"):
+        return (
+            f"unknown option {flag!r}: a token is never given on the command line; "
+            "use --token-file PATH or set BUS_API_TOKEN"
+        )
+    return f"unknown option {flag!r}{suggest(flag, options)}"
+
+
+def meta_options() -> list[str]:
+    return [name for argument in app.meta.assemble_argument_collection() for name in argument.names]
+
+
+def _options_of(command: str | None) -> list[str]:
+    try:
+        sub = app[command] if command else app
+        return [name for argument in sub.assemble_argument_collection() for name in argument.names]
+    except Exception:  # suggestions are a courtesy: never fail the error message
+        return []
 
 
 def load_commands() -> None:
@@ -211,8 +399,25 @@ def run(args: list[str]) -> int:
         status: int = app.meta(args)
         return status
     except (cyclopts.CycloptsError, UsageError) as exc:
-        diag = _globals.diagnostics()
-        diag.error(f"{_usage_line(exc)} (see: bus-events --help)")
-        return EXIT_USAGE
+        return _usage_error(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def run_parsed(flags: Mapping[str, Any], tokens: Sequence[str]) -> int:
+    """:func:`run_with`, failures mapped to exit statuses as :func:`run` does."""
+    try:
+        return run_with(flags, tokens)
+    except (cyclopts.CycloptsError, UsageError) as exc:
+        return _usage_error(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _usage_error(exc: BaseException) -> int:
+    """Report a usage error in the one voice of every command: exit 2."""
+    chain = getattr(exc, "command_chain", None)
+    command = chain[-1] if chain else _globals.command
+    where = f"bus-events {command} --help" if command in command_names() else "bus-events --help"
+    _globals.diagnostics().error(f"{usage_message(exc)} (see: {where})")
+    return EXIT_USAGE

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app, current
+from ._app import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app, current
 from ._commands import run_client_command
 
 if TYPE_CHECKING:
@@ -27,16 +27,9 @@ _RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*s)?\s*", re.ASCII)
 _MAX_ROWS = 8
 _PROGRESS_EVERY = 0.5
 _MAX_PROBLEMS = 10
+_ONE_SECOND = Duration(1.0)
+_NO_DELAY = Duration(0.0)
 _SUMMARISED = "; rows: lowest, median and highest events/s, every one in the JSON report"
-
-
-def _duration(option: str, text: str) -> float:
-    from busevents import ConfigError, parse_duration
-
-    try:
-        return parse_duration(text)
-    except ConfigError as exc:
-        raise UsageError(f"{option}: {exc}") from None
 
 
 def _rate(text: str) -> float:
@@ -67,7 +60,8 @@ def bench(
         Parameter(help="Measured events, over all publishers. [default: 10000 without --duration]"),
     ] = None,
     duration: Annotated[
-        str | None, Parameter(help="Publish for this long instead (after the warmup), e.g. 30s.")
+        Duration | None,
+        Parameter(help="Publish for this long instead (after the warmup), e.g. 30s."),
     ] = None,
     rate: Annotated[
         str | None,
@@ -75,8 +69,8 @@ def bench(
     ] = None,
     payload_size: Annotated[int, Parameter(help="Bytes of JSON payload per event.")] = 256,
     warmup: Annotated[
-        str, Parameter(help="Publish this long first, left out of the figures.")
-    ] = "1s",
+        Duration, Parameter(help="Publish this long first, left out of the figures.")
+    ] = _ONE_SECOND,
     report: Annotated[
         str | None, Parameter(help="Also write the report as JSON to this file.")
     ] = None,
@@ -87,9 +81,9 @@ def bench(
         int, Parameter(help="Spread publishers and listeners over this many processes.")
     ] = 1,
     listener_delay: Annotated[
-        str,
+        Duration,
         Parameter(help="Pause each listener this long after every read (plays a slow consumer)."),
-    ] = "0s",
+    ] = _NO_DELAY,
     allow_reserved: Annotated[
         bool, Parameter(negative="", help="Allow a --name in the platform's bus. namespace.")
     ] = False,
@@ -118,12 +112,12 @@ def bench(
                 delivery=Delivery(delivery),
                 group=group,
                 events=events,
-                duration=None if duration is None else _duration("--duration", duration),
+                duration=None if duration is None else float(duration),
                 rate=None if rate is None else _rate(rate),
                 payload_size=payload_size,
-                warmup=_duration("--warmup", warmup),
+                warmup=float(warmup),
                 processes=processes,
-                listener_delay=_duration("--listener-delay", listener_delay),
+                listener_delay=float(listener_delay),
                 allow_reserved=allow_reserved,
             )
         )

@@ -1,11 +1,14 @@
-"""``send`` and what every client command shares: running under trio, exit statuses."""
+"""What every client command shares: running under trio, exit statuses, payloads."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, current
+from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, checking, current
+
+#: Largest payload read from ``--payload`` (inline, ``@FILE`` or ``-``): local input is bounded.
+MAX_PAYLOAD = 16 * 1024 * 1024
 
 if TYPE_CHECKING:
     from busevents import EventsClient
@@ -23,6 +26,12 @@ def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
     from busevents import single_error
 
     g = current()
+    if checking():  # a .bus preflight: the configuration is checked, nothing is sent
+        from busevents import find_token, resolve_url
+
+        resolve_url(g.api_url)
+        find_token(g.token_file)
+        return EXIT_OK
     received: list[int] = []
     try:
         with single_error():
@@ -118,11 +127,15 @@ def _parse_payload(text: str, option: str = "--payload") -> Any:
 
     source = "stdin" if text == "-" else text[1:] if text.startswith("@") else None
     if text == "-":
-        data = sys.stdin.buffer.read()
+        if checking():
+            return None  # a .bus preflight must not consume stdin: checked when it runs
+        data = _read_bounded(sys.stdin.buffer, option, "stdin")
     elif text.startswith("@"):
         data = _read_file(text[1:], option)
     else:
         data = text.encode()
+        if len(data) > MAX_PAYLOAD:
+            raise UsageError(f"{option} is larger than {_mib(MAX_PAYLOAD)}")
     try:
         return msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
@@ -135,6 +148,17 @@ def _parse_payload(text: str, option: str = "--payload") -> Any:
 def _read_file(path: str, option: str) -> bytes:
     try:
         with open(path, "rb") as fh:
-            return fh.read()
+            return _read_bounded(fh, option, path)
     except OSError as exc:
         raise UsageError(f"{option}: cannot read {path}: {exc.strerror}") from None
+
+
+def _read_bounded(fh: Any, option: str, source: str) -> bytes:
+    data: bytes = fh.read(MAX_PAYLOAD + 1)
+    if len(data) > MAX_PAYLOAD:
+        raise UsageError(f"{option} ({source}) is larger than {_mib(MAX_PAYLOAD)}")
+    return data
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MiB"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app
+from ._app import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app
 from ._commands import _client, run_client_command
 from ._output import TextFormatter
 
@@ -48,7 +48,7 @@ def listen(
         str | None, Parameter(help="Only events with this correlation id.")
     ] = None,
     idle_timeout: Annotated[
-        str | None,
+        Duration | None,
         Parameter(help="Stop (exit 0) when no event arrived for this long, e.g. 2s."),
     ] = None,
     stats: Annotated[
@@ -70,18 +70,11 @@ def listen(
 
     Example: bus-events listen --name example.ping --replay --no-follow
     """
-    from busevents import ConfigError, parse_duration
-
     if group is not None and delivery != "unicast":
         raise UsageError("--group needs --delivery unicast")
     if count is not None and count < 1:
         raise UsageError("--count must be at least 1")
-    idle: float | None = None
-    if idle_timeout is not None:
-        try:
-            idle = parse_duration(idle_timeout)
-        except ConfigError as exc:
-            raise UsageError(f"--idle-timeout: {exc}") from None
+    idle = None if idle_timeout is None else float(idle_timeout)
 
     async def body(g: Globals) -> int:
         import trio

@@ -1,4 +1,4 @@
-"""Route log records to the CLI's stderr diagnostics (``-v`` shows them)."""
+"""Route log records to the CLI's stderr diagnostics (``-v`` shows them, ``-vv`` HTTP too)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,14 @@ class StderrHandler(logging.Handler):
             self.diagnostics.warning(message)
         else:
             self.diagnostics.info(f"{record.name}: {message}")
+
+
+#: Loggers that speak once per HTTP request or frame, and from which verbosity on.
+_CHATTY = {"httpx": 2, "httpcore": 3, "hpack": 3, "hypercorn.access": 3}
+
+
+def quiet_http_loggers(verbose: int) -> None:
+    """Per-request lines (httpx's ``HTTP Request: POST …``) only from ``-vv`` on,
+    protocol internals from ``-vvv``: ``-v`` shows what happened, not every request."""
+    for name, level in _CHATTY.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose >= level else logging.WARNING)

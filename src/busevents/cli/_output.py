@@ -8,6 +8,7 @@ only when stderr is a terminal (or ``--color always``) and ``NO_COLOR`` is unset
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 from typing import TYPE_CHECKING, BinaryIO, Literal
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 if TYPE_CHECKING:
     from busevents import Event
 
-__all__ = ["Diagnostics", "Results", "TextFormatter", "use_color"]
+__all__ = ["Diagnostics", "Results", "TextFormatter", "escape_controls", "use_color"]
 
 ColorMode = Literal["auto", "always", "never"]
 
@@ -23,6 +24,28 @@ _RED = "\x1b[31m"
 _YELLOW = "\x1b[33m"
 _BOLD = "\x1b[1m"
 _RESET = "\x1b[0m"
+
+
+#: C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\r``).
+
+    For every text-format field that may come from someone else (event names,
+    ids, correlation ids, payloads, server messages): an escape sequence in
+    it must not retitle, clear or rewrite the reader's terminal.  JSON output
+    is never passed through this: it stays byte-exact.
+    """
+    return _CONTROLS.sub(_escaped, text)
 
 
 def use_color(mode: ColorMode, stream: object) -> bool:
@@ -53,22 +76,23 @@ class Diagnostics:
         except (BrokenPipeError, ValueError):
             pass
 
+    # Messages may quote what a server or another identity sent: controls are escaped.
     def error(self, message: str) -> None:
-        self._write(f"bus-events: {self._paint('error:', _RED + _BOLD)} {message}")
+        self._write(f"bus-events: {self._paint('error:', _RED + _BOLD)} {escape_controls(message)}")
 
     def warning(self, message: str) -> None:
-        self._write(f"bus-events: {self._paint('warning:', _YELLOW)} {message}")
+        self._write(f"bus-events: {self._paint('warning:', _YELLOW)} {escape_controls(message)}")
 
     def hint(self, message: str) -> None:
-        self._write(f"bus-events: hint: {message}")
+        self._write(f"bus-events: hint: {escape_controls(message)}")
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            self._write(f"bus-events: {message}")
+            self._write(f"bus-events: {escape_controls(message)}")
 
     def info(self, message: str) -> None:
         if self.verbose:
-            self._write(f"bus-events: {message}")
+            self._write(f"bus-events: {escape_controls(message)}")
 
     def paint_name(self, text: str) -> str:
         return self._paint(text, _BOLD)
@@ -117,8 +141,9 @@ class Results:
 class TextFormatter:
     """One aligned line per event: time, name, short id, correlation id, payload.
 
-    No color: stdout carries data (spec §5: color only on stderr).  On a
-    terminal the payload is cut to the terminal's width.
+    No color: stdout carries data (color only on stderr).  On a terminal the
+    payload is cut to the terminal's width.  Control characters in any field
+    are escaped (see :func:`escape_controls`).
     """
 
     def __init__(self, terminal: bool) -> None:
@@ -126,16 +151,18 @@ class TextFormatter:
         self.name_width = 12
 
     def line(self, event: Event) -> bytes:
-        self.name_width = max(self.name_width, min(len(event.name), 40))
-        event_id = event.id if len(event.id) <= 16 else "…" + event.id[-15:]
-        correlation = event.correlation_id or "-"
+        name = escape_controls(event.name)
+        self.name_width = max(self.name_width, min(len(name), 40))
+        event_id = escape_controls(event.id)
+        event_id = event_id if len(event_id) <= 16 else "…" + event_id[-15:]
+        correlation = escape_controls(event.correlation_id or "-")
         if len(correlation) > 16:
             correlation = correlation[:15] + "…"
         head = (
-            f"{event.time or '-':<27}  {event.name:<{self.name_width}}  "
+            f"{escape_controls(event.time or '-'):<27}  {name:<{self.name_width}}  "
             f"{event_id:<16}  {correlation:<16}  "
         )
-        payload = bytes(event.payload).decode("utf-8", "replace")
+        payload = escape_controls(bytes(event.payload).decode("utf-8", "replace"))
         if self.width is not None:
             room = max(self.width - len(head), 10)
             if len(payload) > room:

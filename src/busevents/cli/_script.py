@@ -1,21 +1,29 @@
 """``bus-events run FILE.bus…``: run ``.bus`` scripts of ``events …`` command lines.
 
-A ``.bus`` file (spec §5) is UTF-8 text: blank lines and ``#`` comments are
-ignored, a trailing ``\\`` continues a line, words are quoted like a shell's
-(``'…'``, ``"…"``, ``\\``) but nothing is expanded and ``|``, ``;`` are plain
-characters.  Each command line targets this module: ``events send …``,
-``events listen …`` (a leading ``bus`` is allowed).  Other lines:
+A ``.bus`` file (upstream's ``bus-script-files`` page) is UTF-8 text: blank
+lines and ``#`` comments are ignored, a trailing ``\\`` continues a line, words
+are quoted like a shell's (``'…'``, ``"…"``, ``\\``) but nothing is expanded and
+``|``, ``;`` are plain characters.  Each command line targets this module:
+``events send …``, ``events listen …`` (a leading ``bus`` is allowed).  Other
+lines:
 
-* a line of global flags only (``--format json``, ``--quiet``, ``--chdir d``)
-  is *sticky*: it applies to every later command of the run; ``--no-format``,
-  ``--no-quiet``, ``--no-chdir``, … drop it again;
+* a line of global flags only (``--format json``, ``--quiet``, ``--chdir d``,
+  ``--perf``) is *sticky*: it applies to every later command of the run.  It
+  is parsed by the same cyclopts meta-app as the real command line; a later
+  value replaces an earlier one, and ``--no-format``, ``--no-quiet``,
+  ``--no-verbose``, ``--no-chdir``, ``--no-output``, ``--no-perf``, … drop one;
 * a line that is one ``*.bus`` path includes that file (relative to the file
-  that names it); include cycles are an error.
+  that names it).
 
-Every file is read, tokenised and checked (global flags, command options)
-before anything runs: one error anywhere and nothing runs, exit 2, with the
-file and line named.  Then the commands run in order; the first that fails
-stops the run with its exit status.
+Every file is read, tokenised and checked before anything runs: each command
+is run in check mode (options, payload JSON, durations, option combinations,
+the URL and token), so one error anywhere means nothing runs.  A tokenisation
+error exits 65 (``FILE:LINE: syntax error: …``), any other 2.  Then the
+commands run in order; the first that fails stops the run with its exit
+status and ``FILE:LINE: command failed (exit N): COMMAND``.
+
+Local input is bounded: a file's size, the include depth, the number of files
+read through includes and the number of commands.
 """
 
 from __future__ import annotations
@@ -24,49 +32,90 @@ import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from cyclopts import Parameter
+from cyclopts import CycloptsError, Parameter
 
-from ._app import EXIT_OK, Globals, UsageError, app, current
+from ._app import (
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    app,
+    apply_globals,
+    check_mode,
+    current,
+    meta_options,
+    run_parsed,
+    run_with,
+    suggest,
+    usage_message,
+)
 
 MODULE = "events"
+EXIT_SYNTAX = 65  # upstream: a busfile syntax or tokenisation error
 
-#: Global flags a sticky line may set: flag → takes a value.  Aliases map to one key.
-_STICKY_FLAGS: dict[str, tuple[str, bool]] = {
-    "--format": ("--format", True),
-    "-f": ("--format", True),
-    "--chdir": ("--chdir", True),
-    "-C": ("--chdir", True),
-    "--color": ("--color", True),
-    "--api-url": ("--api-url", True),
-    "--token-file": ("--token-file", True),
-    "--timeout": ("--timeout", True),
-    "--quiet": ("--quiet", False),
-    "-q": ("--quiet", False),
-    "--verbose": ("--verbose", False),
-    "-v": ("--verbose", False),
-    "--no-color": ("--color", False),
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_INCLUDE_DEPTH = 64
+MAX_FILES_READ = 10_000  # includes counted each time they are expanded
+MAX_COMMANDS = 100_000
+
+#: ``--no-X`` on a flags-only line drops a sticky flag (the meta-app parameter's name).
+_RESETS = {
+    "--no-perf": "perf",
+    "--no-quiet": "quiet",
+    "--no-verbose": "verbose",
+    "--no-chdir": "chdir",
+    "--no-output": "output",
+    "--no-format": "format",
+    "--no-api-url": "api_url",
+    "--no-token-file": "token_file",
+    "--no-timeout": "timeout",
 }
+#: Flags that exclude each other: a later layer's one drops an earlier layer's other.
+_EXCLUSIVE = {"quiet": "verbose", "verbose": "quiet"}
 
 
 class ScriptError(Exception):
-    """A problem found before anything ran, at ``path:line``."""
+    """A problem found before anything ran, at ``path:line`` (exit ``status``)."""
 
-    def __init__(self, path: Path, line: int, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+    def __init__(
+        self, path: Path | str, line: int | None, message: str, status: int = EXIT_USAGE
+    ) -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {message}")
+        self.status = status
+
+
+class ScriptSyntaxError(ScriptError):
+    """A line that cannot be tokenised: exit 65, ``FILE:LINE: syntax error: …``."""
+
+    def __init__(self, path: Path | str, line: int, message: str) -> None:
+        super().__init__(path, line, f"syntax error: {message}", EXIT_SYNTAX)
+
+
+class _Unterminated(ValueError):
+    """A dangling ``\\`` at the end of the text (carries its line number)."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"line {line}: dangling \\ at the end of the file")
+        self.line = line
 
 
 @dataclass
 class Command:
-    """One command to run: where it came from and its full argv (sticky flags first)."""
+    """One command to run: where it came from, as written, and its parsed global flags."""
 
     path: Path
     line: int
-    argv: list[str]
+    words: list[str]  # the line as written, for messages
+    flags: dict[str, Any]  # sticky flags, then the line's own
+    tokens: list[str]  # the command and its options
+
+    def text(self) -> str:
+        return shlex.join(self.words)
 
 
 @dataclass
@@ -74,17 +123,20 @@ class Script:
     """The commands of a run, in order, after every file was read and checked."""
 
     commands: list[Command] = field(default_factory=list)
-    sticky: dict[str, list[str]] = field(default_factory=dict)
-
-    def sticky_argv(self) -> list[str]:
-        return [word for words in self.sticky.values() for word in words]
+    sticky: dict[str, Any] = field(default_factory=dict)
+    files_read: int = 0
 
 
 def logical_lines(text: str) -> list[tuple[int, str]]:
-    """Join ``\\``-continued lines; each result keeps the number of its first line."""
+    """Join ``\\``-continued lines; each result keeps the number of its first line.
+
+    A ``\\`` continuing the last line of the text is a dangling escape: raises
+    :class:`ValueError` (upstream: a syntax error, exit 65).
+    """
     out: list[tuple[int, str]] = []
     pending: list[str] = []
     start = 0
+    number = 0
     for number, raw in enumerate(text.splitlines(), start=1):
         if not pending:
             start = number
@@ -97,102 +149,182 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
         out.append((start, " ".join(pending)))
         pending = []
     if pending:
-        out.append((start, " ".join(pending)))
+        raise _Unterminated(number)
     return out
 
 
+def _tokenise(path: Path | str, line: int, source: str) -> list[str]:
+    try:
+        return shlex.split(source, comments=True, posix=True)
+    except ValueError as exc:
+        reason = "unterminated quote" if "quotation" in str(exc) else str(exc).lower()
+        raise ScriptSyntaxError(path, line, reason) from None
+
+
+def _layer(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """One line's global flags, normalised: ``--no-color`` is ``--color never``."""
+    out = dict(flags)
+    if out.pop("no_color", False):
+        out["color"] = "never"
+    return out
+
+
+def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Later layers win, flag by flag (``-q`` after ``-v`` replaces it)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key in layer:
+            if key in _EXCLUSIVE:
+                merged.pop(_EXCLUSIVE[key], None)
+        merged.update(layer)
+    return merged
+
+
+def _parse_globals(path: Path, line: int, words: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The global flags of ``words`` (by meta-app parameter name) and the other words."""
+    try:
+        _, bound, _ = app.meta.parse_args(words, exit_on_error=False, print_error=False)
+    except CycloptsError as exc:
+        raise ScriptError(path, line, usage_message(exc)) from None
+    arguments = dict(bound.arguments)
+    tokens = list(arguments.pop("tokens", ()))
+    if not arguments.get("verbose"):
+        arguments.pop("verbose", None)  # a count: 0 when not given
+    return _layer(arguments), tokens
+
+
 def _sticky(script: Script, path: Path, line: int, words: list[str]) -> None:
-    index = 0
-    while index < len(words):
-        word = words[index]
-        flag, _, inline = word.partition("=") if word.startswith("--") else (word, "", "")
-        if flag.startswith("--no-") and flag != "--no-color":
-            key = "--" + flag[len("--no-") :]
-            if key not in {k for k, _ in _STICKY_FLAGS.values()}:
-                raise ScriptError(path, line, f"unknown global flag {word!r}")
-            script.sticky.pop(key, None)
-            index += 1
-            continue
-        if flag in ("--output", "-o"):
-            raise ScriptError(
-                path, line, "--output is not sticky: give it to `bus-events run` or to one command"
-            )
-        if flag not in _STICKY_FLAGS:
-            raise ScriptError(path, line, f"unknown global flag {word!r} on a flags-only line")
-        key, takes_value = _STICKY_FLAGS[flag]
-        if flag == "--no-color":
-            script.sticky[key] = ["--no-color"]
-        elif takes_value:
-            value = inline or (words[index + 1] if index + 1 < len(words) else None)
-            if value is None:
-                raise ScriptError(path, line, f"{flag} needs a value")
-            if key == "--chdir":
-                value = str((path.parent / value).resolve())  # relative to the script
-            script.sticky[key] = [key, value]
-            index += 0 if inline else 1
-        else:
-            script.sticky[key] = [key]
-        index += 1
+    resets = [w for w in words if w in _RESETS]
+    flags, rest = _parse_globals(path, line, [w for w in words if w not in _RESETS])
+    if rest:
+        what = rest[0]
+        if what.startswith("-"):
+            raise ScriptError(path, line, f"unknown global flag {_unknown_flag(what)}")
+        raise ScriptError(
+            path, line, f"a line of global flags holds {what!r}: put a command after {MODULE}"
+        )
+    if "output" in flags:
+        raise ScriptError(
+            path, line, "--output is not sticky: give it to `bus-events run` or to one command"
+        )
+    if "chdir" in flags:  # relative to the script, wherever it is run from
+        flags["chdir"] = str((path.parent / flags["chdir"]).resolve())
+    for word in resets:
+        script.sticky.pop(_RESETS[word], None)
+    script.sticky = _merge(script.sticky, flags)
 
 
-def load(paths: list[Path], script: Script | None = None, stack: tuple[Path, ...] = ()) -> Script:
-    """Read, tokenise and check ``paths`` (and their includes) into one :class:`Script`."""
+def _unknown_flag(flag: str) -> str:
+    """``'--colour'; did you mean '--color'?`` for an unknown global flag."""
+    name = flag.split("=", 1)[0]  # never echo a value
+    return f"{name!r}{suggest(name, meta_options())}"
+
+
+def _read(given: Path, where: tuple[Path, int] | None) -> str:
+    """The text of ``given``, bounded; errors name the including line (``where``)."""
+    at: tuple[Path | str, int | None] = where if where else (given, None)
+    try:
+        with given.open("rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ScriptError(*at, f"cannot read {given}: {exc.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ScriptError(
+            *at, f"{given} is larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB: not a script"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ScriptSyntaxError(given, line, "not UTF-8 text") from None
+
+
+def load(
+    paths: list[Path],
+    script: Script | None = None,
+    stack: tuple[tuple[Path, Path, int], ...] = (),
+) -> Script:
+    """Read, tokenise and check ``paths`` (and their includes) into one :class:`Script`.
+
+    ``stack`` holds the including files (resolved path, path as given, line).
+    """
     script = script or Script()
     for given in paths:
         path = given.resolve()
-        if path in stack:
-            chain = " → ".join(p.name for p in (*stack, path))
-            raise ScriptError(stack[-1], 0, f"include cycle: {chain}")
+        where = (stack[-1][1], stack[-1][2]) if stack else None
+        if where is not None and any(path == p for p, _, _ in stack):
+            chain = " → ".join(p.name for p in (*(p for p, _, _ in stack), path))
+            raise ScriptError(*where, f"include cycle: {chain}")
+        if len(stack) > MAX_INCLUDE_DEPTH:
+            assert where is not None
+            raise ScriptError(*where, f"includes nested more than {MAX_INCLUDE_DEPTH} deep")
+        script.files_read += 1
+        if script.files_read > MAX_FILES_READ:
+            at: tuple[Path, int | None] = where or (given, None)
+            raise ScriptError(
+                *at,
+                f"more than {MAX_FILES_READ:,} files read through includes "
+                "(does an include graph repeat files?)",
+            )
+        text = _read(given, where)
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ScriptError(given, 1, "not UTF-8 text") from None
-        except OSError as exc:
-            where = stack[-1] if stack else given
-            raise ScriptError(where, 0, f"cannot read {given}: {exc.strerror}") from None
-        for line, source in logical_lines(text):
-            try:
-                words = shlex.split(source, comments=True, posix=True)
-            except ValueError as exc:  # unterminated quote, trailing escape
-                raise ScriptError(given, line, f"cannot split the line: {exc}") from None
+            lines = logical_lines(text)
+        except _Unterminated as exc:
+            raise ScriptSyntaxError(given, exc.line, "dangling \\ at the end of the file") from None
+        for line, source in lines:
+            words = _tokenise(given, line, source)
             if not words:
                 continue
             if len(words) == 1 and words[0].endswith(".bus"):
-                load([path.parent / words[0]], script, (*stack, path))
+                load([path.parent / words[0]], script, (*stack, (path, given, line)))
                 continue
-            if words[0].startswith("-"):
-                _sticky(script, given, line, words)
-                continue
-            if words[0] == "bus":
-                words = words[1:]
-            if not words or words[0] != MODULE:
-                other = words[0] if words else "(nothing)"
-                raise ScriptError(
-                    given,
-                    line,
-                    f"{other!r} is not this module ({MODULE}): lines for other Bus modules "
-                    "are run by the bus dispatcher (bus run FILE)",
-                )
-            argv = [*script.sticky_argv(), *words[1:]]
-            _check(given, line, argv)
-            script.commands.append(Command(given, line, argv))
+            _line(script, given, line, words)
     return script
 
 
-def _check(path: Path, line: int, argv: list[str]) -> None:
-    """Parse ``argv`` as the CLI would, without running it: usage errors surface now."""
-    import cyclopts
+def _line(script: Script, path: Path, line: int, words: list[str]) -> None:
+    if words[0].startswith("-") and any(w in _RESETS for w in words):
+        _sticky(script, path, line, words)
+        return
+    flags, rest = _parse_globals(path, line, words)
+    if not rest:
+        _sticky(script, path, line, words)
+        return
+    if rest[0] == "bus":
+        rest = rest[1:]
+    if not rest or rest[0] != MODULE:
+        other = rest[0] if rest else "(nothing)"
+        if other.startswith("-"):
+            raise ScriptError(path, line, f"unknown global flag {_unknown_flag(other)}")
+        raise ScriptError(
+            path,
+            line,
+            f"{other!r} is not this module ({MODULE}){suggest(other, [MODULE])}: lines for "
+            "other Bus modules are run by the bus dispatcher (bus run FILE)",
+        )
+    if len(rest) == 1:
+        raise ScriptError(path, line, "no command after the module name")
+    if len(script.commands) >= MAX_COMMANDS:
+        raise ScriptError(path, line, f"more than {MAX_COMMANDS:,} commands in one run")
+    script.commands.append(Command(path, line, words, _merge(script.sticky, flags), rest[1:]))
 
+
+def preflight(script: Script, outer: Mapping[str, Any]) -> None:
+    """Check every command as it would run (in check mode): raise the first problem."""
+    from busevents import ConfigError
+
+    home = os.getcwd()
     try:
-        _, bound, _ = app.meta.parse_args(argv, exit_on_error=False, print_error=False)
-        tokens = bound.arguments.get("tokens", ())
-        if not tokens:
-            raise ScriptError(path, line, "no command after the module name")
-        if tokens[0] == "run":
-            raise ScriptError(path, line, "run cannot be used inside a script: include the file")
-        app.parse_args(list(tokens), exit_on_error=False, print_error=False)
-    except cyclopts.CycloptsError as exc:
-        raise ScriptError(path, line, " ".join(str(exc).split())) from None
+        for command in script.commands:
+            try:
+                with check_mode():
+                    run_with(_merge(outer, command.flags), command.tokens)
+            except (CycloptsError, UsageError, ConfigError) as exc:
+                raise ScriptError(command.path, command.line, usage_message(exc)) from None
+            finally:
+                os.chdir(home)
+    finally:
+        apply_globals(outer)  # the run's own flags again, for its own messages
 
 
 @app.command
@@ -203,30 +335,39 @@ def run(
 ) -> int:
     """Run .bus script files: `events send …` / `events listen …` lines.
 
-    Every file is checked first (quoting, includes, options); one error anywhere
-    and nothing runs (exit 2).  Commands then run in order; the first failure
-    stops the run with its exit status.  A script can start with
-    `#!/usr/bin/env -S bus-events run`.
+    Every file is checked first (quoting, includes, options, payloads, the
+    token); one error anywhere and nothing runs: exit 65 for a syntax error
+    (FILE:LINE: syntax error: …), 2 for any other.  Commands then run in order;
+    the first failure stops the run with its exit status.  A script can start
+    with `#!/usr/bin/env -S bus-events run`.
 
     Example: bus-events run deploy-checks.bus
     """
-    from ._app import run as run_argv
-
     g = current()
+    diag = g.diagnostics()
+    output = g.output
+    # The flags given to `bus-events run` itself hold for every command, but -o
+    # (every command's results go to that one file) and -C (already applied).
+    outer = {k: v for k, v in g.given.items() if k not in ("output", "chdir")}
     try:
         script = load(list(files))
+        preflight(script, outer)
     except ScriptError as exc:
-        raise UsageError(str(exc)) from None
-    outer = _outer_globals(g)
+        diag.error(str(exc))
+        return exc.status
     home = os.getcwd()
-    with _results_to(g.output):
+    with _results_to(output):
         for command in script.commands:
-            g.diagnostics().info(f"{command.path}:{command.line}: events {' '.join(command.argv)}")
+            diag.info(f"{command.path}:{command.line}: {command.text()}")
             try:
-                status = run_argv([*outer, *command.argv])
+                status = run_parsed(_merge(outer, command.flags), command.tokens)
             finally:
                 os.chdir(home)
             if status != EXIT_OK:
+                diag.error(
+                    f"{command.path}:{command.line}: command failed (exit {status}): "
+                    f"{command.text()}"
+                )
                 return status
     return EXIT_OK
 
@@ -253,22 +394,4 @@ def _results_to(path: str | None) -> Iterator[None]:
         os.close(saved)
 
 
-def _outer_globals(g: Globals) -> list[str]:
-    """The global flags given to ``bus-events run`` itself (but -o), for every command."""
-    argv: list[str] = []
-    if g.api_url:
-        argv += ["--api-url", g.api_url]
-    if g.token_file:
-        argv += ["--token-file", g.token_file]
-    if g.timeout_given:
-        argv += ["--timeout", f"{g.timeout}s"]
-    if g.verbose:
-        argv += ["-" + "v" * g.verbose]
-    if g.quiet:
-        argv += ["--quiet"]
-    if g.format:
-        argv += ["--format", g.format]
-    return argv
-
-
-__all__ = ["ScriptError", "load", "logical_lines", "run"]
+__all__ = ["ScriptError", "ScriptSyntaxError", "load", "logical_lines", "run"]

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 from cyclopts import Parameter
 
 from ._app import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app
-from ._commands import _client, _parse_payload, run_client_command
+from ._commands import _client, _mib, _parse_payload, run_client_command
+from ._output import escape_controls
 
 if TYPE_CHECKING:
     import trio
@@ -54,7 +55,11 @@ def send(
     ] = None,
     metadata: Annotated[
         list[str] | None,
-        Parameter(help="KEY=VALUE metadata, repeatable.", negative_iterable=""),
+        Parameter(
+            help="KEY=VALUE metadata: --metadata a=1 b=2, or repeated.",
+            negative_iterable="",
+            consume_multiple=True,
+        ),
     ] = None,
     retry: Annotated[
         int,
@@ -102,7 +107,9 @@ def send(
             raise UsageError("--concurrency must be at least 1")
         return _send_ndjson(ndjson, name, meta, retry, concurrency, fail_fast)
     if name is None:
-        raise UsageError("send needs --name (or --ndjson FILE); e.g. send --name example.ping")
+        raise UsageError(
+            "send needs --name (or --ndjson FILE), e.g. bus-events send --name example.ping"
+        )
     if payload is not None and payload_file is not None:
         raise UsageError("give --payload or --payload-file, not both")
     # Parsed before anything is sent: an invalid payload sends nothing.
@@ -130,7 +137,8 @@ def send(
             if g.format == "json":
                 results.write(raw.strip() + b"\n")
             else:
-                results.write(f"accepted {accepted.name} {accepted.id}\n".encode())
+                text = f"accepted {accepted.name} {accepted.id}"
+                results.write(escape_controls(text).encode() + b"\n")
         finally:
             results.close()
         return EXIT_OK
@@ -151,7 +159,7 @@ def _send_ndjson(
         raw = sys.stdin.buffer
     else:
         try:
-            raw = open(source, "rb")  # noqa: SIM115 - closed by _lines
+            raw = open(source, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise UsageError(f"--ndjson: cannot read {source}: {exc.strerror}") from None
 
@@ -171,7 +179,11 @@ def _send_ndjson(
             results.close()
         return EXIT_FAILURE if batch.failed else EXIT_OK
 
-    return run_client_command(body)
+    try:
+        return run_client_command(body)
+    finally:
+        if raw is not sys.stdin.buffer:
+            raw.close()
 
 
 class _Batch:
@@ -241,6 +253,13 @@ class _Batch:
             receive_channel.close()
             async with send_channel:
                 async for number, line in _lines(source):
+                    if line is None:
+                        self.fail(
+                            number,
+                            f"longer than {_mib(MAX_LINE)}: not an event",
+                            nursery.cancel_scope,
+                        )
+                        continue
                     request = self._parse(number, line, nursery.cancel_scope)
                     if request is not None:
                         await send_channel.send((number, request))
@@ -286,26 +305,47 @@ def _line_decoder() -> Callable[[bytes], Any]:
     return msgspec.json.Decoder(Line).decode
 
 
-async def _lines(source: BinaryIO) -> AsyncIterator[tuple[int, bytes]]:
-    """Numbered non-blank lines of ``source``, read in blocks as they become available."""
+#: Longest ``--ndjson`` line: longer ones are reported (by number) and skipped unread.
+MAX_LINE = 16 * 1024 * 1024
+
+
+async def _lines(
+    source: BinaryIO, max_line: int = MAX_LINE
+) -> AsyncIterator[tuple[int, bytes | None]]:
+    """Numbered non-blank lines of ``source``, read in blocks as they become available.
+
+    A line longer than ``max_line`` bytes is given as ``None`` (once) and the
+    rest of it is skipped without being kept.  Each byte is looked at once: a
+    long line arriving in many blocks costs linear time.
+    """
     import trio
 
     stream = trio.wrap_file(source)
     number = 0
-    rest = b""
-    try:
-        while True:
-            block: bytes = await stream.read1(1 << 16)  # type: ignore[misc]
-            if not block:
-                break
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop()
-            for line in lines:
-                number += 1
-                if line.strip():
-                    yield number, line
-        if rest.strip():
-            yield number + 1, rest
-    finally:
-        if source is not sys.stdin.buffer:
-            await stream.aclose()
+    pending = bytearray()  # the start of the current line
+    skipping = False  # the current line is too long: drop it up to its newline
+    while True:
+        block: bytes = await stream.read1(1 << 16)  # type: ignore[misc]
+        if not block:
+            break
+        start = 0
+        while (end := block.find(b"\n", start)) >= 0:
+            number += 1
+            if skipping:
+                skipping = False
+            else:
+                pending += block[start:end]
+                if len(pending) > max_line:
+                    yield number, None
+                elif pending.strip():
+                    yield number, bytes(pending)
+                pending.clear()
+            start = end + 1
+        if not skipping:
+            pending += memoryview(block)[start:]
+            if len(pending) > max_line:
+                skipping = True
+                pending.clear()
+                yield number + 1, None
+    if not skipping and pending.strip():
+        yield number + 1, bytes(pending)
