@@ -73,6 +73,7 @@ async def test_the_echo_worker_answers_the_requester(  # type: ignore[no-untyped
     assert b"bad_request" in refused.stderr and b"expected a JSON object" in refused.stderr
     assert status == 0, worker.stderr
     assert b"received SIGTERM" in worker.stderr
+    assert b"HTTP Request" not in worker.stderr  # no line per publish at the default level
 
 
 async def test_a_required_worker_that_cannot_connect_exits_1(cli_env) -> None:  # type: ignore[no-untyped-def]

@@ -150,17 +150,38 @@ class Token:
     __str__ = __repr__
 
 
+#: Largest token file: a JWT is a few KiB; anything bigger is not a token file.
+MAX_TOKEN_FILE = 64 * 1024
+
+
 def _read_token_file(path: Path, source: str) -> Token:
     try:
-        with path.open("rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            data = fh.read(64 * 1024)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise TokenError(f"token file {path} ({source}) does not exist") from None
     except IsADirectoryError:
         raise TokenError(f"token file {path} ({source}) is a directory") from None
     except OSError as exc:
         raise TokenError(f"cannot read token file {path} ({source}): {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode  # of what was opened, symlinks followed
+        if stat.S_ISDIR(mode):
+            raise TokenError(f"token file {path} ({source}) is a directory")
+        if not stat.S_ISREG(mode):
+            raise TokenError(
+                f"token file {path} ({source}) is not a regular file "
+                "(a FIFO, socket or device): write the token to a file"
+            )
+        try:
+            data = fh.read(MAX_TOKEN_FILE + 1)
+        except OSError as exc:
+            raise TokenError(f"cannot read token file {path} ({source}): {exc.strerror}") from None
+    if len(data) > MAX_TOKEN_FILE:
+        raise TokenError(
+            f"token file {path} ({source}) is larger than {MAX_TOKEN_FILE // 1024} KiB: "
+            "not a token file"
+        )
     if os.name == "posix" and stat.S_IMODE(mode) & 0o077:
         log.warning(
             "token file %s is readable by group or others (mode %o); run: chmod 600 %s",
@@ -198,6 +219,7 @@ def find_token(
     if default.exists():
         return _read_token_file(default, "Bus auth config")
     raise TokenError(
-        f"no bearer token: use --token-file PATH, set {TOKEN_ENV} or {TOKEN_FILE_ENV}, "
-        f"or log in so that {default} exists (bus auth login)"
+        f"no bearer token: use --token-file PATH or set {TOKEN_ENV} or {TOKEN_FILE_ENV}; "
+        f"for a Bus deployment get one with `bus auth token` (read from {default}), "
+        "for the reference provider with `bus-events dev-token --write`"
     )

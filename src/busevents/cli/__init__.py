@@ -14,21 +14,53 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``bus-events`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    """Run ``bus-events`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    A reader that goes away while help or results are written (``| head -1``)
+    ends the command quietly with status 0.
+    """
     args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(args)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except SystemExit as exc:
+        # rich (cyclopts' help) turns a closed pipe into exit 1 without a word.
+        if isinstance(exc.__context__, BrokenPipeError):
+            _silence_stdout()
+            return 0
+        raise
+
+
+def _main(args: list[str]) -> int:
     if args in (["--version"], ["-V"]):
         from .._version import __version__
 
         sys.stdout.write(f"bus-events {__version__}\n")
+        sys.stdout.flush()
         return 0
     if args in (["--help"], ["-h"]):
         from ._helptext import stored
 
         sys.stdout.write(stored())
+        sys.stdout.flush()
         return 0
     from ._app import run
 
     return run(args)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def console_main() -> None:

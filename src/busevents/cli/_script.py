@@ -29,6 +29,7 @@ read through includes and the number of commands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import sys
@@ -183,11 +184,18 @@ def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
 def _parse_globals(path: Path, line: int, words: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The global flags of ``words`` (by meta-app parameter name) and the other words."""
     try:
-        _, bound, _ = app.meta.parse_args(words, exit_on_error=False, print_error=False)
+        flags, tokens = _parse_meta(tuple(words))
     except CycloptsError as exc:
         raise ScriptError(path, line, usage_message(exc)) from None
+    return dict(flags), list(tokens)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_meta(words: tuple[str, ...]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    # Cached: cyclopts takes a good fraction of a second per parse, and includes repeat lines.
+    _, bound, _ = app.meta.parse_args(list(words), exit_on_error=False, print_error=False)
     arguments = dict(bound.arguments)
-    tokens = list(arguments.pop("tokens", ()))
+    tokens = tuple(arguments.pop("tokens", ()))
     if not arguments.get("verbose"):
         arguments.pop("verbose", None)  # a count: 0 when not given
     return _layer(arguments), tokens
@@ -239,47 +247,69 @@ def _read(given: Path, where: tuple[Path, int] | None) -> str:
         raise ScriptSyntaxError(given, line, "not UTF-8 text") from None
 
 
-def load(
-    paths: list[Path],
-    script: Script | None = None,
-    stack: tuple[tuple[Path, Path, int], ...] = (),
-) -> Script:
+def load(paths: list[Path]) -> Script:
     """Read, tokenise and check ``paths`` (and their includes) into one :class:`Script`.
 
-    ``stack`` holds the including files (resolved path, path as given, line).
+    First every file is read and tokenised (syntax errors, includes and the
+    bounds, cheap), then each line is parsed as global flags or a command.
     """
-    script = script or Script()
+    reader = _Reader()
     for given in paths:
+        reader.read(given, ())
+    script = Script(files_read=reader.files_read)
+    for path, line, words in reader.lines:
+        _line(script, path, line, words)
+    return script
+
+
+class _Reader:
+    """Reads files and expands includes into one list of tokenised lines, bounded."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[Path, int, list[str]]] = []
+        self.files_read = 0
+        self._tokenised: dict[Path, list[tuple[int, list[str]]]] = {}  # an include read once
+
+    def read(self, given: Path, stack: tuple[tuple[Path, Path, int], ...]) -> None:
+        """``stack``: the including files (resolved path, path as given, line)."""
         path = given.resolve()
         where = (stack[-1][1], stack[-1][2]) if stack else None
         if where is not None and any(path == p for p, _, _ in stack):
             chain = " → ".join(p.name for p in (*(p for p, _, _ in stack), path))
             raise ScriptError(*where, f"include cycle: {chain}")
-        if len(stack) > MAX_INCLUDE_DEPTH:
-            assert where is not None
+        if where is not None and len(stack) > MAX_INCLUDE_DEPTH:
             raise ScriptError(*where, f"includes nested more than {MAX_INCLUDE_DEPTH} deep")
-        script.files_read += 1
-        if script.files_read > MAX_FILES_READ:
+        self.files_read += 1
+        if self.files_read > MAX_FILES_READ:
             at: tuple[Path, int | None] = where or (given, None)
             raise ScriptError(
                 *at,
                 f"more than {MAX_FILES_READ:,} files read through includes "
                 "(does an include graph repeat files?)",
             )
+        if path not in self._tokenised:
+            self._tokenised[path] = self._tokenise(given, where)
+        for line, words in self._tokenised[path]:
+            if len(words) == 1 and words[0].endswith(".bus"):
+                self.read(path.parent / words[0], (*stack, (path, given, line)))
+                continue
+            if len(self.lines) >= MAX_COMMANDS:
+                raise ScriptError(given, line, f"more than {MAX_COMMANDS:,} lines to run")
+            self.lines.append((given, line, words))
+
+    @staticmethod
+    def _tokenise(given: Path, where: tuple[Path, int] | None) -> list[tuple[int, list[str]]]:
         text = _read(given, where)
         try:
             lines = logical_lines(text)
         except _Unterminated as exc:
             raise ScriptSyntaxError(given, exc.line, "dangling \\ at the end of the file") from None
+        out = []
         for line, source in lines:
             words = _tokenise(given, line, source)
-            if not words:
-                continue
-            if len(words) == 1 and words[0].endswith(".bus"):
-                load([path.parent / words[0]], script, (*stack, (path, given, line)))
-                continue
-            _line(script, given, line, words)
-    return script
+            if words:
+                out.append((line, words))
+        return out
 
 
 def _line(script: Script, path: Path, line: int, words: list[str]) -> None:
@@ -314,11 +344,17 @@ def preflight(script: Script, outer: Mapping[str, Any]) -> None:
     from busevents import ConfigError
 
     home = os.getcwd()
+    checked: set[str] = set()  # a command repeated as is (an included file) is checked once
     try:
         for command in script.commands:
+            flags = _merge(outer, command.flags)
+            key = repr((sorted(flags.items()), command.tokens))
+            if key in checked:
+                continue
+            checked.add(key)
             try:
                 with check_mode():
-                    run_with(_merge(outer, command.flags), command.tokens)
+                    run_with(flags, command.tokens)
             except (CycloptsError, UsageError, ConfigError) as exc:
                 raise ScriptError(command.path, command.line, usage_message(exc)) from None
             finally:

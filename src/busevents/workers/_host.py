@@ -173,6 +173,9 @@ def run_host(
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             stream=sys.stderr,
         )
+        # What an operator needs (ready, reconnects, handler errors), not a line per request.
+        for chatty in ("httpx", "httpcore"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
 
     async def main() -> None:
         from .._client import EventsClient
