@@ -268,9 +268,11 @@ def run_with(flags: Mapping[str, Any], tokens: Sequence[str]) -> int:
         if tokens[0] not in CHECKABLE:
             app.parse_args(tokens, exit_on_error=False, print_error=False)
             return EXIT_OK
+    # Read now: a command of `run` sets the globals again for itself.
+    perf = g.perf and not g.quiet and not checking()
     start = time.perf_counter()
     result = app(tokens)
-    if g.perf and not g.quiet:
+    if perf:
         _write_stderr(f"INFO perf bus-events {tokens[0]} {time.perf_counter() - start:.3f}\n")
     return result if isinstance(result, int) else EXIT_OK
 
