@@ -55,7 +55,11 @@ class Duration(float):
         seconds = float(self)
         if seconds and seconds < 1:
             return f"{seconds * 1000:g}ms"
-        return f"{seconds:g}s"
+        if seconds < 60 or seconds != int(seconds):
+            return f"{seconds:g}s"
+        hours, rest = divmod(int(seconds), 3600)
+        parts = ((hours, "h"), *zip(divmod(rest, 60), ("m", "s"), strict=True))
+        return "".join(f"{n}{unit}" for n, unit in parts if n)
 
     __repr__ = __str__
 

@@ -7,10 +7,12 @@ from typing import Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_OK, UsageError, app, current
+from ._app import EXIT_OK, Duration, app, current
 from ._serve import provider_module, secret
 
 __all__ = ["dev_token"]
+
+_ONE_HOUR = Duration(3600.0)
 
 
 @app.command(name="dev-token")
@@ -22,7 +24,7 @@ def dev_token(
         Literal["ai.hg.fi/api", "ai.hg.fi/internal"],
         Parameter(help="api: an end user; internal: a trusted service."),
     ] = "ai.hg.fi/api",
-    ttl: Annotated[str, Parameter(help="Lifetime, Go syntax.")] = "1h",
+    ttl: Annotated[Duration, Parameter(help="Lifetime, Go syntax.")] = _ONE_HOUR,
     write: Annotated[
         bool,
         Parameter(
@@ -36,14 +38,10 @@ def dev_token(
 
     Example: export BUS_API_TOKEN="$(bus-events dev-token --scope 'events:send events:listen')"
     """
-    from busevents import ConfigError, config_root, parse_duration
+    from busevents import config_root
 
-    try:
-        seconds = parse_duration(ttl)
-    except ConfigError as exc:
-        raise UsageError(f"--ttl: {exc}") from None
     token: str = provider_module().mint_token(
-        secret(), subject=subject, scopes=scope, audience=audience, ttl=seconds
+        secret(), subject=subject, scopes=scope, audience=audience, ttl=float(ttl)
     )
     g = current()
     if write:
