@@ -117,6 +117,13 @@ class Backend(Protocol):
         """The stored events matching ``selector``, oldest first."""
         ...
 
+    async def ping(self) -> None:
+        """Return when the backend answers; raise (any exception) when it cannot.
+
+        The provider's ``/readyz`` probe calls it, under its own time limit.
+        """
+        ...
+
 
 class IdClock:
     """Event ids in Redis-stream form, ``"<unix-ms>-<seq>"``, with RFC 3339 times.

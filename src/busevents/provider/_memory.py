@@ -306,6 +306,10 @@ class MemoryBackend:
 
     # -- introspection -------------------------------------------------------
 
+    async def ping(self) -> None:
+        """Always answers: the memory backend lives in this process."""
+        await trio.lowlevel.checkpoint()
+
     def subscriber_count(self, name: str) -> int:
         """Connected broadcast listeners plus unicast consumers for exactly ``name``."""
         listeners = sum(len(s) for s in self._listeners.get(name, {}).values())
