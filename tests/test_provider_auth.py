@@ -160,7 +160,7 @@ async def test_protected_namespace_needs_its_scope(
         "required_scopes": ["vm:write"],
     }
     stream = await http.get(
-        prov.url + "/stream", params={"name": "bus.vm.start.request"}, headers=auth(plain)
+        prov.url + "/stream", params={"name": "bus.vm.status.response"}, headers=auth(plain)
     )
     assert (stream.status_code, stream.json()["required_scopes"]) == (403, ["vm:read"])
     allowed = prov.token("alice", scopes="vm:write")
@@ -168,25 +168,114 @@ async def test_protected_namespace_needs_its_scope(
     assert ok.status_code == 202
 
 
-@pytest.mark.parametrize(
-    ("name", "send", "listen"),
-    [
-        ("bus.container.admin.runner", "container:admin", "container:admin"),
-        ("bus.container.delete.one", "container:delete", "container:read"),
-        ("bus.container.run", "container:run", "container:read"),
-        ("bus.task.new", "task:send", "task:read"),
-        ("bus.dev.task.x", "dev:task:send", "dev:task:read"),
-        ("example.ping", "events:send", "events:listen"),
-    ],
-)
-async def test_required_scopes_follow_the_table(
-    prov: RunningProvider, http: httpx.AsyncClient, name: str, send: str, listen: str
+# What upstream's bus-api-provider-events page says, written out by hand: the
+# default table must give these (send, listen) scopes for these names.
+UPSTREAM = [
+    ("bus.vm.start.request", "vm:write", "vm:write"),
+    ("bus.vm.status.request", "vm:read", "vm:read"),
+    ("bus.llm.chat.completions.request", "llm:proxy", "llm:proxy"),
+    ("bus.containers.run.request", "container:run", "container:run"),
+    ("bus.containers.status.response", "container:read", "container:read"),
+    ("bus.containers.delete.request", "container:delete", "container:delete"),
+    ("bus.containers.runner.start.request", "container:admin", "container:admin"),
+    ("bus.usage.record.request", "usage:write", "usage:write"),
+    ("bus.usage.list.request", "usage:read", "usage:read"),
+    ("bus.usage.delete.request", "usage:delete", "usage:delete"),
+    ("bus.ssh.script.run.request", "ssh:run", "ssh:run"),
+    ("bus.billing.status.request", "billing:read", "billing:read"),
+    ("bus.billing.checkout_session.request", "billing:setup", "billing:setup"),
+    (
+        "bus.billing.entitlement.check.request",
+        "billing:entitlement:check",
+        "billing:entitlement:check",
+    ),
+    ("bus.billing.subscription.update", "billing:subscription:write", "billing:subscription:write"),
+    ("bus.billing.usage.export.request", "billing:usage:export", "billing:usage:export"),
+    ("bus.stripe.meter_event.record.request", "billing:provider", "billing:provider"),
+    ("bus.cloud.plan.request", "cloud:read", "cloud:read"),
+    ("bus.cloud.apply.request", "cloud:write", "cloud:write"),
+    ("bus.cloud.destroy.request", "cloud:destroy", "cloud:destroy"),
+    ("bus.database.status.request", "database:read", "database:read"),
+    ("bus.database.apply.request", "database:admin", "database:admin"),
+    ("bus.node.verify.request", "node:read", "node:read"),
+    ("bus.node.bootstrap.request", "node:admin", "node:admin"),
+    ("bus.inference.status.request", "inference:read", "inference:read"),
+    ("bus.inference.install.request", "inference:admin", "inference:admin"),
+    ("bus.task.create.request", "task:send", "task:read"),
+    ("bus.task.message", "task:reply", "task:read"),
+    ("bus.task.worker.start.request", "task:claim", "task:read"),
+    ("bus.task.assign.request", "task:admin", "task:read"),
+    ("bus.workers.list.request", "workers:read", "workers:read"),
+    ("bus.workers.create.request", "workers:write", "workers:read"),
+    ("bus.workers.pause.request", "workers:control", "workers:read"),
+    ("bus.workers.unknown.request", "workers:admin", "workers:read"),
+    ("bus.work.item", "work:send", "work:read"),
+    ("bus.dev.task.created", "dev:task:send", "dev:task:read"),
+    ("bus.readiness.probe", None, "events:listen"),
+    ("example.ping", "events:send", "events:listen"),
+    ("busy.signal", "events:send", "events:listen"),
+]
+
+
+@pytest.mark.parametrize(("name", "send", "listen"), UPSTREAM)
+def test_default_table_says_what_upstream_says(
+    name: str, send: str | None, listen: str | None
 ) -> None:
-    none = prov.token("alice", scopes="unrelated:scope")
-    published = await http.post(prov.url, json={"name": name}, headers=auth(none))
-    assert (published.status_code, published.json()["required_scopes"]) == (403, [send])
-    streamed = await http.get(prov.url + "/stream", params={"name": name}, headers=auth(none))
-    assert (streamed.status_code, streamed.json()["required_scopes"]) == (403, [listen])
+    policy = ScopePolicy.default()
+    assert policy.required(name, "send") == (None if send is None else (send,))
+    assert policy.required(name, "listen") == (None if listen is None else (listen,))
+
+
+def _example_name(prefix: str) -> str:
+    return prefix + "x.request" if prefix.endswith(".") else prefix
+
+
+_ALL_SCOPES = sorted(
+    {s for rule in ScopePolicy.default().rules for s in (rule.send, rule.listen) if s}
+    | {"events:send", "events:listen"}
+)
+
+
+@pytest.mark.parametrize(
+    "rule", ScopePolicy.default().rules, ids=[r.prefix for r in ScopePolicy.default().rules]
+)
+async def test_every_row_of_the_default_table_is_enforced(
+    prov: RunningProvider, http: httpx.AsyncClient, rule: Any
+) -> None:
+    name = _example_name(rule.prefix)
+    for action, needed in (("send", rule.send), ("listen", rule.listen)):
+
+        async def attempt(token: str, action: str = action) -> httpx.Response:
+            if action == "send":
+                return await http.post(prov.url, json={"name": name}, headers=auth(token))
+            params = {"name": name, "replay": "true", "follow": "false"}
+            return await http.get(prov.url + "/stream", params=params, headers=auth(token))
+
+        if needed is None:
+            refused = await attempt(prov.token("root", scopes=_ALL_SCOPES))
+            assert refused.status_code == 403
+            body = refused.json()
+            assert "reserved" in body["message"] and "required_scopes" not in body
+            continue
+        wrong = await attempt(prov.token("alice", scopes=[s for s in _ALL_SCOPES if s != needed]))
+        assert wrong.status_code == 403, (action, name)
+        assert wrong.json()["required_scopes"] == [needed]
+        assert needed in wrong.json()["message"]
+        right = await attempt(prov.token("alice", scopes=[needed]))
+        assert right.status_code == (202 if action == "send" else 200), (action, name)
+
+
+async def test_readiness_probe_is_an_empty_listen_for_events_listen(
+    prov: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    token = prov.token("alice", scopes="events:listen")
+    params = {"name": "bus.readiness.probe", "replay": "true", "follow": "false"}
+    probe = await http.get(prov.url + "/stream", params=params, headers=auth(token))
+    assert (probe.status_code, probe.content) == (200, b"")
+    near = await http.get(
+        prov.url + "/stream", params={**params, "name": "bus.readiness.prober"}, headers=auth(token)
+    )
+    assert near.status_code == 403 and "required_scopes" not in near.json()
 
 
 async def test_reserved_bus_names_are_refused_whatever_the_scopes(
@@ -246,17 +335,30 @@ async def test_policy_file_replaces_the_table(tmp_path: Path, http: httpx.AsyncC
 
 def test_policy_longest_prefix_wins_and_defaults() -> None:
     policy = ScopePolicy.default()
-    assert policy.required("bus.container.admin.x", "send") == ("container:admin",)
-    assert policy.required("bus.container.x", "send") == ("container:run",)
-    assert policy.required("bus.usage.report", "listen") == ("usage:read",)
+    assert policy.required("bus.containers.runner.start.request", "send") == ("container:admin",)
+    assert policy.required("bus.containers.run.request", "send") == ("container:run",)
     assert policy.required("bus.anything", "send") is None
+    assert policy.required("bus.container.run", "send") is None  # singular: not upstream's name
     assert policy.required("busy.signal", "send") == ("events:send",)
     assert policy == ScopePolicy.default()
-    assert policy.required_for_prefix("bus.container.", "listen") == (
-        "container:read",
+    assert policy.required_for_prefix("bus.containers.status.", "listen") == ("container:read",)
+    assert policy.required_for_prefix("bus.task.", "listen") == ("task:read",)
+    assert policy.required_for_prefix("bus.containers.", "listen") == (
         "container:admin",
+        "container:run",
+        "container:read",
+        "container:delete",
     )
     assert policy.required_for_prefix("", "listen") is None
+
+
+def test_whole_name_rows_cover_the_name_and_names_under_it(tmp_path: Path) -> None:
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps([{"prefix": "acme.job", "send": "job:run", "listen": None}]))
+    policy = ScopePolicy.from_file(path)
+    assert policy.required("acme.job", "send") == ("job:run",)
+    assert policy.required("acme.job.start", "send") == ("job:run",)
+    assert policy.required("acme.jobs", "send") == ("events:send",)
 
 
 @pytest.mark.parametrize(

@@ -512,7 +512,7 @@ async def test_wildcard_streams_for_services_when_enabled(http: httpx.AsyncClien
         reserved = await http.get(url, params={"name": "bus.>"}, headers=auth(service))
         assert reserved.status_code == 403
         vm = await http.get(url, params={"name": "bus.vm.*"}, headers=auth(service))
-        assert (vm.status_code, vm.json()["required_scopes"]) == (403, ["vm:read"])
+        assert (vm.status_code, vm.json()["required_scopes"]) == (403, ["vm:write", "vm:read"])
         async with (
             open_stream(http, provider, service, name="example.*") as one,
             open_stream(http, provider, service, name="example.>") as rest,

@@ -1,15 +1,20 @@
-"""The namespace → scope policy (spec §3), as data.
+"""The namespace → scope policy, as data.
 
 A :class:`ScopePolicy` is a table of ``(prefix, send, listen)`` rows.  For an
 event name the longest matching prefix decides; a ``None`` scope marks the
-prefix as reserved for that action (``403`` whatever the token holds).  Names
-that match no row need the fallback scopes ``events:send`` / ``events:listen``.
+prefix as reserved for that action (``403`` whatever the token holds, and no
+scope named).  A prefix ending in ``.`` covers the names under it; any other
+prefix is a whole name and covers itself and the names under it.  Names that
+match no row need the fallback scopes ``events:send`` / ``events:listen``.
+The default table (``default-policy.json``) follows upstream's
+``bus-api-provider-events`` namespaces.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from importlib import resources
 from typing import Literal, NamedTuple
 
 import msgspec
@@ -35,22 +40,20 @@ class _RuleRow(msgspec.Struct, forbid_unknown_fields=True):
     prefix: str
     send: str | None
     listen: str | None
+    #: Free text for the reader of the file; ignored.
+    note: str | None = None
 
 
-_DEFAULT_RULES: tuple[tuple[str, str | None, str | None], ...] = (
-    ("bus.vm.", "vm:write", "vm:read"),
-    ("bus.container.admin.", "container:admin", "container:admin"),
-    ("bus.container.delete.", "container:delete", "container:read"),
-    ("bus.container.", "container:run", "container:read"),
-    ("bus.usage.", "usage:write", "usage:read"),
-    ("bus.ssh.", "ssh:run", "ssh:run"),
-    ("bus.billing.", "billing:setup", "billing:read"),
-    ("bus.task.", "task:send", "task:read"),
-    ("bus.workers.", "workers:write", "workers:read"),
-    ("bus.work.", "work:send", "work:read"),
-    ("bus.dev.task.", "dev:task:send", "dev:task:read"),
-    ("bus.", None, None),
-)
+#: The default table ships as data, in the ``--policy`` file format.
+_DEFAULT_TABLE = "default-policy.json"
+
+
+def _matches(prefix: str, name: str) -> bool:
+    # A prefix ending in "." covers the names under it; any other entry is a
+    # whole name, covering itself and the names under it (never "probe" -> "prober").
+    if prefix.endswith(".") or not prefix:
+        return name.startswith(prefix)
+    return name == prefix or name.startswith(prefix + ".")
 
 
 class ScopePolicy:
@@ -91,8 +94,13 @@ class ScopePolicy:
 
     @classmethod
     def default(cls) -> ScopePolicy:
-        """The table of spec §3."""
-        return cls(_DEFAULT_RULES)
+        """Upstream's namespace table (``default-policy.json`` beside this module).
+
+        Every ``bus.*`` name not listed there is reserved; other names need
+        ``events:send`` / ``events:listen``.
+        """
+        data = resources.files(__package__).joinpath(_DEFAULT_TABLE).read_bytes()
+        return cls(_rows(data, _DEFAULT_TABLE))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ScopePolicy:
@@ -104,11 +112,7 @@ class ScopePolicy:
         """
         with open(path, "rb") as file:
             data = file.read()
-        try:
-            rows = msgspec.json.decode(data, type=list[_RuleRow])
-        except msgspec.DecodeError as exc:
-            raise ValueError(f"invalid scope policy file {os.fspath(path)!r}: {exc}") from None
-        return cls((row.prefix, row.send, row.listen) for row in rows)
+        return cls(_rows(data, os.fspath(path)))
 
     @property
     def rules(self) -> tuple[ScopeRule, ...]:
@@ -118,7 +122,7 @@ class ScopePolicy:
     def rule_for(self, name: str) -> ScopeRule:
         """The row that governs ``name`` (the fallback row when none matches)."""
         for rule in self._by_length:
-            if name.startswith(rule.prefix):
+            if _matches(rule.prefix, name):
                 return rule
         return self._fallback
 
@@ -154,3 +158,11 @@ class ScopePolicy:
 
     def __repr__(self) -> str:
         return f"ScopePolicy({list(self._rules)!r})"
+
+
+def _rows(data: bytes, source: str) -> list[tuple[str, str | None, str | None]]:
+    try:
+        rows = msgspec.json.decode(data, type=list[_RuleRow])
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"invalid scope policy file {source!r}: {exc}") from None
+    return [(row.prefix, row.send, row.listen) for row in rows]
