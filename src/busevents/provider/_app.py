@@ -3,17 +3,23 @@
 Routes (any prefix, so ``/api/v1/events`` and ``/local/v1/events`` both work):
 
 * ``POST …/events`` — publish one event (``202``);
-* ``GET …/events/stream`` — NDJSON stream of matching events (``200``, chunked).
+* ``GET …/events/stream`` — NDJSON stream of matching events (``200``, chunked);
+* ``GET …/events/openapi.json`` — the OpenAPI 3.1 document;
+* ``GET /healthz`` and ``GET /readyz`` — probes, without auth.
 
-Every refusal is a JSON error body, decided in the order auth (``401``), body
-size (``413``), validation (``400``), scope (``403``), and always before a
-stream opens.
+Every refusal is a JSON error body, decided in the order auth (``401``, before
+the body is read), body time and size (``408``, ``413``), validation (``400``),
+scope (``403``), and always before a stream opens.  An unexpected failure is a
+``500`` with a JSON body too, never an empty one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -27,6 +33,7 @@ from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
 from ._backend import Backend, Draft, Selector, StoredEvent, Subscription
 from ._config import ProviderConfig
 from ._memory import MemoryBackend
+from ._metrics import CONTENT_TYPE, ProviderMetrics
 from ._names import (
     InvalidParameter,
     check_flag,
@@ -35,9 +42,12 @@ from ._names import (
     has_wildcard,
     literal_prefix,
 )
+from ._openapi import openapi_json
 from ._policy import Action
 
-__all__ = ["EventsApp", "HTTPError", "create_app"]
+__all__ = ["EventsApp", "HTTPError", "MetricsApp", "create_app"]
+
+_log = logging.getLogger("busevents.provider")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -55,8 +65,13 @@ _STREAM_HEADERS = [
 #: consumer does not take work that an idle peer could have done.
 _BATCH_LIMIT = {Delivery.BROADCAST: 1024, Delivery.UNICAST: 16}
 _SNAPSHOT_CHUNK = 256 * 1024
-#: How long a refused request's body is read (and discarded) before answering.
-_DRAIN_SECONDS = 10.0
+#: How long an unauthenticated request's body is read (and discarded) before the
+#: 401, so that closing the connection does not reset it before the client reads
+#: the answer.  Nothing of it is kept.
+_DRAIN_SECONDS = 1.0
+#: How long ``/readyz`` waits for the backend's answer.
+_PING_SECONDS = 2.0
+_HEALTHY = b'{"ok":true,"service":"bus-events"}'
 _DELIVERIES = {d.value: d for d in Delivery}
 _encode = msgspec.json.Encoder().encode
 
@@ -102,27 +117,51 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
+class _BodyTimeout(Exception):
+    pass
+
+
+async def _read_body(receive: Receive, limit: int, seconds: float) -> bytes | None:
     """The whole request body, or ``None`` when it exceeds ``limit`` bytes.
 
-    The body is always read to its end (within a time bound), even when too big:
-    hypercorn's per-request queue is small and an unread body could otherwise
-    stall the connection.
+    The body is read to its end even when too big (hypercorn's per-request
+    queue is small and an unread body could stall the connection), keeping at
+    most ``limit`` bytes.  Raises :class:`_BodyTimeout` when it has not ended
+    after ``seconds``; returns ``None`` early when the client disconnects.
     """
     parts: list[bytes] = []
     size = 0
-    with trio.move_on_after(_DRAIN_SECONDS):
+    with trio.move_on_after(seconds) as deadline:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break  # http.disconnect
+                return None  # http.disconnect: nobody to answer
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size <= limit:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
+    if deadline.cancelled_caught:
+        raise _BodyTimeout
     return None if size > limit else b"".join(parts)
+
+
+async def _discard_body(receive: Receive, seconds: float) -> bool:
+    """Read and drop the request body for up to ``seconds``; whether it ended."""
+    with trio.move_on_after(seconds):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return True
+    return False
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value)
+    return None
 
 
 async def _send_response(
@@ -158,8 +197,28 @@ class EventsApp:
     def __init__(self, config: ProviderConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
+        self.metrics = ProviderMetrics()
         self._verifier = TokenVerifier(config.secret)
         self._decoder = msgspec.json.Decoder(PublishRequest)
+        self._closing = False
+        # The scopes that following streams wait in for their next events; closing
+        # cancels the waits (never a send), so each stream ends with its final chunk.
+        self._waits: dict[object, trio.CancelScope] = {}
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`begin_shutdown` was called."""
+        return self._closing
+
+    def begin_shutdown(self) -> None:
+        """End every following stream cleanly (terminating chunk); new ones end at once.
+
+        ``/readyz`` answers ``503`` from now on.  The server stops accepting
+        connections itself; this only asks the streams to finish.
+        """
+        self._closing = True
+        for wait in list(self._waits.values()):
+            wait.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -182,32 +241,81 @@ class EventsApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
+        started = time.perf_counter()
+        route = "other"
+        status = 0  # 0: recorded by the stream itself, when its headers go out
         try:
             if path.endswith("/events"):
+                route = "publish"
                 if method != "POST":
-                    await _read_body(receive, 0)
+                    await _discard_body(receive, _DRAIN_SECONDS)
                     raise HTTPError(
                         405,
                         "method_not_allowed",
                         f"use POST on {path}",
                         headers=[(b"allow", b"POST")],
                     )
-                await self._publish(scope, receive, send)
+                status = await self._publish(scope, receive, send)
                 return
-            await _read_body(receive, 0)
-            if not path.endswith("/events/stream"):
-                raise HTTPError(
-                    404,
-                    "not_found",
-                    "no such endpoint: use POST .../events or GET .../events/stream",
-                )
-            if method != "GET":
-                raise HTTPError(
-                    405, "method_not_allowed", f"use GET on {path}", headers=[(b"allow", b"GET")]
-                )
-            await self._stream(scope, receive, send)
+            await _discard_body(receive, _DRAIN_SECONDS)
+            if path.endswith("/events/stream"):
+                route = "stream"
+                _only(method, "GET", path)
+                await self._stream(scope, receive, send, started)
+                return
+            if path in ("/healthz", "/readyz") or path.endswith("/events/openapi.json"):
+                route = path.rpartition("/")[2].removesuffix(".json")
+                _only(method, "GET", path)
+                status = await self._probe_or_document(route, send)
+                return
+            raise HTTPError(
+                404,
+                "not_found",
+                "no such endpoint: use POST .../events or GET .../events/stream",
+            )
         except HTTPError as error:
+            status = error.status
             await _send_error(send, error)
+        except Exception:
+            # Never an empty 500: log it, and answer with the usual JSON body when
+            # the response has not started yet.
+            _log.exception("unexpected error handling %s %s", method, path)
+            status = 500
+            failure = HTTPError(500, "internal_error", "the provider failed to handle this request")
+            # When the response had started, the connection is closed instead.
+            with contextlib.suppress(Exception):
+                await _send_error(send, failure)
+        finally:
+            if status:
+                self.metrics.request(route, status, time.perf_counter() - started)
+
+    async def _probe_or_document(self, route: str, send: Send) -> int:
+        if route == "openapi":
+            await _send_response(send, 200, openapi_json(), _JSON_HEADERS)
+            return 200
+        if route == "healthz":
+            await _send_response(send, 200, _HEALTHY, _JSON_HEADERS)
+            return 200
+        status, body = await self.readiness()
+        await _send_response(send, status, body, [*_JSON_HEADERS, (b"cache-control", b"no-store")])
+        return status
+
+    async def readiness(self) -> tuple[int, bytes]:
+        """``/readyz``'s answer: ``200`` when the backend answers, else ``503`` and why."""
+        if self._closing:
+            return 503, _not_ready("shutting_down", "the provider is shutting down")
+        try:
+            with trio.fail_after(_PING_SECONDS), self.metrics.backend_call("ping"):
+                await self.backend.ping()
+        except trio.TooSlowError:
+            return 503, _not_ready(
+                "backend_unavailable", f"the backend did not answer within {_PING_SECONDS:g} s"
+            )
+        except Exception as exc:
+            return 503, _not_ready(
+                "backend_unavailable", f"the backend does not answer: {type(exc).__name__}"
+            )
+        return 200, _encode({"ok": True, "service": "bus-events", "backend": self.config.backend})
 
     # -- common checks -------------------------------------------------------
 
@@ -218,6 +326,7 @@ class EventsApp:
                 raise AuthError("more than one Authorization header")
             return self._verifier.verify_header(values[0] if values else None)
         except AuthError as exc:
+            self.metrics.auth_failure(exc.reason)
             challenge = b'Bearer realm="bus-events"'
             if values:
                 challenge += b', error="invalid_token"'
@@ -233,11 +342,13 @@ class EventsApp:
             required = policy.required(name, action)
         verb = "publish" if action == "send" else "stream"
         if required is None:
+            self.metrics.auth_failure("reserved")
             raise HTTPError(
                 403, "forbidden", f"{name} is in a reserved namespace: no token may {verb} it"
             )
         missing = principal.missing(required)
         if missing:
+            self.metrics.auth_failure("forbidden")
             noun = "scope" if len(missing) == 1 else "scopes"
             raise HTTPError(
                 403,
@@ -248,10 +359,31 @@ class EventsApp:
 
     # -- publish -------------------------------------------------------------
 
-    async def _publish(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _publish(self, scope: Scope, receive: Receive, send: Send) -> int:
+        try:
+            principal = self._authenticate(scope)
+        except HTTPError as error:
+            # The token decides before the body is read: nothing of it is kept.  A
+            # client that waits for "100 Continue" never sends it; otherwise it is
+            # drained briefly, so that the 401 is read rather than reset.
+            if (_header(scope, b"expect") or b"").lower() != b"100-continue":
+                ended = await _discard_body(receive, _DRAIN_SECONDS)
+                if not ended:
+                    error.headers.append((b"connection", b"close"))
+            else:
+                error.headers.append((b"connection", b"close"))
+            raise
         limit = self.config.max_body_bytes
-        body = await _read_body(receive, limit)
-        principal = self._authenticate(scope)
+        seconds = self.config.body_timeout
+        try:
+            body = await _read_body(receive, limit, seconds)
+        except _BodyTimeout:
+            raise HTTPError(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {seconds:g} s: send it at once",
+                headers=[(b"connection", b"close")],
+            ) from None
         if body is None:
             raise HTTPError(
                 413, "payload_too_large", f"the request body exceeds the limit of {limit} bytes"
@@ -272,26 +404,48 @@ class EventsApp:
             # Platform keys (bus.*) are stamped by services; an end user cannot forge them,
             # just as the identity_id an end user sends is ignored.
             metadata = {k: v for k, v in metadata.items() if not k.startswith("bus.")} or None
-        stored = await self.backend.publish(
-            Draft(name, request.payload, identity, request.correlation_id, metadata)
-        )
+        draft = Draft(name, request.payload, identity, request.correlation_id, metadata)
+        try:
+            with self.metrics.backend_call("publish"):
+                stored = await self.backend.publish(draft)
+        except Exception:
+            _log.exception("the backend failed to store an event")
+            raise HTTPError(
+                503, "backend_unavailable", "the event store is unavailable: try again later"
+            ) from None
+        self.metrics.published(name)
         accepted = _AcceptedBody(True, stored.id, name, request.correlation_id, stored.time)
         await _send_response(send, 202, _encode(accepted), _JSON_HEADERS)
+        return 202
 
     def _parse_publish(self, body: bytes) -> PublishRequest:
         if not body.strip():
             raise _bad_request("the publish body is empty: send a JSON object with a name")
         try:
             request = self._decoder.decode(body)
+            # msgspec keeps the last of duplicate keys; an ambiguous body is refused
+            # instead.  The stdlib parser also checks what msgspec leaves raw in the
+            # payload: UTF-8 and integer sizes.
+            json.loads(body, object_pairs_hook=_reject_duplicate_keys)
         except msgspec.ValidationError as exc:
             raise _bad_request(f"invalid publish body: {exc}") from None
         except msgspec.DecodeError as exc:
             raise _bad_request(f"the publish body is not valid JSON: {exc}") from None
-        # msgspec keeps the last of duplicate keys; an ambiguous body is refused instead.
-        try:
-            json.loads(body, object_pairs_hook=_reject_duplicate_keys)
         except RecursionError:
-            raise _bad_request("invalid publish body: JSON nested too deeply") from None
+            raise _bad_request(
+                "the publish body is nested too deeply: keep JSON under 1000 levels"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise _bad_request(
+                f"the publish body is not valid UTF-8 (byte {exc.start}): send UTF-8 JSON"
+            ) from None
+        except ValueError as exc:
+            if "digits" in str(exc):
+                raise _bad_request(
+                    "the publish body holds an integer of more than 4300 digits: "
+                    "send it as a string"
+                ) from None
+            raise _bad_request(f"the publish body is not valid JSON: {exc}") from None
         payload = bytes(request.payload)
         if b"\n" in payload or b"\r" in payload:
             # Whitespace between tokens would break the one-envelope-per-line framing.
@@ -301,11 +455,12 @@ class EventsApp:
 
     # -- stream --------------------------------------------------------------
 
-    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         principal = self._authenticate(scope)
         spec = self._parse_query(scope.get("query_string", b""))
         pattern = has_wildcard(spec.name)
         if pattern and not principal.internal:
+            self.metrics.auth_failure("forbidden")
             raise HTTPError(
                 403,
                 "forbidden",
@@ -320,10 +475,13 @@ class EventsApp:
             spec.consumer or "default",
             pattern,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            await self._write_stream(send, spec, selector)
-            nursery.cancel_scope.cancel()
+        delivery = spec.delivery.value
+        gauge = self.metrics.open_streams.labels(delivery)
+        gauge.inc()
+        try:
+            await self._write_stream(receive, send, spec, selector, started)
+        finally:
+            gauge.dec()
 
     def _parse_query(self, query: bytes) -> StreamSpec:
         params: dict[str, str] = {}
@@ -355,28 +513,50 @@ class EventsApp:
         except InvalidParameter as exc:
             raise _bad_request(str(exc)) from None
 
-    async def _write_stream(self, send: Send, spec: StreamSpec, selector: Selector) -> None:
+    async def _write_stream(
+        self, receive: Receive, send: Send, spec: StreamSpec, selector: Selector, started: float
+    ) -> None:
         start = {"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS}
+        end = {"type": "http.response.body", "body": b"", "more_body": False}
+        delivery = spec.delivery.value
         if not spec.follow:
-            history = await self.backend.snapshot(selector) if spec.replay else []
+            history = await self._snapshot(selector) if spec.replay else []
+            self.metrics.request("stream", 200, time.perf_counter() - started)
             await send(start)
-            await self._send_history(send, history)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._send_history(send, history, delivery)
+            # No disconnect watcher here: cancelling hypercorn inside this final send
+            # (it recycles or closes the connection there) would leave the
+            # connection open for good.
+            await send(end)
             return
         # Subscribe before taking the snapshot: nothing published in between is
         # missed, and anything in both is skipped on the live side by sequence.
         async with self.backend.subscribe(selector) as subscription:
-            await send(start)
             seen = 0
-            if spec.replay:
-                history = await self.backend.snapshot(selector)
-                await self._send_history(send, history)
+            history = await self._snapshot(selector) if spec.replay else []
+            self.metrics.request("stream", 200, time.perf_counter() - started)
+            await send(start)
+            async with trio.open_nursery() as nursery:
+                # A client that goes away ends the stream (and its subscription).
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                await self._send_history(send, history, delivery)
                 if history:
                     seen = history[-1].seq
-            await self._follow(send, subscription, seen, _BATCH_LIMIT[spec.delivery])
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._follow(send, subscription, seen, spec)
+                nursery.cancel_scope.cancel()
+        await send(end)
 
-    async def _send_history(self, send: Send, history: list[StoredEvent]) -> None:
+    async def _snapshot(self, selector: Selector) -> list[StoredEvent]:
+        try:
+            with self.metrics.backend_call("snapshot"):
+                return await self.backend.snapshot(selector)
+        except Exception:
+            _log.exception("the backend failed to read the history")
+            raise HTTPError(
+                503, "backend_unavailable", "the event store is unavailable: try again later"
+            ) from None
+
+    async def _send_history(self, send: Send, history: list[StoredEvent], delivery: str) -> None:
         chunk: list[bytes] = []
         size = 0
         for event in history:
@@ -389,26 +569,87 @@ class EventsApp:
                 chunk, size = [], 0
         if chunk:
             await send({"type": "http.response.body", "body": b"".join(chunk), "more_body": True})
+        for event in history:
+            self.metrics.delivered(event.name, delivery, 1)
 
-    async def _follow(self, send: Send, subscription: Subscription, seen: int, limit: int) -> None:
-        """Write live events until the backend ends the subscription."""
+    async def _follow(
+        self, send: Send, subscription: Subscription, seen: int, spec: StreamSpec
+    ) -> None:
+        """Write live events until the backend ends the subscription or the app closes."""
         keepalive = self.config.keepalive or math.inf
-        while True:
-            batch: list[StoredEvent] | None = None
-            with trio.move_on_after(keepalive):
-                batch = await subscription.receive_batch(limit)
-            if batch is None:
-                await send({"type": "http.response.body", "body": b"\n", "more_body": True})
-                continue
-            if not batch:
-                return
-            if seen:
-                batch = [event for event in batch if event.seq > seen]
-                if not batch:
+        limit = _BATCH_LIMIT[spec.delivery]
+        delivery = spec.delivery.value
+        key = object()
+        metrics = self.metrics
+        try:
+            while not self._closing:
+                batch: list[StoredEvent] | None = None
+                with trio.move_on_after(keepalive) as wait:
+                    self._waits[key] = wait
+                    batch = await subscription.receive_batch(limit)
+                if batch is None:
+                    if self._closing:
+                        return
+                    await send({"type": "http.response.body", "body": b"\n", "more_body": True})
                     continue
-                seen = 0  # sequences only grow: later batches are all new
-            body = batch[0].line if len(batch) == 1 else b"".join(e.line for e in batch)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+                if not batch:
+                    metrics.slow_consumers.inc()
+                    return
+                if seen:
+                    batch = [event for event in batch if event.seq > seen]
+                    if not batch:
+                        continue
+                    seen = 0  # sequences only grow: later batches are all new
+                body = batch[0].line if len(batch) == 1 else b"".join(e.line for e in batch)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                metrics.delivered(spec.name, delivery, len(batch))
+        finally:
+            self._waits.pop(key, None)
+
+
+class MetricsApp:
+    """The metrics address: ``GET /metrics`` (Prometheus text) and the two probes.
+
+    Kept off the events address because the numbers (event-name prefixes,
+    failure counts) are about every identity; bind it where only operators reach.
+    """
+
+    def __init__(self, events: EventsApp) -> None:
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.events(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        await _discard_body(receive, _DRAIN_SECONDS)
+        path: str = scope["path"]
+        try:
+            _only(scope["method"], "GET", path)
+            if path == "/metrics":
+                body = self.events.metrics.exposition()
+                await _send_response(send, 200, body, [(b"content-type", CONTENT_TYPE.encode())])
+            elif path in ("/healthz", "/readyz"):
+                await self.events._probe_or_document(path[1:], send)
+            else:
+                raise HTTPError(404, "not_found", "no such endpoint: use GET /metrics")
+        except HTTPError as error:
+            await _send_error(send, error)
+
+
+def _only(method: str, allowed: str, path: str) -> None:
+    if method != allowed:
+        raise HTTPError(
+            405,
+            "method_not_allowed",
+            f"use {allowed} on {path}",
+            headers=[(b"allow", allowed.encode())],
+        )
+
+
+def _not_ready(code: str, message: str) -> bytes:
+    return _encode({"ok": False, "service": "bus-events", "error": code, "message": message})
 
 
 def create_app(config: ProviderConfig) -> EventsApp:

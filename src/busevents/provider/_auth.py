@@ -9,6 +9,7 @@ Verification pins the algorithm to HS256, requires ``exp`` and ``sub``, honours
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from collections import OrderedDict
@@ -39,7 +40,15 @@ _log = logging.getLogger("busevents.provider")
 
 
 class AuthError(Exception):
-    """A request's credentials were refused; ``str()`` is safe to show the caller."""
+    """A request's credentials were refused; ``str()`` is safe to show the caller.
+
+    ``reason`` is a short fixed code (``missing``, ``expired``, ``signature``, …)
+    for metrics and logs.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,28 +107,44 @@ def mint_token(
         return jwt.encode(claims, secret, algorithm=_ALGORITHM)
 
 
-def _reason(exc: jwt.PyJWTError) -> str:
+_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "expired", "token has expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid", "token is not valid yet (nbf/iat in the future)"),
+    (
+        jwt.InvalidAudienceError,
+        "audience",
+        f"token audience is not accepted (expected {API_AUDIENCE} or {INTERNAL_AUDIENCE})",
+    ),
+    (jwt.InvalidAlgorithmError, "algorithm", "token algorithm is not allowed (only HS256)"),
+    (jwt.InvalidSignatureError, "signature", "token signature does not verify"),
+    (InvalidSubjectError, "claims", "token sub claim must be a string"),
+    (jwt.InvalidIssuedAtError, "claims", "token iat claim must be a number"),
+    (jwt.DecodeError, "malformed", "token is malformed"),
+)
+
+
+def _auth_error(exc: jwt.PyJWTError) -> AuthError:
     # Map to fixed texts: PyJWT's own messages are fine today, but fixed texts
     # guarantee that nothing from the token or the key ever reaches a response.
-    if isinstance(exc, jwt.ExpiredSignatureError):
-        return "token has expired"
-    if isinstance(exc, jwt.ImmatureSignatureError):
-        return "token is not valid yet (nbf/iat in the future)"
-    if isinstance(exc, jwt.InvalidAudienceError):
-        return f"token audience is not accepted (expected {API_AUDIENCE} or {INTERNAL_AUDIENCE})"
-    if isinstance(exc, jwt.InvalidAlgorithmError):
-        return "token algorithm is not allowed (only HS256)"
-    if isinstance(exc, jwt.InvalidSignatureError):
-        return "token signature does not verify"
     if isinstance(exc, jwt.MissingRequiredClaimError):
-        return f"token lacks the required {exc.claim} claim"
-    if isinstance(exc, InvalidSubjectError):
-        return "token sub claim must be a string"
-    if isinstance(exc, jwt.InvalidIssuedAtError):
-        return "token iat claim must be a number"
-    if isinstance(exc, jwt.DecodeError):
-        return "token is malformed"
-    return "token is not valid"
+        return AuthError(f"token lacks the required {exc.claim} claim", "claims")
+    for kind, reason, message in _REASONS:
+        if isinstance(exc, kind):
+            return AuthError(message, reason)
+    return AuthError("token is not valid")
+
+
+def _time_claim(claims: dict[str, Any], name: str, default: float) -> float:
+    value = claims.get(name)
+    if value is None:
+        return default
+    try:
+        result = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise AuthError(f"token {name} claim is not a usable time", "claims") from None
+    if not math.isfinite(result):
+        raise AuthError(f"token {name} claim is not a usable time", "claims")
+    return result
 
 
 class TokenVerifier:
@@ -146,13 +171,13 @@ class TokenVerifier:
     def verify_header(self, value: bytes | None) -> Principal:
         """Verify an ``Authorization`` header value; raise :class:`AuthError` if refused."""
         if value is None:
-            raise AuthError("missing bearer token (Authorization: Bearer <token>)")
+            raise AuthError("missing bearer token (Authorization: Bearer <token>)", "missing")
         scheme, _, token = value.decode("latin-1").strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise AuthError("the Authorization header must be 'Bearer <token>'")
+            raise AuthError("the Authorization header must be 'Bearer <token>'", "scheme")
         if len(token) > _MAX_TOKEN_CHARS:
-            raise AuthError("token is too long")
+            raise AuthError("token is too long", "malformed")
         return self.verify(token)
 
     def verify(self, token: str) -> Principal:
@@ -190,19 +215,19 @@ class TokenVerifier:
             else:
                 claims = self._decode(token)
         except jwt.PyJWTError as exc:
-            raise AuthError(_reason(exc)) from None
+            raise _auth_error(exc) from None
+        except (OverflowError, ValueError, TypeError, RecursionError):
+            # PyJWT compares claims as numbers: an exp of 10**400 or a huge
+            # nested header must be a refusal, not a server error.
+            raise AuthError("token is malformed", "malformed") from None
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
-            raise AuthError("token sub claim must be a non-empty string")
+            raise AuthError("token sub claim must be a non-empty string", "claims")
         principal = Principal(
             subject, _scopes(claims.get("scope")), _is_internal(claims.get("aud"))
         )
-        not_before = claims.get("nbf")
-        return (
-            principal,
-            float(not_before) if isinstance(not_before, int | float) else float("-inf"),
-            float(claims["exp"]),
-        )
+        not_before = _time_claim(claims, "nbf", float("-inf"))
+        return principal, not_before, _time_claim(claims, "exp", float("-inf"))
 
     def _decode(self, token: str) -> dict[str, Any]:
         return jwt.decode(
@@ -222,7 +247,7 @@ def _scopes(claim: object) -> frozenset[str]:
         return frozenset(claim.split())
     if isinstance(claim, list) and all(isinstance(item, str) for item in claim):
         return frozenset(claim)
-    raise AuthError("token scope claim must be a space-separated string")
+    raise AuthError("token scope claim must be a space-separated string", "claims")
 
 
 def _is_internal(claim: object) -> bool:

@@ -31,6 +31,9 @@ class ProviderConfig:
             blank line; ``None`` disables keep-alive lines.
         allow_wildcards: accept ``*`` / ``>`` in stream names (service tokens only).
         backend: backend name; ``"memory"`` is the only one so far.
+        body_timeout: seconds a publish body may take to arrive; slower → ``408``.
+        shutdown_grace: seconds a graceful stop waits for open connections after
+            ending the streams; then the remaining sockets are closed hard.
 
     Raises :class:`ValueError` for an empty secret or a non-positive limit.
     """
@@ -43,6 +46,8 @@ class ProviderConfig:
     keepalive: float | None = 15.0
     allow_wildcards: bool = False
     backend: str = "memory"
+    body_timeout: float = 10.0
+    shutdown_grace: float = 3.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.secret, bytes) or not self.secret:
@@ -59,6 +64,10 @@ class ProviderConfig:
             raise ValueError(
                 "ProviderConfig.keepalive must be a positive number of seconds or None"
             )
+        if not (self.body_timeout > 0 and math.isfinite(self.body_timeout)):
+            raise ValueError("ProviderConfig.body_timeout must be a positive number of seconds")
+        if not (self.shutdown_grace >= 0 and math.isfinite(self.shutdown_grace)):
+            raise ValueError("ProviderConfig.shutdown_grace must be zero or more seconds")
 
 
 def secret_from_env(value: str) -> bytes:
