@@ -43,11 +43,20 @@ def secret() -> bytes:
     return secret
 
 
-def _split_addr(addr: str) -> tuple[str, int]:
+def _split_addr(addr: str, option: str = "--addr") -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise UsageError(f"--addr {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:8081")
+        raise UsageError(f"{option} {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:8081")
     return host.strip("[]"), int(port)
+
+
+def _seconds(value: str, option: str) -> float:
+    from busevents import ConfigError, parse_duration
+
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise UsageError(f"{option}: {exc}") from None
 
 
 @app.command
@@ -70,18 +79,54 @@ def serve(
         int, Parameter(help="Events buffered per listener or unicast group (see README).")
     ] = 10_000,
     history: Annotated[int, Parameter(help="Events kept in memory for --replay.")] = 100_000,
+    shutdown_grace: Annotated[
+        str,
+        Parameter(
+            help="On SIGTERM/SIGINT: time open connections get to finish after the "
+            "streams end; then they are closed. A second signal stops at once."
+        ),
+    ] = "3s",
+    body_timeout: Annotated[
+        str, Parameter(help="Time a publish body may take to arrive (slower: 408).")
+    ] = "10s",
+    metrics_addr: Annotated[
+        str | None,
+        Parameter(
+            help="Serve GET /metrics (Prometheus), /healthz and /readyz on this HOST:PORT "
+            "too; keep it where only operators reach. Off by default."
+        ),
+    ] = None,
+    print_openapi: Annotated[
+        bool,
+        Parameter(negative="", help="Print the OpenAPI 3.1 document of the API and exit."),
+    ] = False,
 ) -> int:
     """Run the reference Events API provider (for development and tests).
 
     Tokens are HS256 JWTs signed with $BUS_API_JWT_SECRET (raw text, or
-    base64:<value>); mint one with `bus-events dev-token`.
+    base64:<value>); mint one with `bus-events dev-token`. GET /healthz and
+    /readyz answer without a token; the OpenAPI document is at
+    {base}/openapi.json.
 
     Example: BUS_API_JWT_SECRET=dev-secret bus-events serve --addr 127.0.0.1:8081
     """
+    g = current()
+    if print_openapi:
+        try:
+            from ..provider._openapi import openapi_json
+        except ImportError as exc:
+            raise UsageError(str(exc)) from None
+        results = g.results()
+        results.open()
+        results.write(openapi_json())
+        results.close()
+        return EXIT_OK
     host, port = _split_addr(addr)
+    metrics = None if metrics_addr is None else _split_addr(metrics_addr, "--metrics-addr")
+    grace_s = _seconds(shutdown_grace, "--shutdown-grace")
+    body_timeout_s = _seconds(body_timeout, "--body-timeout")
     provider = provider_module()
     secret_key = secret()
-    g = current()
     diag = g.diagnostics()
     options = {}
     if policy is not None:
@@ -89,12 +134,7 @@ def serve(
             options["policy"] = provider.ScopePolicy.from_file(policy)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--policy {policy}: {exc}") from None
-    from busevents import ConfigError, parse_duration
-
-    try:
-        keepalive_s = parse_duration(keepalive)
-    except ConfigError as exc:
-        raise UsageError(f"--keepalive: {exc}") from None
+    keepalive_s = _seconds(keepalive, "--keepalive")
     try:
         config = provider.ProviderConfig(
             secret=secret_key,
@@ -103,6 +143,8 @@ def serve(
             max_body_bytes=max_body,
             listener_queue=listener_queue,
             history_limit=history,
+            shutdown_grace=grace_s,
+            body_timeout=body_timeout_s,
             **options,
         )
     except ValueError as exc:
@@ -112,15 +154,37 @@ def serve(
 
     import trio
 
+    from ..provider._server import _serve_app
+
     async def main() -> None:
-        # SIGINT/SIGTERM are the normal way to stop a server: a clean shutdown, exit 0.
+        # SIGINT/SIGTERM are the normal way to stop a server: a clean shutdown within
+        # the grace period whatever the peers do, exit 0.  A second signal: at once.
+        shutdown = trio.Event()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                url = await nursery.start(provider.serve, config, host, port)
-                diag.note(f"Events API on {url} ({events_backend} backend); Ctrl-C stops")
+                app = provider.create_app(config)
+
+                async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await _serve_app(
+                        app,
+                        host,
+                        port,
+                        shutdown=shutdown,
+                        metrics_addr=metrics,
+                        task_status=task_status,
+                    )
+                    nursery.cancel_scope.cancel()  # stopped: no more signals to wait for
+
+                urls = await nursery.start(run)
+                diag.note(f"Events API on {urls[0]} ({events_backend} backend); Ctrl-C stops")
+                if metrics is not None:
+                    diag.note(f"metrics on {urls[1]}/metrics")
                 async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+                    if shutdown.is_set():
+                        nursery.cancel_scope.cancel()
+                        break
+                    diag.note(f"stopping (at most {grace_s:g} s; a second signal stops now)")
+                    shutdown.set()
         diag.note("stopped")
 
     from busevents import single_error

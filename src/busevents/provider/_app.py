@@ -157,13 +157,6 @@ async def _discard_body(receive: Receive, seconds: float) -> bool:
     return False
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return bytes(value)
-    return None
-
-
 async def _send_response(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
@@ -363,14 +356,10 @@ class EventsApp:
         try:
             principal = self._authenticate(scope)
         except HTTPError as error:
-            # The token decides before the body is read: nothing of it is kept.  A
-            # client that waits for "100 Continue" never sends it; otherwise it is
-            # drained briefly, so that the 401 is read rather than reset.
-            if (_header(scope, b"expect") or b"").lower() != b"100-continue":
-                ended = await _discard_body(receive, _DRAIN_SECONDS)
-                if not ended:
-                    error.headers.append((b"connection", b"close"))
-            else:
+            # The token decides before the body is read: nothing of it is kept.  It
+            # is drained briefly, so that closing the connection does not reset
+            # it before the client has read the 401.
+            if not await _discard_body(receive, _DRAIN_SECONDS):
                 error.headers.append((b"connection", b"close"))
             raise
         limit = self.config.max_body_bytes
@@ -457,7 +446,7 @@ class EventsApp:
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         principal = self._authenticate(scope)
-        spec = self._parse_query(scope.get("query_string", b""))
+        spec, after = self._parse_query(scope.get("query_string", b""))
         pattern = has_wildcard(spec.name)
         if pattern and not principal.internal:
             self.metrics.auth_failure("forbidden")
@@ -479,13 +468,13 @@ class EventsApp:
         gauge = self.metrics.open_streams.labels(delivery)
         gauge.inc()
         try:
-            await self._write_stream(receive, send, spec, selector, started)
+            await self._write_stream(receive, send, spec, selector, started, after)
         finally:
             gauge.dec()
 
-    def _parse_query(self, query: bytes) -> StreamSpec:
+    def _parse_query(self, query: bytes) -> tuple[StreamSpec, tuple[int, int] | None]:
         params: dict[str, str] = {}
-        known = ("name", "delivery", "group", "consumer", "replay", "follow")
+        known = ("name", "delivery", "group", "consumer", "replay", "follow", "after")
         for key, value in parse_qsl(
             query.decode("latin-1"), keep_blank_values=True, errors="replace"
         ):
@@ -502,7 +491,13 @@ class EventsApp:
                 raise InvalidParameter(
                     f"invalid delivery {delivery_text[:64]!r}: expected broadcast or unicast"
                 )
-            return StreamSpec(
+            after = _event_key(params["after"]) if "after" in params else None
+            if "after" in params and after is None:
+                raise InvalidParameter(
+                    f"invalid after {params['after'][:64]!r}: expected an event id "
+                    "such as 1700000000000-0"
+                )
+            spec = StreamSpec(
                 name=name,
                 delivery=delivery,
                 group=check_label(params.get("group", "default"), param="group"),
@@ -510,17 +505,24 @@ class EventsApp:
                 replay=check_flag(params.get("replay", "false"), param="replay"),
                 follow=check_flag(params.get("follow", "true"), param="follow"),
             )
+            return spec, after
         except InvalidParameter as exc:
             raise _bad_request(str(exc)) from None
 
     async def _write_stream(
-        self, receive: Receive, send: Send, spec: StreamSpec, selector: Selector, started: float
+        self,
+        receive: Receive,
+        send: Send,
+        spec: StreamSpec,
+        selector: Selector,
+        started: float,
+        after: tuple[int, int] | None,
     ) -> None:
         start = {"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS}
         end = {"type": "http.response.body", "body": b"", "more_body": False}
         delivery = spec.delivery.value
         if not spec.follow:
-            history = await self._snapshot(selector) if spec.replay else []
+            history = await self._snapshot(selector, after) if spec.replay else []
             self.metrics.request("stream", 200, time.perf_counter() - started)
             await send(start)
             await self._send_history(send, history, delivery)
@@ -536,20 +538,23 @@ class EventsApp:
             history = await self._snapshot(selector) if spec.replay else []
             self.metrics.request("stream", 200, time.perf_counter() - started)
             await send(start)
+            if history:
+                seen = history[-1].seq
+                history = _after(history, after)
             async with trio.open_nursery() as nursery:
                 # A client that goes away ends the stream (and its subscription).
                 nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
                 await self._send_history(send, history, delivery)
-                if history:
-                    seen = history[-1].seq
                 await self._follow(send, subscription, seen, spec)
                 nursery.cancel_scope.cancel()
         await send(end)
 
-    async def _snapshot(self, selector: Selector) -> list[StoredEvent]:
+    async def _snapshot(
+        self, selector: Selector, after: tuple[int, int] | None = None
+    ) -> list[StoredEvent]:
         try:
             with self.metrics.backend_call("snapshot"):
-                return await self.backend.snapshot(selector)
+                return _after(await self.backend.snapshot(selector), after)
         except Exception:
             _log.exception("the backend failed to read the history")
             raise HTTPError(
@@ -636,6 +641,29 @@ class MetricsApp:
                 raise HTTPError(404, "not_found", "no such endpoint: use GET /metrics")
         except HTTPError as error:
             await _send_error(send, error)
+
+
+def _event_key(event_id: str) -> tuple[int, int] | None:
+    """``"<ms>-<seq>"`` as an integer pair (ids compare that way), or ``None``."""
+    ms, sep, seq = event_id.partition("-")
+    if not sep or not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        return None
+    if len(ms) > 20 or len(seq) > 20:
+        return None
+    return int(ms), int(seq)
+
+
+def _after(history: list[StoredEvent], after: tuple[int, int] | None) -> list[StoredEvent]:
+    # The ``after`` extension: resume a replay behind a cursor.  Filtered here, so
+    # every backend honours it; an id of another form is kept (never lose events).
+    if after is None or not history:
+        return history
+    kept = []
+    for event in history:
+        key = _event_key(event.id)
+        if key is None or key > after:
+            kept.append(event)
+    return kept
 
 
 def _only(method: str, allowed: str, path: str) -> None:

@@ -64,9 +64,8 @@ def _schemas() -> dict[str, Any]:
                 "metadata": metadata,
                 "identity_id": {
                     "type": "string",
-                    "minLength": 1,
                     "description": "Service tokens only: publish on behalf of this "
-                    "identity (ignored for end-user tokens).",
+                    "identity (must not be empty). Ignored for end-user tokens.",
                 },
             },
         },
@@ -177,7 +176,11 @@ def _stream_operation() -> dict[str, Any]:
                 "Extension (with replay=true): replay only events after this event id, "
                 "to resume from a cursor. A provider that does not know it ignores it; "
                 "clients then skip up to the cursor themselves.",
-                {"type": "string", "pattern": r"^[0-9]+-[0-9]+$", "examples": ["1700000000000-0"]},
+                {
+                    "type": "string",
+                    "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$",
+                    "examples": ["1700000000000-0"],
+                },
             ),
         ],
         "responses": {

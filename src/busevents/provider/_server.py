@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import cast
 
 import hypercorn.config
-import hypercorn.trio
 import trio
-from hypercorn.typing import ASGIFramework
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState
 
 from busevents import single_error
 
-from ._app import EventsApp, create_app
+from ._app import EventsApp, MetricsApp, create_app
 from ._auth import API_AUDIENCE, mint_token
 from ._backend import Backend
 from ._config import ProviderConfig
@@ -45,12 +48,49 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _hypercorn_config(sock: socket.socket) -> hypercorn.config.Config:
+def _hypercorn_config() -> hypercorn.config.Config:
     config = hypercorn.config.Config()
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here on
     config.accesslog = None
     config.errorlog = _server_log
     return config
+
+
+class _Connections:
+    """The open connections of one server, so that a stop can close them hard.
+
+    Hypercorn writes to a socket inside a shielded cancel scope: a peer that
+    stops reading would hold that write, and with it the whole server, for as
+    long as it likes.  Closing the socket wakes the write with an error.
+    """
+
+    def __init__(self) -> None:
+        self.streams: set[trio.SocketStream] = set()
+        self._empty = trio.Event()
+        self._empty.set()
+
+    async def handle(
+        self,
+        app: AppWrapper,
+        config: hypercorn.config.Config,
+        context: WorkerContext,
+        stream: trio.SocketStream,
+    ) -> None:
+        self.streams.add(stream)
+        self._empty = trio.Event()
+        try:
+            await TCPServer(app, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+        finally:
+            self.streams.discard(stream)
+            if not self.streams:
+                self._empty.set()
+
+    async def wait_empty(self) -> None:
+        await self._empty.wait()
+
+    def close_all(self) -> None:
+        for stream in list(self.streams):
+            with suppress(OSError):
+                stream.socket.close()
 
 
 async def _serve_app(
@@ -58,21 +98,61 @@ async def _serve_app(
     host: str,
     port: int,
     *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    shutdown: trio.Event | None = None,
+    metrics_addr: tuple[str, int] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    config = _hypercorn_config(_bind(host, port))
-    with single_error():
-        async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                partial(
-                    hypercorn.trio.serve,
-                    # Our app types ASGI messages as plain mappings, hypercorn as TypedDicts.
-                    cast(ASGIFramework, app),
-                    config,
-                    mode="asgi",
-                )
-            )
-            task_status.started(binds[0] + _EVENTS_PATH)
+    """Serve ``app`` (and its metrics on ``metrics_addr``) until ``shutdown`` or cancelled.
+
+    When ``shutdown`` is set: stop accepting, end the streams cleanly, wait up to
+    ``config.shutdown_grace`` seconds for the connections to finish, then close
+    the rest hard.  Cancellation closes every connection hard at once.
+    Starts with the URLs bound (events base first, then the metrics origin).
+    """
+    sockets = [(cast(ASGIFramework, app), _bind(host, port))]
+    if metrics_addr is not None:
+        sockets.append((cast(ASGIFramework, MetricsApp(app)), _bind(*metrics_addr)))
+    config = _hypercorn_config()
+    context = WorkerContext(None)
+    connections = _Connections()
+    urls: list[str] = []
+    listeners: list[trio.SocketListener] = []
+    for _, sock in sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        name = sock.getsockname()
+        urls.append("http://" + (f"[{name[0]}]" if sock.family == socket.AF_INET6 else name[0]))
+        urls[-1] += f":{name[1]}"
+    urls[0] += _EVENTS_PATH
+    try:
+        with single_error():
+            async with trio.open_nursery() as handlers:
+                async with trio.open_nursery() as accepting:
+                    for (asgi, _), listener in zip(sockets, listeners, strict=True):
+                        handler = partial(connections.handle, ASGIWrapper(asgi), config, context)
+                        accepting.start_soon(
+                            partial(
+                                trio.serve_listeners, handler, [listener], handler_nursery=handlers
+                            )
+                        )
+                    task_status.started(urls)
+                    await (trio.Event() if shutdown is None else shutdown).wait()
+                    accepting.cancel_scope.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                # Keep-alive connections close when idle, requests in progress end
+                # their connection, following streams write their last chunk.
+                await context.terminated.set()
+                app.begin_shutdown()
+                with trio.move_on_after(app.config.shutdown_grace):
+                    await connections.wait_empty()
+                connections.close_all()
+                handlers.cancel_scope.cancel()
+    finally:
+        # Also on cancellation: a write a peer never reads must not hold us.
+        connections.close_all()
+        for listener in listeners:
+            listener.socket.close()
 
 
 async def serve(
@@ -80,21 +160,32 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 8081,
     *,
+    shutdown: trio.Event | None = None,
+    metrics_addr: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the provider on ``host:port`` until cancelled (hypercorn, trio worker).
+    """Serve the provider on ``host:port`` (hypercorn's HTTP/1.1 and HTTP/2 on trio).
 
     With ``nursery.start(serve, config, host, 0)`` the start value is the events
     base URL with the real bound port, e.g. ``http://127.0.0.1:54321/api/v1/events``.
-    Prints nothing; hypercorn's messages go to the ``busevents.provider.server``
-    logger.  Raises :class:`OSError` when the address cannot be bound and
-    :class:`ValueError` for an unknown backend.
 
-    A client that stops reading while keeping its connection open holds its
-    stream's task inside hypercorn's (shielded) socket write until it reads or
-    disconnects; cancellation waits for that.
+    Stopping: set ``shutdown`` for a graceful stop — no new connections, every
+    following stream ends with its terminating chunk, and after
+    ``config.shutdown_grace`` seconds the connections still open are closed
+    hard, whatever the peers do.  Cancelling closes them hard at once.
+
+    ``metrics_addr`` (``(host, port)``) serves ``GET /metrics``, ``/healthz``
+    and ``/readyz`` on a second address.  Prints nothing; hypercorn's messages go
+    to the ``busevents.provider.server`` logger.  Raises :class:`OSError` when an
+    address cannot be bound and :class:`ValueError` for an unknown backend.
     """
-    await _serve_app(create_app(config), host, port, task_status=task_status)
+    app = create_app(config)
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            urls: list[str] = await nursery.start(
+                partial(_serve_app, app, host, port, shutdown=shutdown, metrics_addr=metrics_addr)
+            )
+            task_status.started(urls[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +198,8 @@ class RunningProvider:
     origin: str
     config: ProviderConfig
     app: EventsApp
+    #: ``http://127.0.0.1:PORT/metrics`` when started with ``metrics=True``.
+    metrics_url: str | None = None
 
     @property
     def backend(self) -> Backend:
@@ -128,16 +221,21 @@ class RunningProvider:
 
 @asynccontextmanager
 async def open_provider(
-    config: ProviderConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    config: ProviderConfig | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    metrics: bool = False,
 ) -> AsyncIterator[RunningProvider]:
     """Run a provider for the duration of an ``async with`` block.
 
     With no ``config`` a random 32-byte secret is used (mint tokens with
     :meth:`RunningProvider.token`).  Port 0 picks a free port.  Leaving the
-    block stops the server; no task is left running.  Errors come out as
-    themselves (``OSError`` when the port is taken), not as exception groups.
-    As with :func:`serve`, a client that keeps its connection open but stops
-    reading delays the stop until it reads or disconnects.
+    block stops the server gracefully (open streams end with their last chunk;
+    connections still open after ``config.shutdown_grace`` seconds are closed);
+    no task is left running.  With ``metrics=True`` a second loopback port
+    serves ``/metrics`` (:attr:`RunningProvider.metrics_url`).  Errors come out
+    as themselves (``OSError`` when the port is taken), not as exception groups.
 
     >>> async with open_provider() as provider:
     ...     token = provider.token("alice")
@@ -146,10 +244,18 @@ async def open_provider(
     if config is None:
         config = ProviderConfig(secret=secrets.token_bytes(32))
     app = create_app(config)
+    shutdown = trio.Event()
+    metrics_addr = (host, 0) if metrics else None
     with single_error():
         async with trio.open_nursery() as nursery:
-            url: str = await nursery.start(partial(_serve_app, app, host, port))
+            urls: list[str] = await nursery.start(
+                partial(_serve_app, app, host, port, shutdown=shutdown, metrics_addr=metrics_addr)
+            )
+            url = urls[0]
+            running = RunningProvider(url, url.removesuffix(_EVENTS_PATH), config, app)
+            if metrics:
+                running = dataclasses.replace(running, metrics_url=urls[1] + "/metrics")
             try:
-                yield RunningProvider(url, url.removesuffix(_EVENTS_PATH), config, app)
+                yield running
             finally:
-                nursery.cancel_scope.cancel()
+                shutdown.set()
