@@ -574,8 +574,11 @@ class EventsApp:
                 chunk, size = [], 0
         if chunk:
             await send({"type": "http.response.body", "body": b"".join(chunk), "more_body": True})
+        counts: dict[str, int] = {}
         for event in history:
-            self.metrics.delivered(event.name, delivery, 1)
+            counts[event.name] = counts.get(event.name, 0) + 1
+        for name, count in counts.items():
+            self.metrics.delivered(name, delivery, count)
 
     async def _follow(
         self, send: Send, subscription: Subscription, seen: int, spec: StreamSpec

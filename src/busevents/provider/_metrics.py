@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -98,6 +99,15 @@ class ProviderMetrics:
             registry=r,
         )
         self._prefixes: set[str] = set()
+        # Labelled children, looked up once: ``labels()`` is a lock and a tuple per call.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _prefix(self, name: str) -> str:
         prefix = name_prefix(name)
@@ -110,21 +120,21 @@ class ProviderMetrics:
 
     def published(self, name: str) -> None:
         """Count one accepted event."""
-        self._publishes.labels(self._prefix(name)).inc()
+        self._child(self._publishes, self._prefix(name)).inc()
 
     def delivered(self, name: str, delivery: str, count: int) -> None:
         """Count ``count`` events written to a stream of ``name``."""
         if count:
-            self._deliveries.labels(self._prefix(name), delivery).inc(count)
+            self._child(self._deliveries, self._prefix(name), delivery).inc(count)
 
     def auth_failure(self, reason: str) -> None:
         """Count one refused request."""
-        self._auth_failures.labels(reason).inc()
+        self._child(self._auth_failures, reason).inc()
 
     def request(self, route: str, status: int, seconds: float) -> None:
         """Observe how long a request waited for its response to start."""
         route = route if route in _ROUTES else "other"
-        self._durations.labels(route, str(status)).observe(seconds)
+        self._child(self._durations, route, str(status)).observe(seconds)
 
     @contextmanager
     def backend_call(self, operation: str) -> Iterator[None]:
@@ -133,10 +143,10 @@ class ProviderMetrics:
         try:
             yield
         except Exception:
-            self._backend_errors.labels(operation).inc()
+            self._child(self._backend_errors, operation).inc()
             raise
         finally:
-            self._backend_seconds.labels(operation).observe(time.perf_counter() - start)
+            self._child(self._backend_seconds, operation).observe(time.perf_counter() - start)
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -67,7 +67,10 @@ class ScopePolicy:
     ('vm:write',)
     """
 
-    __slots__ = ("_by_length", "_fallback", "_rules")
+    __slots__ = ("_by_length", "_cache", "_fallback", "_rules")
+
+    #: Names whose row is remembered (the table is scanned once per name).
+    CACHE_SIZE = 4096
 
     def __init__(
         self,
@@ -91,6 +94,7 @@ class ScopePolicy:
         # Longest prefix first, so the first match is the most specific one.
         self._by_length = tuple(sorted(parsed, key=lambda r: len(r.prefix), reverse=True))
         self._fallback = ScopeRule("", fallback_send, fallback_listen)
+        self._cache: dict[str, ScopeRule] = {}
 
     @classmethod
     def default(cls) -> ScopePolicy:
@@ -121,10 +125,18 @@ class ScopePolicy:
 
     def rule_for(self, name: str) -> ScopeRule:
         """The row that governs ``name`` (the fallback row when none matches)."""
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        found = self._fallback
         for rule in self._by_length:
             if _matches(rule.prefix, name):
-                return rule
-        return self._fallback
+                found = rule
+                break
+        if len(self._cache) >= self.CACHE_SIZE:
+            self._cache.clear()  # crude, but bounded and rare: names repeat
+        self._cache[name] = found
+        return found
 
     def required(self, name: str, action: Action) -> tuple[str, ...] | None:
         """Scopes a token needs (all of them) to ``action`` on ``name``; ``None`` if reserved."""
