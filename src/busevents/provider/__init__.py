@@ -31,6 +31,11 @@ Behaviour worth knowing (the ``memory`` backend, the only one so far):
   removed when it holds a line break (it would break the NDJSON framing).
 * **Keep-alive**: a following stream silent for ``keepalive`` seconds writes a
   blank line.
+* **Operations**: ``GET /healthz`` and ``GET /readyz`` (the backend answers)
+  without a token; ``GET {base}/openapi.json``; Prometheus metrics on a
+  separate address (``serve(..., metrics_addr=...)``).  A graceful stop ends
+  every stream with its last chunk and closes what is still open after
+  ``shutdown_grace`` seconds, whatever the peers do.
 * **Wildcards** (``allow_wildcards=True``): ``*`` matches one word, a final
   ``>`` the rest; only service tokens may stream a pattern, and they need every
   listen scope of the policy rows under the pattern's literal prefix.
