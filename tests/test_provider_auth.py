@@ -441,3 +441,15 @@ def test_a_remembered_token_still_expires() -> None:
     now[0] += 2  # beyond exp + leeway
     with pytest.raises(AuthError, match="expired"):
         verifier.verify_header(header)
+
+
+async def test_a_reserved_name_gets_no_scope_hint_from_the_cli(run_cli, provider) -> None:  # type: ignore[no-untyped-def]
+    env = {
+        "BUS_EVENTS_API_URL": provider.url,
+        "BUS_API_TOKEN": provider.token(scopes="events:send"),
+    }
+    reserved = await run_cli("send", "--name", "bus.nothing.here", "--payload", "{}", env=env)
+    assert reserved.status == 1
+    assert "reserved" in reserved.stderr and "--scope" not in reserved.stderr
+    protected = await run_cli("send", "--name", "bus.llm.chat.completions.request", env=env)
+    assert protected.status == 1 and '--scope "llm:proxy"' in protected.stderr
