@@ -19,9 +19,8 @@ from hypothesis.errors import Unsatisfiable
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from busevents.provider import ProviderConfig, mint_token, open_provider
+from busevents.provider import ProviderConfig, mint_token, open_provider, openapi_document
 from busevents.provider._metrics import MAX_PREFIXES, name_prefix
-from busevents.provider._openapi import openapi_document
 
 from .helpers import serve_subprocess
 

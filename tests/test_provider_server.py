@@ -159,6 +159,7 @@ def test_public_names() -> None:
         "create_app",
         "mint_token",
         "open_provider",
+        "openapi_document",
         "secret_from_env",
         "serve",
     }

@@ -299,7 +299,7 @@ async def test_a_worker_fails_fast_on_403_and_401(provider: RunningProvider) -> 
     async with EventsClient(provider.url, provider.token(scopes="events:listen")) as client:
         with trio.fail_after(5), pytest.raises(Forbidden) as forbidden:
             await run_worker(client, Worker("bus.vm.start", never, retry=slow_retry))
-    assert forbidden.value.required_scopes == ("vm:read",)
+    assert forbidden.value.required_scopes == ("vm:write",)  # start: a lifecycle action
     async with EventsClient(provider.url, "not-a-jwt") as client:
         with trio.fail_after(5), pytest.raises(Unauthorized):
             await run_worker(client, Worker("example.ping", never, retry=slow_retry))

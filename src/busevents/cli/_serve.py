@@ -112,13 +112,12 @@ def serve(
     """
     g = current()
     if print_openapi:
-        try:
-            from ..provider._openapi import openapi_json
-        except ImportError as exc:
-            raise UsageError(str(exc)) from None
+        import json
+
+        document = provider_module().openapi_document()
         results = g.results()
         results.open()
-        results.write(openapi_json())
+        results.write(json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n")
         results.close()
         return EXIT_OK
     host, port = _split_addr(addr)
@@ -154,19 +153,16 @@ def serve(
 
     import trio
 
-    from ..provider._server import _serve_app
-
     async def main() -> None:
         # SIGINT/SIGTERM are the normal way to stop a server: a clean shutdown within
         # the grace period whatever the peers do, exit 0.  A second signal: at once.
         shutdown = trio.Event()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                app = provider.create_app(config)
 
-                async def run(task_status: trio.TaskStatus[list[str]]) -> None:
-                    await _serve_app(
-                        app,
+                async def run(task_status: trio.TaskStatus[str]) -> None:
+                    await provider.serve(
+                        config,
                         host,
                         port,
                         shutdown=shutdown,
@@ -175,10 +171,10 @@ def serve(
                     )
                     nursery.cancel_scope.cancel()  # stopped: no more signals to wait for
 
-                urls = await nursery.start(run)
-                diag.note(f"Events API on {urls[0]} ({events_backend} backend); Ctrl-C stops")
+                url = await nursery.start(run)
+                diag.note(f"Events API on {url} ({events_backend} backend); Ctrl-C stops")
                 if metrics is not None:
-                    diag.note(f"metrics on {urls[1]}/metrics")
+                    diag.note(f"metrics on http://{metrics_addr}/metrics")
                 async for _ in signals:
                     if shutdown.is_set():
                         nursery.cancel_scope.cancel()

@@ -72,6 +72,7 @@ from ._auth import INTERNAL_AUDIENCE as INTERNAL_AUDIENCE
 from ._auth import mint_token as mint_token
 from ._config import ProviderConfig as ProviderConfig
 from ._config import secret_from_env as secret_from_env
+from ._openapi import openapi_document as openapi_document
 from ._policy import ScopePolicy as ScopePolicy
 from ._policy import ScopeRule as ScopeRule
 from ._server import RunningProvider as RunningProvider
@@ -89,6 +90,7 @@ __all__ = [
     "create_app",
     "mint_token",
     "open_provider",
+    "openapi_document",
     "secret_from_env",
     "serve",
 ]
