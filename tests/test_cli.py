@@ -129,6 +129,17 @@ async def test_forbidden_prints_the_scope_hint(run_cli, env, provider) -> None: 
     assert 'bus auth token --scope "vm:write"' in result.stderr
 
 
+async def test_a_reserved_name_gets_no_scope_hint(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+    """No scope opens a reserved bus.* name, so the CLI suggests none."""
+    token = provider.token(scopes="events:send events:listen vm:write")
+    result = await run_cli(
+        "send", "--name", "bus.nothing.here", "--payload", "{}", env={**env, "BUS_API_TOKEN": token}
+    )
+    assert result.status == 1
+    assert "HTTP 403 forbidden" in result.stderr and "reserved" in result.stderr
+    assert "hint" not in result.stderr and "bus auth token" not in result.stderr
+
+
 async def test_help_and_version(run_cli) -> None:  # type: ignore[no-untyped-def]
     for flag in ("-V", "--version"):
         result = await run_cli(flag)

@@ -86,7 +86,8 @@ def _status_for(exc: BaseException, g: Globals) -> int | None:
         return EXIT_USAGE
     if isinstance(exc, BusEventsError):
         diag.error(str(exc))
-        if isinstance(exc, Forbidden):
+        if isinstance(exc, Forbidden) and exc.required_scopes:
+            # No scopes named (a reserved name): no token could open it, so no hint.
             diag.hint(f"get a token with the scope it needs: {exc.hint}")
         return EXIT_FAILURE
     if isinstance(exc, BrokenPipeError):
