@@ -13,6 +13,7 @@ stream opens.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -24,7 +25,15 @@ import trio
 from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec
 
 from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
-from ._backend import Backend, Draft, Selector, StoredEvent, Subscription
+from ._backend import (
+    Backend,
+    BackendLimit,
+    BackendUnavailable,
+    Draft,
+    Selector,
+    StoredEvent,
+    Subscription,
+)
 from ._config import ProviderConfig
 from ._memory import MemoryBackend
 from ._names import (
@@ -59,6 +68,9 @@ _SNAPSHOT_CHUNK = 256 * 1024
 _DRAIN_SECONDS = 10.0
 _DELIVERIES = {d.value: d for d in Delivery}
 _encode = msgspec.json.Encoder().encode
+_log = logging.getLogger("busevents.provider")
+#: Seconds a client should wait before retrying after ``503 backend_unavailable``.
+_RETRY_AFTER = b"1"
 
 
 class HTTPError(Exception):
@@ -91,6 +103,12 @@ class _AcceptedBody(msgspec.Struct, omit_defaults=True, rename={"correlation_id"
 
 def _bad_request(message: str) -> HTTPError:
     return HTTPError(400, "bad_request", message)
+
+
+def _unavailable(exc: BackendUnavailable) -> HTTPError:
+    return HTTPError(
+        503, "backend_unavailable", str(exc), headers=[(b"retry-after", _RETRY_AFTER)]
+    )
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -171,13 +189,24 @@ class EventsApp:
             await send({"type": "websocket.close", "code": 1008})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        # The backend is connected (and its background tasks run) for the server's life.
+        started = False
+        try:
+            async with self.backend.running():
+                started = True
+                while True:
+                    message = await receive()
+                    if message["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif message["type"] == "lifespan.shutdown":
+                        break
+        except BackendUnavailable as exc:
+            if started:
+                raise
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -272,9 +301,12 @@ class EventsApp:
             # Platform keys (bus.*) are stamped by services; an end user cannot forge them,
             # just as the identity_id an end user sends is ignored.
             metadata = {k: v for k, v in metadata.items() if not k.startswith("bus.")} or None
-        stored = await self.backend.publish(
-            Draft(name, request.payload, identity, request.correlation_id, metadata)
-        )
+        try:
+            stored = await self.backend.publish(
+                Draft(name, request.payload, identity, request.correlation_id, metadata)
+            )
+        except BackendUnavailable as exc:
+            raise _unavailable(exc) from None
         accepted = _AcceptedBody(True, stored.id, name, request.correlation_id, stored.time)
         await _send_response(send, 202, _encode(accepted), _JSON_HEADERS)
 
@@ -344,7 +376,7 @@ class EventsApp:
                 raise InvalidParameter(
                     f"invalid delivery {delivery_text[:64]!r}: expected broadcast or unicast"
                 )
-            return StreamSpec(
+            spec = StreamSpec(
                 name=name,
                 delivery=delivery,
                 group=check_label(params.get("group", "default"), param="group"),
@@ -352,10 +384,38 @@ class EventsApp:
                 replay=check_flag(params.get("replay", "false"), param="replay"),
                 follow=check_flag(params.get("follow", "true"), param="follow"),
             )
+            if spec.replay and delivery is Delivery.UNICAST:
+                # A group's consumers compete for each event; handing the history to
+                # every consumer would deliver it many times (see docs/backends.md).
+                raise InvalidParameter(
+                    "replay=true is not supported with delivery=unicast: a group's "
+                    "consumers share live events only; read history with a broadcast stream"
+                )
+            return spec
         except InvalidParameter as exc:
             raise _bad_request(str(exc)) from None
 
     async def _write_stream(self, send: Send, spec: StreamSpec, selector: Selector) -> None:
+        sent = False
+
+        async def send_once(message: Message) -> None:
+            nonlocal sent
+            sent = True
+            await send(message)
+
+        try:
+            await self._write_stream_body(send_once, spec, selector)
+        except BackendLimit as exc:
+            if sent:
+                raise
+            raise HTTPError(429, "too_many_groups", str(exc)) from None
+        except BackendUnavailable as exc:
+            if not sent:
+                raise _unavailable(exc) from None
+            # Ending without the final chunk tells the client the stream broke: it reconnects.
+            _log.warning("stream of %s ended: %s", spec.name, exc)
+
+    async def _write_stream_body(self, send: Send, spec: StreamSpec, selector: Selector) -> None:
         start = {"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS}
         if not spec.follow:
             history = await self.backend.snapshot(selector) if spec.replay else []
@@ -418,9 +478,36 @@ def create_app(config: ProviderConfig) -> EventsApp:
 
     >>> app = create_app(ProviderConfig(secret=b"s" * 32))
     """
-    if config.backend != "memory":
-        raise ValueError(f"unknown provider backend {config.backend!r}: known backends: memory")
-    backend = MemoryBackend(
-        listener_queue=config.listener_queue, history_limit=config.history_limit
-    )
-    return EventsApp(config, backend)
+    return EventsApp(config, make_backend(config))
+
+
+def make_backend(config: ProviderConfig) -> Backend:
+    """The backend named by ``config.backend``, not yet connected (see ``Backend.running``).
+
+    Raises :class:`ValueError` for an unknown name or a setting the backend refuses.
+    """
+    if config.backend == "memory":
+        return MemoryBackend(
+            listener_queue=config.listener_queue,
+            history_limit=config.history_limit,
+            listener_queue_bytes=config.listener_queue_bytes,
+            history_bytes=config.history_bytes,
+            max_groups=config.max_groups,
+            max_groups_per_identity=config.max_groups_per_identity,
+            group_idle=config.group_idle,
+        )
+    if config.backend not in ("redis", "postgres"):
+        raise ValueError(
+            f"unknown provider backend {config.backend!r}: known backends: memory, redis, postgres"
+        )
+    if config.allow_wildcards:
+        raise ValueError(
+            f"wildcard streams are supported by the memory backend only, not {config.backend}"
+        )
+    if config.backend == "redis":
+        from ._redis import RedisBackend
+
+        return RedisBackend(config.redis, history_limit=config.history_limit)
+    from ._postgres import PostgresBackend
+
+    return PostgresBackend(config.postgres, history_limit=config.history_limit)
