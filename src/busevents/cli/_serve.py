@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 SECRET_ENV = "BUS_API_JWT_SECRET"
+REDIS_ADDR_ENV = "BUS_EVENTS_REDIS_ADDR"
+REDIS_PASSWORD_ENV = "BUS_EVENTS_REDIS_PASSWORD"
+REDIS_PREFIX_ENV = "BUS_EVENTS_REDIS_PREFIX"
+POSTGRES_DSN_ENV = "BUS_EVENTS_POSTGRES_DSN"
 
 
 def provider_module() -> ModuleType:
@@ -55,8 +59,27 @@ def serve(
     *,
     addr: Annotated[str, Parameter(help="Address to listen on, HOST:PORT.")] = "127.0.0.1:8081",
     events_backend: Annotated[
-        Literal["memory"], Parameter(help="Event store: memory (non-durable).")
+        Literal["memory", "redis", "postgres"],
+        Parameter(
+            help="Event store: memory (one process, nothing kept), redis or postgres "
+            "(durable, shared by several serve processes; see docs/backends.md)."
+        ),
     ] = "memory",
+    redis_addr: Annotated[
+        str | None,
+        Parameter(help=f"Redis HOST:PORT or redis:// URL [env {REDIS_ADDR_ENV}; 127.0.0.1:6379]."),
+    ] = None,
+    redis_prefix: Annotated[
+        str | None,
+        Parameter(help=f"Prefix of every Redis key [env {REDIS_PREFIX_ENV}; bus-events:]."),
+    ] = None,
+    postgres_dsn: Annotated[
+        str | None,
+        Parameter(
+            help=f"PostgreSQL connection string [env {POSTGRES_DSN_ENV}]; "
+            "prefer the variable when it holds a password."
+        ),
+    ] = None,
     policy: Annotated[
         str | None, Parameter(help="Scope policy JSON file replacing the default table.")
     ] = None,
@@ -69,7 +92,24 @@ def serve(
     listener_queue: Annotated[
         int, Parameter(help="Events buffered per listener or unicast group (see README).")
     ] = 10_000,
-    history: Annotated[int, Parameter(help="Events kept in memory for --replay.")] = 100_000,
+    history: Annotated[
+        int, Parameter(help="Events kept for --replay (Redis: MAXLEN ~; PostgreSQL: rows).")
+    ] = 100_000,
+    history_bytes: Annotated[
+        int, Parameter(help="Memory backend: bytes of history kept (oldest dropped first).")
+    ] = 64 << 20,
+    listener_queue_bytes: Annotated[
+        int, Parameter(help="Memory backend: bytes buffered per listener or unicast group.")
+    ] = 8 << 20,
+    max_groups: Annotated[
+        int, Parameter(help="Memory backend: unicast groups held at most (more: 429).")
+    ] = 1_000,
+    max_groups_per_identity: Annotated[
+        int, Parameter(help="Memory backend: unicast groups per identity at most.")
+    ] = 20,
+    group_idle: Annotated[
+        str, Parameter(help="Memory backend: free a unicast group idle (no consumer) this long.")
+    ] = "10m",
 ) -> int:
     """Run the reference Events API provider (for development and tests).
 
@@ -77,6 +117,8 @@ def serve(
     base64:<value>); mint one with `bus-events dev-token`.
 
     Example: BUS_API_JWT_SECRET=dev-secret bus-events serve --addr 127.0.0.1:8081
+
+    Redis's password is read from $BUS_EVENTS_REDIS_PASSWORD only (never a flag).
     """
     host, port = _split_addr(addr)
     provider = provider_module()
@@ -96,6 +138,24 @@ def serve(
     except ConfigError as exc:
         raise UsageError(f"--keepalive: {exc}") from None
     try:
+        group_idle_s = parse_duration(group_idle)
+    except ConfigError as exc:
+        raise UsageError(f"--group-idle: {exc}") from None
+    env = os.environ
+    options["redis"] = provider.RedisOptions(
+        addr=redis_addr or env.get(REDIS_ADDR_ENV) or "127.0.0.1:6379",
+        password=env.get(REDIS_PASSWORD_ENV) or None,
+        prefix=redis_prefix if redis_prefix is not None else env.get(REDIS_PREFIX_ENV, "bus-events:"),
+    )
+    dsn = postgres_dsn or env.get(POSTGRES_DSN_ENV)
+    if events_backend == "postgres" and not dsn:
+        raise UsageError(
+            f"--events-backend postgres needs a database: set {POSTGRES_DSN_ENV} "
+            "(e.g. postgresql://user@127.0.0.1:5432/events) or --postgres-dsn"
+        )
+    if dsn:
+        options["postgres"] = provider.PostgresOptions(dsn=dsn)
+    try:
         config = provider.ProviderConfig(
             secret=secret_key,
             backend=events_backend,
@@ -103,6 +163,11 @@ def serve(
             max_body_bytes=max_body,
             listener_queue=listener_queue,
             history_limit=history,
+            history_bytes=history_bytes,
+            listener_queue_bytes=listener_queue_bytes,
+            max_groups=max_groups,
+            max_groups_per_identity=max_groups_per_identity,
+            group_idle=group_idle_s,
             **options,
         )
     except ValueError as exc:
@@ -112,8 +177,19 @@ def serve(
 
     import trio
 
+    try:
+        backend = provider.make_backend(config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def check_backend() -> None:
+        # Fail at once, in one line, rather than from inside the server's startup.
+        async with backend.running():
+            pass
+
     async def main() -> None:
         # SIGINT/SIGTERM are the normal way to stop a server: a clean shutdown, exit 0.
+        await check_backend()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 url = await nursery.start(provider.serve, config, host, port)
@@ -125,9 +201,14 @@ def serve(
 
     from busevents import single_error
 
+    from hypercorn.utils import LifespanFailureError
+
     try:
         with single_error():
             trio.run(main)
+    except (provider.BackendUnavailable, LifespanFailureError) as exc:
+        diag.error(f"cannot start: {exc}")
+        return EXIT_FAILURE
     except OSError as exc:
         diag.error(f"cannot listen on {addr}: {exc.strerror or exc}")
         return EXIT_FAILURE

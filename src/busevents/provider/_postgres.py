@@ -65,6 +65,9 @@ from ._config import PostgresOptions
 __all__ = ["PostgresBackend", "postgres_location"]
 
 _log = logging.getLogger("busevents.provider")
+# The pool logs a warning per failed reconnection attempt; our own 503s and stream
+# errors already say that the database is gone, once per request.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 _T = TypeVar("_T")
 
 _CONNECT_TIMEOUT = 5.0
@@ -174,6 +177,9 @@ class PostgresBackend:
             name="bus-events",
         )
         try:
+            # One direct connection first: its error says why (refused, auth, no database),
+            # where the pool would only time out.
+            await trio.to_thread.run_sync(self._probe)
             await trio.to_thread.run_sync(partial(pool.open, wait=True, timeout=_CONNECT_TIMEOUT))
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
             await trio.to_thread.run_sync(pool.close)
@@ -193,6 +199,10 @@ class PostgresBackend:
             self._pool = None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(partial(pool.close, timeout=1.0))
+
+    def _probe(self) -> None:
+        with psycopg.connect(self._options.dsn, connect_timeout=int(_CONNECT_TIMEOUT)):
+            pass
 
     @staticmethod
     def _create_tables(conn: psycopg.Connection[Any]) -> str:
