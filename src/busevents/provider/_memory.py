@@ -107,17 +107,20 @@ class _Buffer:
         self.bytes = 0
 
     async def receive_batch(self, limit: int) -> list[StoredEvent]:
+        await trio.lowlevel.checkpoint_if_cancelled()
         while not self.events:
             if self.closed:
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return []
             await self._lot.park()
-        await trio.lowlevel.checkpoint()
+        # Take the batch before the next schedule point: competing consumers of a
+        # group share this buffer, and a batch taken is never given back.
         batch: list[StoredEvent] = []
         while self.events and len(batch) < limit:
             event = self.events.popleft()
             self.bytes -= len(event.line)
             batch.append(event)
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return batch
 
 
