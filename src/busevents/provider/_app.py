@@ -405,13 +405,15 @@ class EventsApp:
 
         try:
             await self._write_stream_body(send_once, spec, selector)
+        # Answered here, not raised: this runs inside the disconnect watcher's nursery.
         except BackendLimit as exc:
             if sent:
                 raise
-            raise HTTPError(429, "too_many_groups", str(exc)) from None
+            await _send_error(send, HTTPError(429, "too_many_groups", str(exc)))
         except BackendUnavailable as exc:
             if not sent:
-                raise _unavailable(exc) from None
+                await _send_error(send, _unavailable(exc))
+                return
             # Ending without the final chunk tells the client the stream broke: it reconnects.
             _log.warning("stream of %s ended: %s", spec.name, exc)
 

@@ -36,6 +36,7 @@ Semantics:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -254,11 +255,8 @@ class RedisBackend:
     async def _create_group(
         self, client: coredis.Redis[bytes], key: bytes, group: bytes, start: str
     ) -> None:
-        try:
+        with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
             await client.xgroup_create(key, group, start, mkstream=True)
-        except coredis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc) and "already exists" not in str(exc):
-                raise
 
 
 class _Reader:
