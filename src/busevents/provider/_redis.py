@@ -27,7 +27,9 @@ Semantics:
   process; if it lags more than ``MAXLEN`` behind, trimmed entries are gone.
 * **Unicast** groups are consumer groups named ``<owner>|<group>`` on the name's
   stream, read with ``XREADGROUP … NOACK`` (at most once, as in memory): the
-  consumers of one group on any process share its events.  A group starts at
+  consumers of one group on any process share its events.  The group read never
+  blocks (a blocking one still in flight when a consumer leaves would take
+  events nobody receives); consumers wait for new entries with a plain ``XREAD``.  A group starts at
   the stream's end when first created; if Redis lost it (restart without
   persistence) it is created again from the stream's start.
 * **Redis unreachable**: publish raises :class:`BackendUnavailable` (``503``),
@@ -341,21 +343,26 @@ class _GroupReader(_Reader):
         self._consumer = selector.consumer.encode()
 
     async def _read(self, limit: int) -> Any:
+        # Never a *blocking* XREADGROUP: one still in flight when its stream closes
+        # (reads are shielded) would take events that no consumer then receives.
+        # So: note the stream's end, take what the group has without blocking, and
+        # if nothing, wait for a newer entry with a plain XREAD, which takes nothing.
+        last = await self._client.xrevrange(self._key, "+", "-", count=1)
+        position = _text(last[0].identifier) if last else "0-0"
         try:
-            return await self._xreadgroup(limit)
+            result = await self._xreadgroup(limit)
         except coredis.exceptions.StreamConsumerError:
             # Redis lost the group (a restart without persistence): everything in the
             # stream now was published after that restart, so start from its beginning.
             _log.warning("unicast group %r of %r is gone: creating it again", self._group, self._key)
             await self._backend._create_group(self._client, self._key, self._group, "0")
-            return await self._xreadgroup(limit)
+            result = await self._xreadgroup(limit)
+        if result:
+            return result
+        await self._client.xread({self._key: position}, count=1, block=_BLOCK_MS)
+        return None
 
     async def _xreadgroup(self, limit: int) -> Any:
         return await self._client.xreadgroup(
-            self._group,
-            self._consumer,
-            {self._key: ">"},
-            count=limit,
-            block=_BLOCK_MS,
-            noack=True,
+            self._group, self._consumer, {self._key: ">"}, count=limit, noack=True
         )
