@@ -19,6 +19,13 @@ import pytest
 import trio
 
 
+def _unavailable(reason: str) -> None:
+    # Under .ci/run (BUS_EVENTS_TEST_REQUIRE_SERVICES=1) a missing tool fails, never skips.
+    if os.environ.get("BUS_EVENTS_TEST_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (BUS_EVENTS_TEST_REQUIRE_SERVICES=1)")
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -78,7 +85,7 @@ class PrivateRedis:
 @asynccontextmanager
 async def private_redis(directory: Path, *, persistent: bool = False) -> AsyncIterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        _unavailable("redis-server is not installed")
     server = PrivateRedis(directory, persistent=persistent)
     await server.start()
     try:
@@ -145,9 +152,9 @@ class PrivatePostgres:
 @asynccontextmanager
 async def private_postgres() -> AsyncIterator[PrivatePostgres]:
     if _pg_bin("initdb") is None or _pg_bin("pg_ctl") is None:
-        pytest.skip("the PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        _unavailable("the PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running PostgreSQL as root needs runuser")
+        _unavailable("running PostgreSQL as root needs runuser")
     # Not under pytest's tmp_path: the postgres user must be able to reach it.
     directory = Path(tempfile.mkdtemp(prefix="bus-events-pg-"))
     server = PrivatePostgres(directory)
