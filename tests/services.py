@@ -66,9 +66,18 @@ class PrivateRedis:
             else ["--appendonly", "no"]
         )
         self._proc = await trio.lowlevel.open_process(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-            + persistence
-            + ["--dir", str(self._dir)],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                *persistence,
+                "--dir",
+                str(self._dir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -83,7 +92,9 @@ class PrivateRedis:
 
 
 @asynccontextmanager
-async def private_redis(directory: Path, *, persistent: bool = False) -> AsyncIterator[PrivateRedis]:
+async def private_redis(
+    directory: Path, *, persistent: bool = False
+) -> AsyncIterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
         _unavailable("redis-server is not installed")
     server = PrivateRedis(directory, persistent=persistent)
@@ -134,8 +145,18 @@ class PrivatePostgres:
     async def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self._directory} -F"
         await trio.run_process(
-            [*self._prefix, self._ctl, "-D", str(self._data), "-l", str(self._log), "-w",
-             "-o", options, "start"],
+            [
+                *self._prefix,
+                self._ctl,
+                "-D",
+                str(self._data),
+                "-l",
+                str(self._log),
+                "-w",
+                "-o",
+                options,
+                "start",
+            ],
             capture_stdout=True,
             capture_stderr=True,
         )
@@ -167,5 +188,3 @@ async def private_postgres() -> AsyncIterator[PrivatePostgres]:
             await server.stop()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-

@@ -62,7 +62,9 @@ def auth(token: str) -> dict[str, str]:
 async def publish(
     http: httpx.AsyncClient, prov: RunningProvider, token: str, name: str, payload: Any
 ) -> dict[str, Any]:
-    response = await http.post(prov.url, json={"name": name, "payload": payload}, headers=auth(token))
+    response = await http.post(
+        prov.url, json={"name": name, "payload": payload}, headers=auth(token)
+    )
     assert response.status_code == 202, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -193,17 +195,20 @@ async def test_unicast_group_splits_events_and_groups_each_get_all(
             await publish(http, prov, token, topic, n)
         assert [e["payload"] for e in await other.next(30)] == list(range(30))
 
+        all_in = trio.Event()
+
         async def pump(key: str, lines: Lines) -> None:
             while True:
                 (event,) = await lines.next(1)
                 got[key].append(event["payload"])
+                if len(got["c1"]) + len(got["c2"]) >= 30:
+                    all_in.set()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump, "c1", c1)
             nursery.start_soon(pump, "c2", c2)
             with trio.fail_after(WAIT):
-                while len(got["c1"]) + len(got["c2"]) < 30:
-                    await trio.sleep(0.05)
+                await all_in.wait()
             await trio.sleep(0.3)  # a duplicate would show up now
             nursery.cancel_scope.cancel()
     assert sorted(got["c1"] + got["c2"]) == list(range(30))

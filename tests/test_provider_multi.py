@@ -99,9 +99,13 @@ class Reader:
         self.error: Exception | None = None
         self.ready = trio.Event()
 
-    async def run(self, http: httpx.AsyncClient, url: str, headers: dict[str, str], **params: str) -> None:
+    async def run(
+        self, http: httpx.AsyncClient, url: str, headers: dict[str, str], **params: str
+    ) -> None:
         try:
-            async with http.stream("GET", url + "/stream", params=params, headers=headers) as response:
+            async with http.stream(
+                "GET", url + "/stream", params=params, headers=headers
+            ) as response:
                 assert response.status_code == 200
                 self.ready.set()
                 async for line in response.aiter_lines():
@@ -115,7 +119,8 @@ class Reader:
 
 async def wait_for(condition: Any, limit: float = WAIT) -> None:
     with trio.fail_after(limit):
-        while not condition():
+        # Polling: the condition spans several readers' state and the service's.
+        while not condition():  # noqa: ASYNC110
             await trio.sleep(0.05)
 
 

@@ -145,7 +145,9 @@ def serve(
     options["redis"] = provider.RedisOptions(
         addr=redis_addr or env.get(REDIS_ADDR_ENV) or "127.0.0.1:6379",
         password=env.get(REDIS_PASSWORD_ENV) or None,
-        prefix=redis_prefix if redis_prefix is not None else env.get(REDIS_PREFIX_ENV, "bus-events:"),
+        prefix=redis_prefix
+        if redis_prefix is not None
+        else env.get(REDIS_PREFIX_ENV, "bus-events:"),
     )
     dsn = postgres_dsn or env.get(POSTGRES_DSN_ENV)
     if events_backend == "postgres" and not dsn:

@@ -106,9 +106,7 @@ def _bad_request(message: str) -> HTTPError:
 
 
 def _unavailable(exc: BackendUnavailable) -> HTTPError:
-    return HTTPError(
-        503, "backend_unavailable", str(exc), headers=[(b"retry-after", _RETRY_AFTER)]
-    )
+    return HTTPError(503, "backend_unavailable", str(exc), headers=[(b"retry-after", _RETRY_AFTER)])
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

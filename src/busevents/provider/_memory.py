@@ -138,7 +138,15 @@ class _Listener:
 class _Group:
     """One unicast group's shared buffer."""
 
-    __slots__ = ("buffer", "consumers", "dropped", "idle_since", "matches", "overflowing", "selector")
+    __slots__ = (
+        "buffer",
+        "consumers",
+        "dropped",
+        "idle_since",
+        "matches",
+        "overflowing",
+        "selector",
+    )
 
     def __init__(self, selector: Selector, count: int, size: int) -> None:
         self.selector = selector

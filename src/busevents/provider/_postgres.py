@@ -243,7 +243,9 @@ class PostgresBackend:
                         trio.from_thread.run_sync(self._wake_all, trio_token=token)
                         while not stop.is_set():
                             for note in conn.notifies(timeout=0.5):
-                                trio.from_thread.run_sync(self._wake, note.payload, trio_token=token)
+                                trio.from_thread.run_sync(
+                                    self._wake, note.payload, trio_token=token
+                                )
                 except (psycopg.Error, OSError):
                     # Readers poll meanwhile; try again shortly.
                     stop.wait(self._options.poll_interval)
@@ -358,7 +360,7 @@ class _Reader:
                 await self._backend._wait(name, wakeup)
             else:
                 await trio.lowlevel.checkpoint()
-        batch = []
+        batch: list[StoredEvent] = []
         while self._pending and len(batch) < limit:
             batch.append(self._pending.popleft())
         return batch

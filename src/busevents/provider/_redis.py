@@ -299,7 +299,7 @@ class _Reader:
                         self._pending.append(event)
             # The cancellation point: what was read stays pending for the next call.
             await trio.lowlevel.checkpoint()
-        batch = []
+        batch: list[StoredEvent] = []
         while self._pending and len(batch) < limit:
             batch.append(self._pending.popleft())
         return batch
@@ -354,7 +354,9 @@ class _GroupReader(_Reader):
         except coredis.exceptions.StreamConsumerError:
             # Redis lost the group (a restart without persistence): everything in the
             # stream now was published after that restart, so start from its beginning.
-            _log.warning("unicast group %r of %r is gone: creating it again", self._group, self._key)
+            _log.warning(
+                "unicast group %r of %r is gone: creating it again", self._group, self._key
+            )
             await self._backend._create_group(self._client, self._key, self._group, "0")
             result = await self._xreadgroup(limit)
         if result:
