@@ -91,8 +91,14 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def _servers(backend: str, count: int, extra: dict[str, str]) -> Iterator[list[int]]:
+def _servers(backend: str, count: int, extra: dict[str, str]) -> Iterator[list[tuple[int, int]]]:
     ports = [_free_port() for _ in range(count)]
     procs = []
     try:
@@ -117,7 +123,7 @@ def _servers(backend: str, count: int, extra: dict[str, str]) -> Iterator[list[i
             )
         for port in ports:
             _wait_port(port)
-        yield ports
+        yield [(port, proc.pid) for port, proc in zip(ports, procs, strict=True)]
     finally:
         for proc in procs:
             proc.terminate()
@@ -160,7 +166,9 @@ class _Listener(threading.Thread):
         self._sock.close()
 
 
-def _wrk(port: int, seconds: int, connections: int, token: str, script: Path) -> tuple[float, int]:
+def _wrk(
+    port: int, seconds: int, connections: int, token: str, script: Path
+) -> tuple[float, int, int]:
     out = subprocess.run(
         [
             "wrk",
@@ -179,20 +187,23 @@ def _wrk(port: int, seconds: int, connections: int, token: str, script: Path) ->
     ).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return rate, int(bad.group(1)) if bad else 0
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rate, int(bad.group(1)) if bad else 0, total
 
 
 def _measure(
     backend: str, count: int, extra: dict[str, str], seconds: int, connections: int, script: Path
 ) -> dict[str, float]:
     token, service = _token(), _token("ai.hg.fi/internal")
-    with _servers(backend, count, extra) as ports:
+    with _servers(backend, count, extra) as servers:
+        ports = [port for port, _ in servers]
         listeners = [_Listener(port, service) for port in ports]
         for listener in listeners:
             listener.start()
         time.sleep(0.5)
         load0 = os.getloadavg()[0]
-        results: list[tuple[float, int]] = []
+        cpu0 = sum(_cpu_seconds(pid) for _, pid in servers)
+        results: list[tuple[float, int, int]] = []
         start = time.monotonic()
         threads = [
             threading.Thread(
@@ -208,12 +219,17 @@ def _measure(
             thread.join()
         elapsed = time.monotonic() - start
         time.sleep(1.0)  # let the listeners catch up with the tail
+        cpu = sum(_cpu_seconds(pid) for _, pid in servers) - cpu0
         delivered = sum(listener.count for listener in listeners)
         for listener in listeners:
             listener.stop()
+        published = sum(total for _, _, total in results)
         return {
-            "publish": sum(rate for rate, _ in results),
-            "errors": sum(bad for _, bad in results),
+            "publish": sum(rate for rate, _, _ in results),
+            "errors": sum(bad for _, bad, _ in results),
+            # Provider CPU (publishing and delivering to the listeners) per event published:
+            # unlike the rates, it hardly depends on what else the machine is doing.
+            "cpu_ms": 1000 * cpu / max(published, 1),
             "delivered": delivered / elapsed,
             "load": max(load0, os.getloadavg()[0]),
         }
@@ -227,8 +243,28 @@ def _redis_alone(seconds: int) -> str:
     body = "x" * 100
     try:
         out = subprocess.run(
-            ["redis-benchmark", "-h", host, "-p", port, "-q", "-c", "32", "-n", str(40_000 * seconds)]
-            + ["XADD", key, "MAXLEN", "~", "100000", "*", "i", "bench", "t", body],
+            [
+                "redis-benchmark",
+                "-h",
+                host,
+                "-p",
+                port,
+                "-q",
+                "-c",
+                "32",
+                "-n",
+                str(40_000 * seconds),
+                "XADD",
+                key,
+                "MAXLEN",
+                "~",
+                "100000",
+                "*",
+                "i",
+                "bench",
+                "t",
+                body,
+            ],
             capture_output=True,
             text=True,
             timeout=seconds * 20,
@@ -256,7 +292,19 @@ def _postgres_alone(schema: str, seconds: int) -> str:
         fh.write(script)
     try:
         out = subprocess.run(
-            ["pgbench", "-n", "-c", "8", "-j", "2", "-T", str(seconds), "-f", fh.name, POSTGRES_DSN],
+            [
+                "pgbench",
+                "-n",
+                "-c",
+                "8",
+                "-j",
+                "2",
+                "-T",
+                str(seconds),
+                "-f",
+                fh.name,
+                POSTGRES_DSN,
+            ],
             capture_output=True,
             text=True,
             timeout=seconds + 60,
@@ -265,7 +313,11 @@ def _postgres_alone(schema: str, seconds: int) -> str:
     finally:
         os.unlink(fh.name)
     found = re.search(r"tps = ([\d.]+)", out)
-    return f"{float(found.group(1)):,.0f} publish transactions/s (pgbench, 8 clients)" if found else out
+    return (
+        f"{float(found.group(1)):,.0f} publish transactions/s (pgbench, 8 clients)"
+        if found
+        else out
+    )
 
 
 def _psql(sql: str) -> None:
@@ -302,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                     text=True,
                 ).stdout.split()
                 if keys:
-                    subprocess.run(["redis-cli", "-h", host, "-p", port, "DEL", *keys], capture_output=True)
+                    subprocess.run(
+                        ["redis-cli", "-h", host, "-p", port, "DEL", *keys], capture_output=True
+                    )
 
             cleanup.callback(drop_keys)
         extras = {
@@ -331,13 +385,17 @@ def main(argv: list[str] | None = None) -> int:
         f"Machine: {os.cpu_count()} CPUs; wrk -t2 per process, {args.connections} connections "
         f"in all, {args.seconds} s per row; ratios to the first row.\n"
     )
-    print("| backend | processes | publishes/s | ratio | x of 1 process | delivered/s | non-2xx | load avg |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| backend | processes | publishes/s | ratio | x of 1 process | delivered/s "
+        "| provider CPU ms/publish | non-2xx | load avg |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for backend, count, r in rows:
         scale = r["publish"] / (one.get(backend) or 1.0)
         print(
             f"| {backend} | {count} | {r['publish']:,.0f} | {r['publish'] / base:.2f} | "
-            f"{scale:.2f} | {r['delivered']:,.0f} | {r['errors']:.0f} | {r['load']:.2f} |"
+            f"{scale:.2f} | {r['delivered']:,.0f} | {r['cpu_ms']:.2f} | {r['errors']:.0f} "
+            f"| {r['load']:.2f} |"
         )
     print()
     for note in notes:
