@@ -201,9 +201,9 @@ def serve(
                     break
         diag.note("stopped")
 
-    from busevents import single_error
-
     from hypercorn.utils import LifespanFailureError
+
+    from busevents import single_error
 
     try:
         with single_error():

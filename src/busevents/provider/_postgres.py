@@ -49,7 +49,8 @@ import psycopg_pool
 import trio
 from psycopg import sql
 
-from .._contracts import Delivery
+from busevents import Delivery
+
 from ._backend import (
     BackendUnavailable,
     Draft,

@@ -52,7 +52,8 @@ import trio
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
-from .._contracts import Delivery
+from busevents import Delivery
+
 from ._backend import (
     BackendUnavailable,
     Draft,
