@@ -101,8 +101,8 @@ async def test_port_in_use_raises_oserror() -> None:
 
 
 def test_unknown_backend_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown provider backend 'redis'"):
-        create_app(ProviderConfig(secret=SECRET, backend="redis"))
+    with pytest.raises(ValueError, match="unknown provider backend 'cassandra'"):
+        create_app(ProviderConfig(secret=SECRET, backend="cassandra"))
 
 
 @pytest.mark.parametrize(
@@ -150,6 +150,10 @@ async def test_history_limit_drops_the_oldest() -> None:
 def test_public_names() -> None:
     assert set(busevents.provider.__all__) == {
         "API_AUDIENCE",
+        "BackendUnavailable",
+        "PostgresOptions",
+        "RedisOptions",
+        "make_backend",
         "INTERNAL_AUDIENCE",
         "EventsApp",
         "ProviderConfig",

@@ -1,7 +1,7 @@
 """``serve``: the reference provider from the command line.
 
-The provider's packages (hypercorn, PyJWT) are imported only here, inside the
-commands, so the client commands never load them.
+The provider's packages (hypercorn, PyJWT, the backends' drivers) are imported
+only here, inside the command, so the client commands never load them.
 """
 
 from __future__ import annotations
@@ -11,12 +11,20 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, UsageError, app, current
+from ._app import EXIT_FAILURE, EXIT_OK, Duration, UsageError, app, current
 
 if TYPE_CHECKING:
     from types import ModuleType
 
 SECRET_ENV = "BUS_API_JWT_SECRET"
+REDIS_ADDR_ENV = "BUS_EVENTS_REDIS_ADDR"
+REDIS_PASSWORD_ENV = "BUS_EVENTS_REDIS_PASSWORD"
+REDIS_PREFIX_ENV = "BUS_EVENTS_REDIS_PREFIX"
+POSTGRES_DSN_ENV = "BUS_EVENTS_POSTGRES_DSN"
+
+# Option defaults (module-level: a default is built once, not per call).
+_KEEPALIVE, _GROUP_IDLE = Duration(15.0), Duration(600.0)
+_SHUTDOWN_GRACE, _BODY_TIMEOUT = Duration(3.0), Duration(10.0)
 
 
 def provider_module() -> ModuleType:
@@ -50,45 +58,73 @@ def _split_addr(addr: str, option: str = "--addr") -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _seconds(value: str, option: str) -> float:
-    from busevents import ConfigError, parse_duration
-
-    try:
-        return parse_duration(value)
-    except ConfigError as exc:
-        raise UsageError(f"{option}: {exc}") from None
-
-
 @app.command
 def serve(
     *,
     addr: Annotated[str, Parameter(help="Address to listen on, HOST:PORT.")] = "127.0.0.1:8081",
     events_backend: Annotated[
-        Literal["memory"], Parameter(help="Event store: memory (non-durable).")
+        Literal["memory", "redis", "postgres"],
+        Parameter(
+            help="Event store: memory (one process, nothing kept), redis or postgres "
+            "(durable, shared by several serve processes; see docs/backends.md)."
+        ),
     ] = "memory",
+    redis_addr: Annotated[
+        str | None,
+        Parameter(help=f"Redis HOST:PORT or redis:// URL [env {REDIS_ADDR_ENV}; 127.0.0.1:6379]."),
+    ] = None,
+    redis_prefix: Annotated[
+        str | None,
+        Parameter(help=f"Prefix of every Redis key [env {REDIS_PREFIX_ENV}; bus-events:]."),
+    ] = None,
+    postgres_dsn: Annotated[
+        str | None,
+        Parameter(
+            help=f"PostgreSQL connection string [env {POSTGRES_DSN_ENV}]; "
+            "prefer the variable when it holds a password."
+        ),
+    ] = None,
     policy: Annotated[
         str | None, Parameter(help="Scope policy JSON file replacing the default table.")
     ] = None,
     keepalive: Annotated[
-        str,
+        Duration,
         Parameter(help="Silence after which a following stream writes a blank line; 0 disables."),
-    ] = "15s",
+    ] = _KEEPALIVE,
     max_body: Annotated[int, Parameter(help="Largest publish body in bytes (larger: 413).")] = 1
     << 20,
     listener_queue: Annotated[
         int, Parameter(help="Events buffered per listener or unicast group (see README).")
     ] = 10_000,
-    history: Annotated[int, Parameter(help="Events kept in memory for --replay.")] = 100_000,
+    history: Annotated[
+        int, Parameter(help="Events kept for --replay (Redis: MAXLEN ~; PostgreSQL: rows).")
+    ] = 100_000,
+    history_bytes: Annotated[
+        int, Parameter(help="Memory backend: bytes of history kept (oldest dropped first).")
+    ] = 64 << 20,
+    listener_queue_bytes: Annotated[
+        int, Parameter(help="Memory backend: bytes buffered per listener or unicast group.")
+    ] = 8 << 20,
+    max_groups: Annotated[
+        int, Parameter(help="Memory backend: unicast groups held at most (more: 429).")
+    ] = 1_000,
+    max_groups_per_identity: Annotated[
+        int, Parameter(help="Memory backend: unicast groups per identity at most.")
+    ] = 20,
+    group_idle: Annotated[
+        Duration,
+        Parameter(help="Memory backend: free a unicast group idle (no consumer) this long."),
+    ] = _GROUP_IDLE,
     shutdown_grace: Annotated[
-        str,
+        Duration,
         Parameter(
             help="On SIGTERM/SIGINT: time open connections get to finish after the "
             "streams end; then they are closed. A second signal stops at once."
         ),
-    ] = "3s",
+    ] = _SHUTDOWN_GRACE,
     body_timeout: Annotated[
-        str, Parameter(help="Time a publish body may take to arrive (slower: 408).")
-    ] = "10s",
+        Duration, Parameter(help="Time a publish body may take to arrive (slower: 408).")
+    ] = _BODY_TIMEOUT,
     metrics_addr: Annotated[
         str | None,
         Parameter(
@@ -109,6 +145,8 @@ def serve(
     {base}/openapi.json.
 
     Example: BUS_API_JWT_SECRET=dev-secret bus-events serve --addr 127.0.0.1:8081
+
+    Redis's password is read from $BUS_EVENTS_REDIS_PASSWORD only (never a flag).
     """
     g = current()
     if print_openapi:
@@ -122,8 +160,6 @@ def serve(
         return EXIT_OK
     host, port = _split_addr(addr)
     metrics = None if metrics_addr is None else _split_addr(metrics_addr, "--metrics-addr")
-    grace_s = _seconds(shutdown_grace, "--shutdown-grace")
-    body_timeout_s = _seconds(body_timeout, "--body-timeout")
     provider = provider_module()
     secret_key = secret()
     diag = g.diagnostics()
@@ -133,17 +169,37 @@ def serve(
             options["policy"] = provider.ScopePolicy.from_file(policy)
         except (OSError, ValueError) as exc:
             raise UsageError(f"--policy {policy}: {exc}") from None
-    keepalive_s = _seconds(keepalive, "--keepalive")
+    env = os.environ
+    options["redis"] = provider.RedisOptions(
+        addr=redis_addr or env.get(REDIS_ADDR_ENV) or "127.0.0.1:6379",
+        password=env.get(REDIS_PASSWORD_ENV) or None,
+        prefix=redis_prefix
+        if redis_prefix is not None
+        else env.get(REDIS_PREFIX_ENV, "bus-events:"),
+    )
+    dsn = postgres_dsn or env.get(POSTGRES_DSN_ENV)
+    if events_backend == "postgres" and not dsn:
+        raise UsageError(
+            f"--events-backend postgres needs a database: set {POSTGRES_DSN_ENV} "
+            "(e.g. postgresql://user@127.0.0.1:5432/events) or --postgres-dsn"
+        )
+    if dsn:
+        options["postgres"] = provider.PostgresOptions(dsn=dsn)
     try:
         config = provider.ProviderConfig(
             secret=secret_key,
             backend=events_backend,
-            keepalive=keepalive_s or None,
+            keepalive=float(keepalive) or None,
             max_body_bytes=max_body,
             listener_queue=listener_queue,
             history_limit=history,
-            shutdown_grace=grace_s,
-            body_timeout=body_timeout_s,
+            history_bytes=history_bytes,
+            listener_queue_bytes=listener_queue_bytes,
+            max_groups=max_groups,
+            max_groups_per_identity=max_groups_per_identity,
+            group_idle=float(group_idle),
+            shutdown_grace=float(shutdown_grace),
+            body_timeout=float(body_timeout),
             **options,
         )
     except ValueError as exc:
@@ -153,9 +209,20 @@ def serve(
 
     import trio
 
+    try:
+        backend = provider.make_backend(config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def check_backend() -> None:
+        # Fail at once, in one line, rather than from inside the server's startup.
+        async with backend.running():
+            pass
+
     async def main() -> None:
         # SIGINT/SIGTERM are the normal way to stop a server: a clean shutdown within
         # the grace period whatever the peers do, exit 0.  A second signal: at once.
+        await check_backend()
         shutdown = trio.Event()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -179,15 +246,20 @@ def serve(
                     if shutdown.is_set():
                         nursery.cancel_scope.cancel()
                         break
-                    diag.note(f"stopping (at most {grace_s:g} s; a second signal stops now)")
+                    diag.note(f"stopping (at most {shutdown_grace}; a second signal stops now)")
                     shutdown.set()
         diag.note("stopped")
+
+    from hypercorn.utils import LifespanFailureError
 
     from busevents import single_error
 
     try:
         with single_error():
             trio.run(main)
+    except (provider.BackendUnavailable, LifespanFailureError) as exc:
+        diag.error(f"cannot start: {exc}")
+        return EXIT_FAILURE
     except OSError as exc:
         diag.error(f"cannot listen on {addr}: {exc.strerror or exc}")
         return EXIT_FAILURE

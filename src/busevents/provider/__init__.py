@@ -6,7 +6,9 @@ data-driven scope policy, identity stamping and filtering, broadcast and
 unicast fan-out, and replay/follow.  Nothing in the client imports this
 package; it needs the ``provider`` extra (``pip install 'busevents[provider]'``).
 
-Behaviour worth knowing (the ``memory`` backend, the only one so far):
+Behaviour worth knowing (the ``memory`` backend, the default; ``redis`` and
+``postgres`` keep events durably and let several processes serve one
+deployment: see ``docs/backends.md``):
 
 * **Event ids** are Redis-stream style ``"<unix-ms>-<seq>"``: unique, and
   increasing when compared as integer pairs.  ``time`` is RFC 3339 UTC with
@@ -21,7 +23,13 @@ Behaviour worth knowing (the ``memory`` backend, the only one so far):
   compete for events.  A group, once created by a first consumer, keeps
   buffering up to ``listener_queue`` events while no consumer is connected;
   when full, new events for that group are dropped and counted.  Delivery is
-  at most once.
+  at most once.  Groups are bounded (``max_groups``, ``max_groups_per_identity``:
+  one more is ``429``) and freed after ``group_idle`` seconds without a consumer.
+  ``replay=true`` with ``delivery=unicast`` is refused (``400``): a group's
+  consumers share live events; history is read with a broadcast stream.
+* **Memory bounds**: history and every buffer are bounded in events and in
+  bytes (``history_limit``/``history_bytes``, ``listener_queue``/
+  ``listener_queue_bytes``); the oldest history goes first.
 * **Identity**: end-user tokens (audience ``ai.hg.fi/api``) publish as their
   ``sub`` and only ever receive their own events; service tokens (audience
   ``ai.hg.fi/internal``) see every event and may publish on behalf of an
@@ -67,10 +75,14 @@ except ImportError as _exc:
 
 from ._app import EventsApp as EventsApp
 from ._app import create_app as create_app
+from ._app import make_backend as make_backend
 from ._auth import API_AUDIENCE as API_AUDIENCE
 from ._auth import INTERNAL_AUDIENCE as INTERNAL_AUDIENCE
 from ._auth import mint_token as mint_token
+from ._backend import BackendUnavailable as BackendUnavailable
+from ._config import PostgresOptions as PostgresOptions
 from ._config import ProviderConfig as ProviderConfig
+from ._config import RedisOptions as RedisOptions
 from ._config import secret_from_env as secret_from_env
 from ._openapi import openapi_document as openapi_document
 from ._policy import ScopePolicy as ScopePolicy
@@ -82,12 +94,16 @@ from ._server import serve as serve
 __all__ = [
     "API_AUDIENCE",
     "INTERNAL_AUDIENCE",
+    "BackendUnavailable",
     "EventsApp",
+    "PostgresOptions",
     "ProviderConfig",
+    "RedisOptions",
     "RunningProvider",
     "ScopePolicy",
     "ScopeRule",
     "create_app",
+    "make_backend",
     "mint_token",
     "open_provider",
     "openapi_document",

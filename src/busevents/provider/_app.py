@@ -27,10 +27,18 @@ from urllib.parse import parse_qsl
 import msgspec
 import trio
 
-from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec
+from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec, single_error
 
 from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
-from ._backend import Backend, Draft, Selector, StoredEvent, Subscription
+from ._backend import (
+    Backend,
+    BackendLimit,
+    BackendUnavailable,
+    Draft,
+    Selector,
+    StoredEvent,
+    Subscription,
+)
 from ._config import ProviderConfig
 from ._memory import MemoryBackend
 from ._metrics import CONTENT_TYPE, ProviderMetrics
@@ -74,6 +82,9 @@ _PING_SECONDS = 2.0
 _HEALTHY = b'{"ok":true,"service":"bus-events"}'
 _DELIVERIES = {d.value: d for d in Delivery}
 _encode = msgspec.json.Encoder().encode
+_log = logging.getLogger("busevents.provider")
+#: Seconds a client should wait before retrying after ``503 backend_unavailable``.
+_RETRY_AFTER = b"1"
 
 
 class HTTPError(Exception):
@@ -106,6 +117,10 @@ class _AcceptedBody(msgspec.Struct, omit_defaults=True, rename={"correlation_id"
 
 def _bad_request(message: str) -> HTTPError:
     return HTTPError(400, "bad_request", message)
+
+
+def _unavailable(exc: BackendUnavailable) -> HTTPError:
+    return HTTPError(503, "backend_unavailable", str(exc), headers=[(b"retry-after", _RETRY_AFTER)])
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -223,13 +238,24 @@ class EventsApp:
             await send({"type": "websocket.close", "code": 1008})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        # The backend is connected (and its background tasks run) for the server's life.
+        started = False
+        try:
+            async with self.backend.running():
+                started = True
+                while True:
+                    message = await receive()
+                    if message["type"] == "lifespan.startup":
+                        await send({"type": "lifespan.startup.complete"})
+                    elif message["type"] == "lifespan.shutdown":
+                        break
+        except BackendUnavailable as exc:
+            if started:
+                raise
+            await receive()
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -397,11 +423,13 @@ class EventsApp:
         try:
             with self.metrics.backend_call("publish"):
                 stored = await self.backend.publish(draft)
-        except Exception:
+        except BackendUnavailable as exc:
+            raise _unavailable(exc) from None
+        except Exception as exc:
             _log.exception("the backend failed to store an event")
-            raise HTTPError(
-                503, "backend_unavailable", "the event store is unavailable: try again later"
-            ) from None
+            raise _unavailable(
+                BackendUnavailable("the event store failed: try again later")
+            ) from exc
         self.metrics.published(name)
         accepted = _AcceptedBody(True, stored.id, name, request.correlation_id, stored.time)
         await _send_response(send, 202, _encode(accepted), _JSON_HEADERS)
@@ -505,11 +533,48 @@ class EventsApp:
                 replay=check_flag(params.get("replay", "false"), param="replay"),
                 follow=check_flag(params.get("follow", "true"), param="follow"),
             )
+            if spec.replay and delivery is Delivery.UNICAST:
+                # A group's consumers compete for each event; handing the history to
+                # every consumer would deliver it many times (see docs/backends.md).
+                raise InvalidParameter(
+                    "replay=true is not supported with delivery=unicast: a group's "
+                    "consumers share live events only; read history with a broadcast stream"
+                )
             return spec, after
         except InvalidParameter as exc:
             raise _bad_request(str(exc)) from None
 
     async def _write_stream(
+        self,
+        receive: Receive,
+        send: Send,
+        spec: StreamSpec,
+        selector: Selector,
+        started: float,
+        after: tuple[int, int] | None,
+    ) -> None:
+        sent = False
+
+        async def send_once(message: Message) -> None:
+            nonlocal sent
+            sent = True
+            await send(message)
+
+        try:
+            with single_error():
+                await self._write_stream_body(receive, send_once, spec, selector, started, after)
+        except BackendLimit as exc:
+            if sent:
+                raise
+            await _send_error(send, HTTPError(429, "too_many_groups", str(exc)))
+        except BackendUnavailable as exc:
+            if not sent:
+                await _send_error(send, _unavailable(exc))
+                return
+            # Ending without the final chunk tells the client the stream broke: it reconnects.
+            _log.warning("stream of %s ended: %s", spec.name, exc)
+
+    async def _write_stream_body(
         self,
         receive: Receive,
         send: Send,
@@ -555,11 +620,11 @@ class EventsApp:
         try:
             with self.metrics.backend_call("snapshot"):
                 return _after(await self.backend.snapshot(selector), after)
-        except Exception:
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
             _log.exception("the backend failed to read the history")
-            raise HTTPError(
-                503, "backend_unavailable", "the event store is unavailable: try again later"
-            ) from None
+            raise BackendUnavailable("the event store failed: try again later") from exc
 
     async def _send_history(self, send: Send, history: list[StoredEvent], delivery: str) -> None:
         chunk: list[bytes] = []
@@ -690,9 +755,36 @@ def create_app(config: ProviderConfig) -> EventsApp:
 
     >>> app = create_app(ProviderConfig(secret=b"s" * 32))
     """
-    if config.backend != "memory":
-        raise ValueError(f"unknown provider backend {config.backend!r}: known backends: memory")
-    backend = MemoryBackend(
-        listener_queue=config.listener_queue, history_limit=config.history_limit
-    )
-    return EventsApp(config, backend)
+    return EventsApp(config, make_backend(config))
+
+
+def make_backend(config: ProviderConfig) -> Backend:
+    """The backend named by ``config.backend``, not yet connected (see ``Backend.running``).
+
+    Raises :class:`ValueError` for an unknown name or a setting the backend refuses.
+    """
+    if config.backend == "memory":
+        return MemoryBackend(
+            listener_queue=config.listener_queue,
+            history_limit=config.history_limit,
+            listener_queue_bytes=config.listener_queue_bytes,
+            history_bytes=config.history_bytes,
+            max_groups=config.max_groups,
+            max_groups_per_identity=config.max_groups_per_identity,
+            group_idle=config.group_idle,
+        )
+    if config.backend not in ("redis", "postgres"):
+        raise ValueError(
+            f"unknown provider backend {config.backend!r}: known backends: memory, redis, postgres"
+        )
+    if config.allow_wildcards:
+        raise ValueError(
+            f"wildcard streams are supported by the memory backend only, not {config.backend}"
+        )
+    if config.backend == "redis":
+        from ._redis import RedisBackend
+
+        return RedisBackend(config.redis, history_limit=config.history_limit)
+    from ._postgres import PostgresBackend
+
+    return PostgresBackend(config.postgres, history_limit=config.history_limit)

@@ -20,12 +20,16 @@ from busevents import Delivery
 
 __all__ = [
     "Backend",
+    "BackendLimit",
+    "BackendUnavailable",
     "Draft",
     "IdClock",
     "Selector",
     "StoredEvent",
     "Subscription",
     "encode_envelope",
+    "encode_envelope_tail",
+    "splice_id",
 ]
 
 
@@ -90,6 +94,22 @@ class Selector:
     pattern: bool = False
 
 
+class BackendUnavailable(Exception):
+    """The backend cannot be reached (or answered an error); the request may be retried.
+
+    The message names the backend and its address, never a password.  The HTTP
+    layer answers ``503 backend_unavailable`` (publish, stream not yet open) or
+    ends an open stream without its final chunk, so the client reconnects.
+    """
+
+
+class BackendLimit(Exception):
+    """A subscription would exceed a bound of the backend (e.g. too many unicast groups).
+
+    The HTTP layer answers ``429``; the message says which bound and how to proceed.
+    """
+
+
 class Subscription(Protocol):
     """A live subscription; iterate with :meth:`receive_batch`."""
 
@@ -118,9 +138,17 @@ class Backend(Protocol):
         ...
 
     async def ping(self) -> None:
-        """Return when the backend answers; raise (any exception) when it cannot.
+        """Return when the backend answers; raise :class:`BackendUnavailable` otherwise.
 
         The provider's ``/readyz`` probe calls it, under its own time limit.
+        """
+        ...
+
+    def running(self) -> AbstractAsyncContextManager[None]:
+        """Connect (and run background tasks) for the app's lifetime.
+
+        Entered once by the app's ASGI lifespan startup; raises
+        :class:`BackendUnavailable` when the backend cannot be reached.
         """
         ...
 
@@ -169,3 +197,23 @@ def encode_envelope(draft: Draft, event_id: str, stamp: str) -> bytes:
         time=stamp,
     )
     return _encode(envelope) + b"\n"
+
+
+#: ``{"id":"",`` — what :func:`encode_envelope_tail` cuts off an envelope with an empty id.
+_EMPTY_ID_HEAD = b'{"id":"",'
+
+
+def encode_envelope_tail(draft: Draft, stamp: str) -> bytes:
+    """The envelope line without its id: what a durable backend stores.
+
+    Backends whose store assigns the id (a Redis stream entry id, a PostgreSQL
+    sequence) keep this tail and rebuild the line with :func:`splice_id`, so
+    the id in the line is always the store's.
+    """
+    line = encode_envelope(draft, "", stamp)
+    return line[len(_EMPTY_ID_HEAD) :]
+
+
+def splice_id(event_id: str, tail: bytes) -> bytes:
+    """The full NDJSON line from an id and the tail made by :func:`encode_envelope_tail`."""
+    return b'{"id":"' + event_id.encode("ascii") + b'",' + tail

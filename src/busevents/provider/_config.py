@@ -9,9 +9,38 @@ from dataclasses import dataclass, field
 
 from ._policy import ScopePolicy
 
-__all__ = ["ProviderConfig", "secret_from_env"]
+__all__ = ["PostgresOptions", "ProviderConfig", "RedisOptions", "secret_from_env"]
 
 _BASE64_PREFIX = "base64:"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """Where the ``redis`` backend keeps events (see ``docs/backends.md``).
+
+    ``addr`` is ``host:port`` or a ``redis://`` / ``rediss://`` URL; ``prefix``
+    starts every key, so several deployments can share one Redis.  The password
+    never appears in ``repr`` or in messages.
+    """
+
+    addr: str = "127.0.0.1:6379"
+    password: str | None = field(default=None, repr=False)
+    prefix: str = "bus-events:"
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresOptions:
+    """Where the ``postgres`` backend keeps events (see ``docs/backends.md``).
+
+    ``dsn`` is a libpq connection string or URL (it may hold a password: it is
+    kept out of ``repr`` and messages).  ``poll_interval`` is how long a
+    listener waits for a ``NOTIFY`` before it looks at the table anyway.
+    ``pool_size`` is the number of connections (each used by one worker thread).
+    """
+
+    dsn: str = field(default="postgresql://postgres@127.0.0.1:5432/postgres", repr=False)
+    poll_interval: float = 1.0
+    pool_size: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,14 +55,25 @@ class ProviderConfig:
         listener_queue: per-listener buffer, in events.  A broadcast listener
             whose buffer is full is disconnected; a unicast group whose buffer is
             full drops new events (see :mod:`busevents.provider`).
-        history_limit: events kept for ``replay`` (oldest dropped first); 0 keeps none.
+        listener_queue_bytes: the same buffers' bound in bytes of encoded events.
+        history_limit: events kept for ``replay`` (oldest dropped first); 0 keeps
+            none.  For ``redis`` it is the streams' approximate ``MAXLEN``, for
+            ``postgres`` the rows kept.
+        history_bytes: the memory backend's history bound in bytes (oldest first).
+        max_groups: unicast groups the memory backend holds at most.
+        max_groups_per_identity: the same bound per owner (all service tokens
+            count as one owner).
+        group_idle: seconds after which a unicast group without consumers is
+            freed (memory backend).
         keepalive: seconds of silence after which a following stream writes a
             blank line; ``None`` disables keep-alive lines.
         allow_wildcards: accept ``*`` / ``>`` in stream names (service tokens only).
-        backend: backend name; ``"memory"`` is the only one so far.
         body_timeout: seconds a publish body may take to arrive; slower → ``408``.
         shutdown_grace: seconds a graceful stop waits for open connections after
             ending the streams; then the remaining sockets are closed hard.
+        backend: ``"memory"`` (default), ``"redis"`` or ``"postgres"``.
+        redis: options of the ``redis`` backend.
+        postgres: options of the ``postgres`` backend.
 
     Raises :class:`ValueError` for an empty secret or a non-positive limit.
     """
@@ -48,6 +88,13 @@ class ProviderConfig:
     backend: str = "memory"
     body_timeout: float = 10.0
     shutdown_grace: float = 3.0
+    listener_queue_bytes: int = 8 << 20
+    history_bytes: int = 64 << 20
+    max_groups: int = 1_000
+    max_groups_per_identity: int = 20
+    group_idle: float = 600.0
+    redis: RedisOptions = field(default_factory=RedisOptions)
+    postgres: PostgresOptions = field(default_factory=PostgresOptions)
 
     def __post_init__(self) -> None:
         if not isinstance(self.secret, bytes) or not self.secret:
@@ -58,6 +105,13 @@ class ProviderConfig:
             raise ValueError("ProviderConfig.listener_queue must be at least 1")
         if self.history_limit < 0:
             raise ValueError("ProviderConfig.history_limit must not be negative")
+        for name in ("listener_queue_bytes", "history_bytes", "max_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ProviderConfig.{name} must be at least 1")
+        if self.max_groups_per_identity < 1:
+            raise ValueError("ProviderConfig.max_groups_per_identity must be at least 1")
+        if not (self.group_idle > 0 and math.isfinite(self.group_idle)):
+            raise ValueError("ProviderConfig.group_idle must be a positive number of seconds")
         if self.keepalive is not None and not (
             self.keepalive > 0 and math.isfinite(self.keepalive)
         ):

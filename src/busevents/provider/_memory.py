@@ -2,18 +2,28 @@
 
 Delivery rules (the provider's documented behaviour):
 
-* **Broadcast** — each listener has its own buffer of ``listener_queue``
-  events.  When a publish finds it full, the listener is a *slow consumer*: it
-  is unsubscribed at once (its stream writes what it already holds, then ends)
-  and a warning is logged.  Publishers and other listeners never wait.
+* **Broadcast** — each listener has its own buffer of at most ``listener_queue``
+  events and ``listener_queue_bytes`` bytes of lines.  When a publish finds it
+  full, the listener is a *slow consumer*: it is unsubscribed at once (its
+  stream writes what it already holds, then ends) and a warning is logged.
+  Publishers and other listeners never wait.
 * **Unicast** — one buffer per ``(name, owner, group)``, shared by the group's
   consumers, which compete for events.  The group is created by its first
-  consumer and then outlives its consumers, buffering up to ``listener_queue``
-  events while none is connected, so a worker that reconnects does not lose
+  consumer and then outlives its consumers, buffering (within the same two
+  bounds) while none is connected, so a worker that reconnects does not lose
   work.  When the buffer is full, new events for that group are dropped and
   counted (:attr:`MemoryStats.dropped`).  Delivery is at most once: an event
   handed to a consumer whose connection breaks at that moment is lost.
-* **History** — the last ``history_limit`` events of the whole backend, for replay.
+* **Group bounds** — at most ``max_groups`` groups in all and
+  ``max_groups_per_identity`` per owner (service tokens count as one owner); a
+  stream that would create one more is refused (:class:`BackendLimit`).  A group
+  without consumers for ``group_idle`` seconds is freed with its buffer.
+* **History** — the newest events of the whole backend, for replay: at most
+  ``history_limit`` events and ``history_bytes`` bytes of lines; the oldest go
+  first.  A replay returns exactly the retained events that match, in order.
+
+Buffers hold references to the one encoded line of each event, so the byte
+bounds are upper bounds per buffer, not copies: the process holds each line once.
 """
 
 from __future__ import annotations
@@ -28,7 +38,15 @@ import trio
 
 from busevents import Delivery
 
-from ._backend import Draft, IdClock, Selector, StoredEvent, Subscription, encode_envelope
+from ._backend import (
+    BackendLimit,
+    Draft,
+    IdClock,
+    Selector,
+    StoredEvent,
+    Subscription,
+    encode_envelope,
+)
 from ._names import compile_pattern
 
 __all__ = ["MemoryBackend", "MemoryStats"]
@@ -36,6 +54,8 @@ __all__ = ["MemoryBackend", "MemoryStats"]
 _log = logging.getLogger("busevents.provider")
 
 _Owner = str | None
+#: How often (seconds, at most) a publish looks for idle unicast groups to free.
+_SWEEP_EVERY = 1.0
 
 
 @dataclass(slots=True)
@@ -47,76 +67,129 @@ class MemoryStats:
     slow_disconnects: int = 0
     #: Unicast events dropped because their group's buffer was full.
     dropped: int = 0
+    #: Unicast groups freed after ``group_idle`` seconds without a consumer.
+    groups_expired: int = 0
 
 
 def _always(_name: str) -> bool:
     return True
 
 
+class _Buffer:
+    """A FIFO of events bounded in count and bytes; one reader side, closable."""
+
+    __slots__ = ("_lot", "bytes", "closed", "events", "max_bytes", "max_count")
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.events: deque[StoredEvent] = deque()
+        self.bytes = 0
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.closed = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def offer(self, event: StoredEvent) -> bool:
+        """Append ``event`` unless that would exceed a bound; ``False`` when full."""
+        size = len(event.line)
+        if len(self.events) >= self.max_count or self.bytes + size > self.max_bytes:
+            return False
+        self.events.append(event)
+        self.bytes += size
+        self._lot.unpark_all()
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self._lot.unpark_all()
+
+    def clear(self) -> None:
+        self.events.clear()
+        self.bytes = 0
+
+    async def receive_batch(self, limit: int) -> list[StoredEvent]:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self.events:
+            if self.closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return []
+            await self._lot.park()
+        # Take the batch before the next schedule point: competing consumers of a
+        # group share this buffer, and a batch taken is never given back.
+        batch: list[StoredEvent] = []
+        while self.events and len(batch) < limit:
+            event = self.events.popleft()
+            self.bytes -= len(event.line)
+            batch.append(event)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return batch
+
+
 class _Listener:
     """One broadcast stream's buffer."""
 
-    __slots__ = ("matches", "receive", "selector", "send")
+    __slots__ = ("buffer", "matches", "selector")
 
-    def __init__(self, selector: Selector, size: int) -> None:
+    def __init__(self, selector: Selector, count: int, size: int) -> None:
         self.selector = selector
-        self.send, self.receive = trio.open_memory_channel[StoredEvent](size)
+        self.buffer = _Buffer(count, size)
         self.matches = compile_pattern(selector.name) if selector.pattern else _always
 
 
 class _Group:
     """One unicast group's shared buffer."""
 
-    __slots__ = ("consumers", "dropped", "matches", "overflowing", "receive", "selector", "send")
+    __slots__ = (
+        "buffer",
+        "consumers",
+        "dropped",
+        "idle_since",
+        "matches",
+        "overflowing",
+        "selector",
+    )
 
-    def __init__(self, selector: Selector, size: int) -> None:
+    def __init__(self, selector: Selector, count: int, size: int) -> None:
         self.selector = selector
-        self.send, self.receive = trio.open_memory_channel[StoredEvent](size)
+        self.buffer = _Buffer(count, size)
         self.matches = compile_pattern(selector.name) if selector.pattern else _always
         self.consumers = 0
         self.dropped = 0
         self.overflowing = False
-
-
-async def _receive_batch(
-    receive: trio.MemoryReceiveChannel[StoredEvent], limit: int
-) -> list[StoredEvent]:
-    try:
-        batch = [await receive.receive()]
-    except (trio.EndOfChannel, trio.ClosedResourceError):
-        return []
-    while len(batch) < limit:
-        try:
-            batch.append(receive.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return batch
-
-
-class _ListenerSubscription:
-    __slots__ = ("_receive",)
-
-    def __init__(self, receive: trio.MemoryReceiveChannel[StoredEvent]) -> None:
-        self._receive = receive
-
-    async def receive_batch(self, limit: int) -> list[StoredEvent]:
-        return await _receive_batch(self._receive, limit)
+        self.idle_since = trio.current_time()
 
 
 class MemoryBackend:
-    """In-process backend: see the module docstring for its delivery rules.
+    """In-process backend: see the module docstring for its delivery rules and bounds.
 
-    ``listener_queue`` bounds each broadcast listener and each unicast group;
-    ``history_limit`` bounds the events kept for replay.
+    ``listener_queue`` / ``listener_queue_bytes`` bound each broadcast listener
+    and each unicast group; ``history_limit`` / ``history_bytes`` bound the events
+    kept for replay; ``max_groups`` / ``max_groups_per_identity`` /
+    ``group_idle`` bound the unicast groups.
     """
 
-    def __init__(self, *, listener_queue: int = 10_000, history_limit: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        listener_queue: int = 10_000,
+        history_limit: int = 100_000,
+        listener_queue_bytes: int = 8 << 20,
+        history_bytes: int = 64 << 20,
+        max_groups: int = 1_000,
+        max_groups_per_identity: int = 20,
+        group_idle: float = 600.0,
+    ) -> None:
         self.stats = MemoryStats()
         self._queue = listener_queue
+        self._queue_bytes = listener_queue_bytes
         self._history_limit = history_limit
+        self._history_bytes_limit = history_bytes
+        self._max_groups = max_groups
+        self._max_groups_per_owner = max_groups_per_identity
+        self._group_idle = group_idle
         self._clock = IdClock()
         self._seq = 0
         self._history: deque[StoredEvent] = deque()
+        self._history_bytes = 0
         self._by_name: dict[str, deque[StoredEvent]] = {}
         # name -> owner filter (None: every owner) -> listeners / groups
         self._listeners: dict[str, dict[_Owner, set[_Listener]]] = {}
@@ -124,6 +197,19 @@ class MemoryBackend:
         self._pattern_listeners: set[_Listener] = set()
         self._pattern_groups: list[_Group] = []
         self._group_index: dict[tuple[str, bool, _Owner, str], _Group] = {}
+        self._groups_per_owner: dict[_Owner, int] = {}
+        self._next_sweep = 0.0
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Nothing to connect: the memory backend is ready at once."""
+        yield
+
+    async def ping(self) -> None:
+        """Always answers: the memory backend lives in this process."""
+        await trio.lowlevel.checkpoint()
 
     # -- publish -------------------------------------------------------------
 
@@ -143,19 +229,26 @@ class MemoryBackend:
         self.stats.published += 1
         self._remember(event)
         self._fan_out(event)
+        if self._group_index and trio.current_time() >= self._next_sweep:
+            self._expire_groups()
         await trio.lowlevel.cancel_shielded_checkpoint()
         return event
 
     def _remember(self, event: StoredEvent) -> None:
-        if self._history_limit == 0:
+        if self._history_limit == 0 or len(event.line) > self._history_bytes_limit:
             return
         self._history.append(event)
+        self._history_bytes += len(event.line)
         named = self._by_name.get(event.name)
         if named is None:
             named = self._by_name[event.name] = deque()
         named.append(event)
-        if len(self._history) > self._history_limit:
+        while (
+            len(self._history) > self._history_limit
+            or self._history_bytes > self._history_bytes_limit
+        ):
             oldest = self._history.popleft()
+            self._history_bytes -= len(oldest.line)
             # Per-name order follows global order, so the oldest is first there too.
             bucket = self._by_name[oldest.name]
             bucket.popleft()
@@ -192,65 +285,67 @@ class MemoryBackend:
                     continue
                 if not listener.matches(event.name):
                     continue
-            try:
-                listener.send.send_nowait(event)
-            except trio.WouldBlock:
+            if not listener.buffer.offer(event):
                 slow.append(listener)
         for listener in slow:
             self._disconnect_slow(listener)
 
     def _offer_group(self, group: _Group, event: StoredEvent) -> None:
-        try:
-            group.send.send_nowait(event)
-        except trio.WouldBlock:
-            group.dropped += 1
-            self.stats.dropped += 1
-            if not group.overflowing:
-                group.overflowing = True
-                sel = group.selector
-                _log.warning(
-                    "unicast group %r of %r is full (%d events): dropping new events",
-                    sel.group,
-                    sel.name,
-                    self._queue,
-                )
-        else:
+        if group.buffer.offer(event):
             group.overflowing = False
+            return
+        group.dropped += 1
+        self.stats.dropped += 1
+        if not group.overflowing:
+            group.overflowing = True
+            sel = group.selector
+            _log.warning(
+                "unicast group %r of %r is full (%d events, %d bytes): dropping new events",
+                sel.group,
+                sel.name,
+                len(group.buffer.events),
+                group.buffer.bytes,
+            )
 
     def _disconnect_slow(self, listener: _Listener) -> None:
         self._unregister(listener)
-        listener.send.close()
+        listener.buffer.close()
         self.stats.slow_disconnects += 1
         sel = listener.selector
         _log.warning(
-            "slow consumer: broadcast listener %r on %r disconnected (buffer of %d events full)",
+            "slow consumer: broadcast listener %r on %r disconnected "
+            "(buffer full: %d events, %d bytes)",
             sel.consumer,
             sel.name,
-            self._queue,
+            len(listener.buffer.events),
+            listener.buffer.bytes,
         )
 
     # -- subscribe -----------------------------------------------------------
 
     def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
-        """Subscribe for live events matching ``selector`` (see the module rules)."""
+        """Subscribe for live events matching ``selector`` (see the module rules).
+
+        Raises :class:`BackendLimit` when a new unicast group would exceed a bound.
+        """
         if selector.delivery is Delivery.UNICAST:
             return self._subscribe_unicast(selector)
         return self._subscribe_broadcast(selector)
 
     @asynccontextmanager
     async def _subscribe_broadcast(self, selector: Selector) -> AsyncIterator[Subscription]:
-        listener = _Listener(selector, self._queue)
+        listener = _Listener(selector, self._queue, self._queue_bytes)
         if selector.pattern:
             self._pattern_listeners.add(listener)
         else:
             by_owner = self._listeners.setdefault(selector.name, {})
             by_owner.setdefault(selector.identity, set()).add(listener)
         try:
-            yield _ListenerSubscription(listener.receive)
+            yield listener.buffer
         finally:
             self._unregister(listener)
-            listener.send.close()
-            listener.receive.close()
+            listener.buffer.close()
+            listener.buffer.clear()
 
     def _unregister(self, listener: _Listener) -> None:
         sel = listener.selector
@@ -274,22 +369,73 @@ class MemoryBackend:
         key = (selector.name, selector.pattern, selector.identity, selector.group)
         group = self._group_index.get(key)
         if group is None:
-            group = self._group_index[key] = _Group(selector, self._queue)
-            if selector.pattern:
-                self._pattern_groups.append(group)
-            else:
-                by_owner = self._groups.setdefault(selector.name, {})
-                by_owner.setdefault(selector.identity, []).append(group)
+            group = self._create_group(key, selector)
         group.consumers += 1
         try:
-            yield _ListenerSubscription(group.receive)
+            yield group.buffer
         finally:
             group.consumers -= 1
+            if group.consumers == 0:
+                group.idle_since = trio.current_time()
+
+    def _create_group(self, key: tuple[str, bool, _Owner, str], selector: Selector) -> _Group:
+        self._expire_groups()
+        owner = selector.identity
+        if len(self._group_index) >= self._max_groups:
+            raise BackendLimit(
+                f"the provider holds its maximum of {self._max_groups} unicast groups: "
+                "reuse an existing group name, or wait for idle groups to expire"
+            )
+        if self._groups_per_owner.get(owner, 0) >= self._max_groups_per_owner:
+            raise BackendLimit(
+                f"this identity holds its maximum of {self._max_groups_per_owner} unicast "
+                "groups: reuse an existing group name, or wait for idle groups to expire"
+            )
+        group = self._group_index[key] = _Group(selector, self._queue, self._queue_bytes)
+        self._groups_per_owner[owner] = self._groups_per_owner.get(owner, 0) + 1
+        if selector.pattern:
+            self._pattern_groups.append(group)
+        else:
+            by_owner = self._groups.setdefault(selector.name, {})
+            by_owner.setdefault(owner, []).append(group)
+        return group
+
+    def _expire_groups(self) -> None:
+        """Free every group that has had no consumer for ``group_idle`` seconds."""
+        now = trio.current_time()
+        self._next_sweep = now + min(_SWEEP_EVERY, self._group_idle)
+        deadline = now - self._group_idle
+        idle = [
+            (key, group)
+            for key, group in self._group_index.items()
+            if group.consumers == 0 and group.idle_since <= deadline
+        ]
+        for key, group in idle:
+            del self._group_index[key]
+            owner = group.selector.identity
+            left = self._groups_per_owner[owner] - 1
+            if left:
+                self._groups_per_owner[owner] = left
+            else:
+                del self._groups_per_owner[owner]
+            if group.selector.pattern:
+                self._pattern_groups.remove(group)
+            else:
+                by_owner = self._groups[group.selector.name]
+                groups = by_owner[owner]
+                groups.remove(group)
+                if not groups:
+                    del by_owner[owner]
+                    if not by_owner:
+                        del self._groups[group.selector.name]
+            group.buffer.close()
+            group.buffer.clear()
+            self.stats.groups_expired += 1
 
     # -- replay --------------------------------------------------------------
 
     async def snapshot(self, selector: Selector) -> list[StoredEvent]:
-        """Stored events matching ``selector``'s name and owner, oldest first."""
+        """Retained events matching ``selector``'s name and owner, oldest first."""
         await trio.lowlevel.checkpoint()
         owner = selector.identity
         if selector.pattern:
@@ -306,10 +452,6 @@ class MemoryBackend:
 
     # -- introspection -------------------------------------------------------
 
-    async def ping(self) -> None:
-        """Always answers: the memory backend lives in this process."""
-        await trio.lowlevel.checkpoint()
-
     def subscriber_count(self, name: str) -> int:
         """Connected broadcast listeners plus unicast consumers for exactly ``name``."""
         listeners = sum(len(s) for s in self._listeners.get(name, {}).values())
@@ -317,3 +459,7 @@ class MemoryBackend:
             group.consumers for groups in self._groups.get(name, {}).values() for group in groups
         )
         return listeners + consumers
+
+    def group_count(self) -> int:
+        """Unicast groups currently held (with or without consumers)."""
+        return len(self._group_index)

@@ -1,0 +1,432 @@
+"""The ``postgres`` backend: events in a PostgreSQL table, shared by every provider process.
+
+Tables (created when missing, in one transaction under an advisory lock, so
+several processes may start at once; nothing to migrate by hand), in the
+connection's current schema:
+
+* ``bus_events(seq, ms, name, identity_id, body)`` — ``seq`` is the global order;
+  the event id is ``<ms>-<seq>``, where ``ms`` never goes backwards, so ids are
+  strictly increasing as ``(ms, seq)`` pairs.  ``body`` is the envelope
+  without its id (the line is rebuilt around the id).
+* ``bus_event_group_cursors(name, owner, grp, last_seq)`` — one row per unicast
+  group: the last event handed to one of its consumers.  It is durable, so a
+  group resumes where it stopped after every process restarted.
+
+Semantics:
+
+* **Publish** inserts under a transaction-scoped advisory lock and sends
+  ``NOTIFY`` in the same transaction; the ``202`` is sent after the commit.  The
+  lock makes commit order equal ``seq`` order, so a reader that has seen
+  ``seq = n`` can never later find a smaller one committed (no gaps).
+* **Follow** reads ``seq > position`` for the name; each process has one
+  ``LISTEN`` connection that wakes its readers, and a reader looks anyway every
+  ``poll_interval`` seconds, so a lost notification delays and never loses.
+* **Unicast** consumers claim the next events of their group by moving its
+  cursor with ``SELECT … FOR UPDATE`` in one transaction: each event goes to one
+  consumer of the group, on whatever process (at most once, as in memory).
+* **History** keeps the newest ``history_limit`` rows (trimmed as events arrive).
+
+Driver: psycopg 3 with *synchronous* connections from a small
+``psycopg_pool.ConnectionPool``, each call run in a worker thread with
+``trio.to_thread.run_sync``.  psycopg's async API is built on asyncio and does
+not run under trio; the sync API in threads is what psycopg itself supports
+everywhere, and a short query per thread hop costs little next to its round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.conninfo
+import psycopg_pool
+import trio
+from psycopg import sql
+
+from busevents import Delivery
+
+from ._backend import (
+    BackendUnavailable,
+    Draft,
+    IdClock,
+    Selector,
+    StoredEvent,
+    Subscription,
+    encode_envelope_tail,
+    splice_id,
+)
+from ._config import PostgresOptions
+
+__all__ = ["PostgresBackend", "postgres_location"]
+
+_log = logging.getLogger("busevents.provider")
+# The pool logs a warning per failed reconnection attempt; our own 503s and stream
+# errors already say that the database is gone, once per request.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+_T = TypeVar("_T")
+
+_CONNECT_TIMEOUT = 5.0
+#: Rows kept for followers even when ``history_limit`` is smaller (replay honours the limit).
+_MIN_RETAIN = 1000
+_TRIM_EVERY = 256
+_LOCK_SCHEMA = 0x6275_7365  # "buse": serialises CREATE TABLE across processes
+_LOCK_PUBLISH = 0x6275_7370  # "busp": serialises inserts so commit order is seq order
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bus_events (
+    seq bigint PRIMARY KEY,
+    ms bigint NOT NULL,
+    name text NOT NULL,
+    identity_id text NOT NULL,
+    body bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS bus_events_name_seq ON bus_events (name, seq);
+CREATE TABLE IF NOT EXISTS bus_event_group_cursors (
+    name text NOT NULL,
+    owner text NOT NULL,
+    grp text NOT NULL,
+    last_seq bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, owner, grp)
+);
+"""
+
+_INSERT = """
+WITH last AS (SELECT seq, ms FROM bus_events ORDER BY seq DESC LIMIT 1)
+INSERT INTO bus_events (seq, ms, name, identity_id, body)
+SELECT coalesce((SELECT seq FROM last), 0) + 1,
+       greatest((extract(epoch FROM clock_timestamp()) * 1000)::bigint,
+                coalesce((SELECT ms FROM last), 0)),
+       %s, %s, %s
+RETURNING seq, ms
+"""
+
+
+def postgres_location(dsn: str) -> str:
+    """``host:port/dbname`` of a DSN, without any credentials."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "(an invalid DSN)"
+    host = str(info.get("host") or "localhost")
+    port = str(info.get("port") or 5432)
+    return f"{host}:{port}/{info.get('dbname') or ''}"
+
+
+def _row_event(name: str, row: tuple[Any, ...]) -> StoredEvent:
+    seq, ms, identity, body = row
+    event_id = f"{ms}-{seq}"
+    return StoredEvent(seq, event_id, name, identity, "", splice_id(event_id, bytes(body)))
+
+
+class PostgresBackend:
+    """Events in PostgreSQL; see the module docstring for tables and semantics.
+
+    Not connected until :meth:`running` is entered (the app's lifespan does it).
+    """
+
+    def __init__(self, options: PostgresOptions, *, history_limit: int = 100_000) -> None:
+        self._options = options
+        self._where = f"PostgreSQL at {postgres_location(options.dsn)}"
+        self._history_limit = history_limit
+        self._retain = max(history_limit, _MIN_RETAIN)
+        self._clock = IdClock()
+        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._channel = "bus_events"
+        self._wakeups: dict[str, trio.Event] = {}
+        self._published = 0
+
+    def _unavailable(self, exc: BaseException) -> BackendUnavailable:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return BackendUnavailable(
+            f"{self._where} is unavailable ({type(exc).__name__}: {text[:200]})"
+        )
+
+    async def _run(self, fn: Callable[[psycopg.Connection[Any]], _T]) -> _T:
+        """Run ``fn(conn)`` in a worker thread inside one transaction of a pooled connection."""
+        pool = self._pool
+        if pool is None:
+            raise BackendUnavailable(f"{self._where} is not connected")
+
+        def work() -> _T:
+            with pool.connection(timeout=_CONNECT_TIMEOUT) as conn:
+                return fn(conn)
+
+        try:
+            return await trio.to_thread.run_sync(work)
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            raise self._unavailable(exc) from None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Connect, create the tables if missing, and listen for wake-ups until exit."""
+        pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = psycopg_pool.ConnectionPool(
+            self._options.dsn,
+            min_size=1,
+            max_size=self._options.pool_size,
+            open=False,
+            timeout=_CONNECT_TIMEOUT,
+            kwargs={"connect_timeout": int(_CONNECT_TIMEOUT)},
+            name="bus-events",
+        )
+        try:
+            # One direct connection first: its error says why (refused, auth, no database),
+            # where the pool would only time out.
+            await trio.to_thread.run_sync(self._probe)
+            await trio.to_thread.run_sync(partial(pool.open, wait=True, timeout=_CONNECT_TIMEOUT))
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as exc:
+            await trio.to_thread.run_sync(pool.close)
+            raise self._unavailable(exc) from None
+        self._pool = pool
+        stop = threading.Event()
+        try:
+            self._channel = await self._run(self._create_tables)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen, stop)
+                try:
+                    yield
+                finally:
+                    stop.set()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._pool = None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(partial(pool.close, timeout=1.0))
+
+    def _probe(self) -> None:
+        with psycopg.connect(self._options.dsn, connect_timeout=int(_CONNECT_TIMEOUT)):
+            pass
+
+    @staticmethod
+    def _create_tables(conn: psycopg.Connection[Any]) -> str:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_SCHEMA,))
+            conn.execute(_SCHEMA)
+            row = conn.execute("SELECT current_schema()").fetchone()
+        schema = str(row[0]) if row else "public"
+        return f"bus_events_{schema}"[:63]
+
+    async def ping(self) -> None:
+        """Return when PostgreSQL answers ``SELECT 1``; raise :class:`BackendUnavailable`."""
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # -- wake-ups ------------------------------------------------------------
+
+    def _wake(self, name: str) -> None:
+        event = self._wakeups.pop(name, None)
+        if event is not None:
+            event.set()
+
+    def _wake_all(self) -> None:
+        wakeups, self._wakeups = self._wakeups, {}
+        for event in wakeups.values():
+            event.set()
+
+    async def _listen(self, stop: threading.Event) -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def loop() -> None:
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(
+                        self._options.dsn, autocommit=True, connect_timeout=int(_CONNECT_TIMEOUT)
+                    ) as conn:
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                        # Anything sent while we were not listening: let readers look.
+                        trio.from_thread.run_sync(self._wake_all, trio_token=token)
+                        while not stop.is_set():
+                            for note in conn.notifies(timeout=0.5):
+                                trio.from_thread.run_sync(
+                                    self._wake, note.payload, trio_token=token
+                                )
+                except (psycopg.Error, OSError):
+                    # Readers poll meanwhile; try again shortly.
+                    stop.wait(self._options.poll_interval)
+                except trio.RunFinishedError:
+                    return
+
+        # Abandoned on cancel: the loop sees ``stop`` within half a second and exits.
+        await trio.to_thread.run_sync(loop, abandon_on_cancel=True)
+
+    async def _wait(self, name: str, event: trio.Event) -> None:
+        with trio.move_on_after(self._options.poll_interval):
+            await event.wait()
+
+    def _wakeup(self, name: str) -> trio.Event:
+        event = self._wakeups.get(name)
+        if event is None:
+            event = self._wakeups[name] = trio.Event()
+        return event
+
+    # -- publish -------------------------------------------------------------
+
+    async def publish(self, draft: Draft) -> StoredEvent:
+        """Insert the event and ``NOTIFY`` in one transaction; return it after the commit."""
+        _, stamp = self._clock.next()
+        tail = encode_envelope_tail(draft, stamp)
+        self._published += 1
+        trim = self._published % _TRIM_EVERY == 0
+
+        def insert(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_PUBLISH,))
+                row = conn.execute(_INSERT, (draft.name, draft.identity_id, tail)).fetchone()
+                assert row is not None
+                conn.execute("SELECT pg_notify(%s, %s)", (self._channel, draft.name))
+            if trim:
+                conn.execute("DELETE FROM bus_events WHERE seq <= %s", (row[0] - self._retain,))
+                conn.commit()
+            return int(row[0]), int(row[1])
+
+        seq, ms = await self._run(insert)
+        event_id = f"{ms}-{seq}"
+        return StoredEvent(
+            seq, event_id, draft.name, draft.identity_id, stamp, splice_id(event_id, tail)
+        )
+
+    # -- read ----------------------------------------------------------------
+
+    async def snapshot(self, selector: Selector) -> list[StoredEvent]:
+        """The retained events of the name (and owner), oldest first."""
+        if self._history_limit == 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        name, owner, limit = selector.name, selector.identity, self._history_limit
+
+        def query(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            # The newest ``history_limit`` events in all, as memory keeps them.
+            return conn.execute(
+                "SELECT seq, ms, identity_id, body FROM bus_events"
+                " WHERE name = %s AND (%s::text IS NULL OR identity_id = %s)"
+                " AND seq > (SELECT coalesce(max(seq), 0) FROM bus_events) - %s"
+                " ORDER BY seq",
+                (name, owner, owner, limit),
+            ).fetchall()
+
+        return [_row_event(name, row) for row in await self._run(query)]
+
+    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
+        """Follow the name's rows (broadcast) or claim them through the group cursor (unicast)."""
+        return self._subscribe(selector)
+
+    @asynccontextmanager
+    async def _subscribe(self, selector: Selector) -> AsyncIterator[Subscription]:
+        if selector.delivery is Delivery.UNICAST:
+            owner = "*" if selector.identity is None else "=" + selector.identity
+            key = (selector.name, owner, selector.group)
+
+            def create(conn: psycopg.Connection[Any]) -> None:
+                conn.execute(
+                    "INSERT INTO bus_event_group_cursors (name, owner, grp, last_seq)"
+                    " SELECT %s, %s, %s, coalesce(max(seq), 0) FROM bus_events"
+                    " ON CONFLICT DO NOTHING",
+                    key,
+                )
+
+            await self._run(create)
+            yield _GroupReader(self, selector, key)
+            return
+        row = await self._run(
+            lambda conn: conn.execute("SELECT coalesce(max(seq), 0) FROM bus_events").fetchone()
+        )
+        yield _TableReader(self, selector, int(row[0]) if row else 0)
+
+
+class _Reader:
+    def __init__(self, backend: PostgresBackend, selector: Selector) -> None:
+        self._backend = backend
+        self._selector = selector
+        self._pending: deque[StoredEvent] = deque()
+
+    async def _fetch(self, limit: int) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    async def receive_batch(self, limit: int) -> list[StoredEvent]:
+        name = self._selector.name
+        while not self._pending:
+            # Taken before the query: a NOTIFY after it sets this event, never lost.
+            wakeup = self._backend._wakeup(name)
+            with trio.CancelScope(shield=True):
+                rows = await self._fetch(limit)
+            self._pending.extend(_row_event(name, row) for row in rows)
+            if not self._pending:
+                await self._backend._wait(name, wakeup)
+            else:
+                await trio.lowlevel.checkpoint()
+        batch: list[StoredEvent] = []
+        while self._pending and len(batch) < limit:
+            batch.append(self._pending.popleft())
+        return batch
+
+
+class _TableReader(_Reader):
+    def __init__(self, backend: PostgresBackend, selector: Selector, position: int) -> None:
+        super().__init__(backend, selector)
+        self._position = position
+
+    async def _fetch(self, limit: int) -> list[tuple[Any, ...]]:
+        name, owner, position = self._selector.name, self._selector.identity, self._position
+        count = max(limit, 64)
+
+        def query(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                "SELECT seq, ms, identity_id, body FROM bus_events"
+                " WHERE name = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (name, position, count),
+            ).fetchall()
+
+        rows = await self._backend._run(query)
+        if rows:
+            self._position = int(rows[-1][0])
+        return [row for row in rows if owner is None or row[2] == owner]
+
+
+class _GroupReader(_Reader):
+    def __init__(
+        self, backend: PostgresBackend, selector: Selector, key: tuple[str, str, str]
+    ) -> None:
+        super().__init__(backend, selector)
+        self._key = key
+
+    async def _fetch(self, limit: int) -> list[tuple[Any, ...]]:
+        key, owner = self._key, self._selector.identity
+
+        def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+            with conn.transaction():
+                cursor = conn.execute(
+                    "SELECT last_seq FROM bus_event_group_cursors"
+                    " WHERE name = %s AND owner = %s AND grp = %s FOR UPDATE",
+                    key,
+                ).fetchone()
+                if cursor is None:
+                    # The row was removed behind our back: start again from now.
+                    conn.execute(
+                        "INSERT INTO bus_event_group_cursors (name, owner, grp, last_seq)"
+                        " SELECT %s, %s, %s, coalesce(max(seq), 0) FROM bus_events"
+                        " ON CONFLICT DO NOTHING",
+                        key,
+                    )
+                    return []
+                rows = conn.execute(
+                    "SELECT seq, ms, identity_id, body FROM bus_events"
+                    " WHERE name = %s AND seq > %s AND (%s::text IS NULL OR identity_id = %s)"
+                    " ORDER BY seq LIMIT %s",
+                    (key[0], cursor[0], owner, owner, limit),
+                ).fetchall()
+                if rows:
+                    conn.execute(
+                        "UPDATE bus_event_group_cursors SET last_seq = %s, updated_at = now()"
+                        " WHERE name = %s AND owner = %s AND grp = %s",
+                        (rows[-1][0], *key),
+                    )
+                return rows
+
+        return await self._backend._run(claim)
