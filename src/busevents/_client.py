@@ -23,10 +23,9 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import msgspec
 import trio
 
@@ -34,10 +33,17 @@ from ._config import Token, find_token, normalize_events_url, resolve_url
 from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
 from ._errors import APIError, Timeout, TransportError, bounded_text
 from ._ndjson import DEFAULT_MAX_LINE
+from ._publish import LeanPublisher, LeanResponse, proxy_configured
 from ._responses import api_error, format_seconds, raise_transport, read_bounded
 from ._retry import Backoff, RetryPolicy, is_retryable
-from ._stream import EventStream
 from ._version import __version__
+
+if TYPE_CHECKING:
+    # httpx (and _stream, which needs it) are imported when first used: a client
+    # that only publishes over the lean path never loads httpx and httpcore.
+    import httpx
+
+    from ._stream import EventStream
 
 __all__ = ["EventsClient"]
 
@@ -65,6 +71,8 @@ def _keepalive_options() -> list[tuple[int, int, int]]:
 def _tls_context() -> ssl.SSLContext:
     """httpx's default verifying context, built once per process: loading the CA
     bundle costs tens of milliseconds, which every new client would pay again."""
+    import httpx
+
     return httpx.create_ssl_context()
 
 
@@ -106,19 +114,45 @@ class EventsClient:
         headers = {"User-Agent": f"bus-events/{__version__}"}
         if value:
             headers["Authorization"] = f"Bearer {value}"
-        self._http = httpx.AsyncClient(
-            headers=headers,
-            timeout=None,  # deadlines are trio cancel scopes, see _deadline()
-            transport=transport
-            or httpx.AsyncHTTPTransport(
-                verify=_tls_context() if parts.scheme == "https" else _NO_TLS,
+        self._headers = headers
+        self._transport = transport
+        self._max_connections = max_connections
+        self._http_client: httpx.AsyncClient | None = None
+        # Publishing goes over the lean h11 path unless the caller chose the transport
+        # or a proxy applies (httpx knows proxies); see _publish.py for why.
+        self._lean: LeanPublisher | None = None
+        if transport is None and not proxy_configured():
+            self._lean = LeanPublisher(
+                self.url,
+                user_agent=headers["User-Agent"],
+                ssl_context=_tls_context,
                 socket_options=_keepalive_options(),
-                limits=httpx.Limits(
-                    max_connections=max_connections, max_keepalive_connections=max_connections
+                max_connections=max_connections,
+            )
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        """The httpx client (streams, and publishing when the lean path does not
+        apply), built on first use."""
+        if self._http_client is None:
+            import httpx
+
+            https = urlsplit(self.url).scheme == "https"
+            self._http_client = httpx.AsyncClient(
+                headers=self._headers,
+                timeout=None,  # deadlines are trio cancel scopes, see _deadline()
+                transport=self._transport
+                or httpx.AsyncHTTPTransport(
+                    verify=_tls_context() if https else _NO_TLS,
+                    socket_options=_keepalive_options(),
+                    limits=httpx.Limits(
+                        max_connections=self._max_connections,
+                        max_keepalive_connections=self._max_connections,
+                    ),
                 ),
-            ),
-            follow_redirects=False,
-        )
+                follow_redirects=False,
+            )
+        return self._http_client
 
     @classmethod
     def from_env(
@@ -140,7 +174,7 @@ class EventsClient:
         return cls(url, find_token(token_file, env), **options)
 
     def __repr__(self) -> str:
-        token = "None" if self._http.headers.get("Authorization") is None else "<hidden>"
+        token = "None" if self._token_value is None else "<hidden>"
         if self._token_source:
             token = f"<hidden, from {self._token_source}>"
         return f"EventsClient(url={self.url!r}, token={token}, timeout={self.timeout!r})"
@@ -154,7 +188,10 @@ class EventsClient:
     async def aclose(self) -> None:
         """Close the connection pool."""
         with trio.CancelScope(shield=True):
-            await self._http.aclose()
+            if self._lean is not None:
+                await self._lean.aclose()
+            if self._http_client is not None:
+                await self._http_client.aclose()
 
     # -- publish -----------------------------------------------------------
 
@@ -225,13 +262,19 @@ class EventsClient:
             await trio.sleep(wait)
 
     async def _publish_once(self, body: bytes) -> tuple[Accepted, bytes]:
+        response: httpx.Response | LeanResponse
         with self._deadline(self.url):
-            try:
-                response = await self._http.post(
-                    self.url, content=body, headers={"Content-Type": "application/json"}
-                )
-            except httpx.HTTPError as exc:
-                raise_transport(exc, self.url)
+            if self._lean is not None:
+                response = await self._lean.post(body, self._token_value)
+            else:
+                import httpx
+
+                try:
+                    response = await self._http.post(
+                        self.url, content=body, headers={"Content-Type": "application/json"}
+                    )
+                except httpx.HTTPError as exc:
+                    raise_transport(exc, self.url)
         if response.status_code not in (200, 201, 202):
             raise self._api_error(response, response.content, self.url)
         try:
@@ -250,7 +293,9 @@ class EventsClient:
         token = self._token_value
         return text.replace(token, "<redacted>") if token and token in text else text
 
-    def _api_error(self, response: httpx.Response, body: bytes, url: str) -> APIError:
+    def _api_error(
+        self, response: httpx.Response | LeanResponse, body: bytes, url: str
+    ) -> APIError:
         error = api_error(response.status_code, response.headers, body, url)
         if self._token_value and self._token_value in error.message:
             error.message = self._redact(error.message)
@@ -288,6 +333,10 @@ class EventsClient:
         Raises :class:`APIError` subclasses when the provider refuses the stream
         (before any event).
         """
+        import httpx
+
+        from ._stream import EventStream
+
         spec = StreamSpec(name, Delivery.parse(delivery), group, consumer, replay, follow)
         request = self._http.build_request(
             "GET",

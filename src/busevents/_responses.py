@@ -10,9 +10,9 @@ from __future__ import annotations
 import email.utils
 import re
 import time
-from typing import Final, NoReturn
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
-import httpx
 import msgspec
 
 from ._contracts import ErrorBody
@@ -30,9 +30,13 @@ from ._errors import (
     bounded_text,
 )
 
+if TYPE_CHECKING:  # httpx is imported by the code that hands us its objects
+    import httpx
+
 __all__ = [
     "MAX_ERROR_BODY",
     "STATUS_ERRORS",
+    "Headers",
     "api_error",
     "describe_cause",
     "format_seconds",
@@ -66,8 +70,17 @@ def describe_cause(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class Headers(Protocol):
+    """What :func:`api_error` needs of response headers (httpx's, or the lean path's
+    dict of lower-case names)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
 def raise_transport(exc: httpx.HTTPError, url: str) -> NoReturn:
     """Raise the :class:`TransportError` for an httpx failure talking to ``url``."""
+    import httpx
+
     reason = bounded_text(describe_cause(exc), 200)
     if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
         raise ConnectError(f"cannot connect to {url}: {reason}", url=url) from exc
@@ -75,6 +88,8 @@ def raise_transport(exc: httpx.HTTPError, url: str) -> NoReturn:
 
 
 async def read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+    import httpx
+
     body = bytearray()
     try:
         async for chunk in response.aiter_raw():
@@ -109,7 +124,7 @@ STATUS_ERRORS: dict[int, type[APIError]] = {
 }
 
 
-def api_error(status: int, headers: httpx.Headers, body: bytes, url: str) -> APIError:
+def api_error(status: int, headers: Headers, body: bytes, url: str) -> APIError:
     """The typed error for an error response, its diagnostic bounded and printable."""
     code: str | None = None
     message = ""
@@ -123,7 +138,10 @@ def api_error(status: int, headers: httpx.Headers, body: bytes, url: str) -> API
         message = bounded_text(parsed.message or "") or ("" if code else bounded_text(body))
         scopes = tuple(s for s in parsed.required_scopes or () if _SCOPE.match(s))
     if not message:
-        message = httpx.codes.get_reason_phrase(status)
+        try:
+            message = HTTPStatus(status).phrase
+        except ValueError:
+            message = ""
         if not body:
             message = f"{message} (empty body)".strip()
     cls = STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIError)
