@@ -46,6 +46,12 @@ def _main(args: list[str]) -> int:
         sys.stdout.write(stored())
         sys.stdout.flush()
         return 0
+    if "send" in args:
+        from ._fastsend import fast_send  # the plain one-event form, without cyclopts
+
+        status = fast_send(args)
+        if status is not None:
+            return status
     from ._app import run
 
     return run(args)
