@@ -25,6 +25,7 @@ Failures raise :class:`ConnectError` (connecting, TLS handshake) or
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import ssl
@@ -39,6 +40,8 @@ from ._errors import ConnectError, TransportError, bounded_text
 from ._responses import describe_cause as _describe
 
 __all__ = ["MAX_REPLY", "LeanPublisher", "LeanResponse", "proxy_configured"]
+
+_log = logging.getLogger("busevents.http")
 
 #: The most of a reply body that is kept, in bytes (acceptances are ~100 bytes).
 MAX_REPLY: Final = 1024 * 1024
@@ -225,6 +228,8 @@ class LeanPublisher:
         reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
         if reusable:
             conn.start_next_cycle()
+        if _log.isEnabledFor(logging.INFO):  # the line httpx logs for -v
+            _log.info('HTTP Request: POST %s "HTTP/1.1 %d %s"', self.url, status, _phrase(status))
         return LeanResponse(status, reply_headers, content), reusable
 
     async def _read_response(
@@ -267,6 +272,15 @@ class LeanPublisher:
                     "in the middle of its response",
                     url=self.url,
                 )
+
+
+def _phrase(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _close_now(stream: trio.abc.Stream) -> None:
