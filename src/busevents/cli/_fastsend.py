@@ -28,6 +28,8 @@ __all__ = ["fast_send"]
 _GLOBAL_VALUES = {"--api-url", "--token-file", "--timeout", "--format", "-f", "--color"}
 _GLOBAL_FLAGS = {"--quiet", "-q", "--no-color"}
 _SEND_VALUES = {"--name", "--payload", "--correlation-id", "--retry"}
+#: Inline payloads up to this many characters (far below the CLI's payload limit).
+_SMALL_PAYLOAD = 64 * 1024
 
 
 def _options(
@@ -71,8 +73,8 @@ def _parse(args: list[str]) -> tuple[dict[str, str], dict[str, str]] | None:
     if globals_.get("--color", "auto") not in ("auto", "always", "never"):
         return None
     payload = options.get("--payload", "null")
-    if payload == "-" or payload.startswith("@"):
-        return None  # stdin and files: the full command reads them
+    if payload == "-" or payload.startswith("@") or len(payload) > _SMALL_PAYLOAD:
+        return None  # stdin, files and large payloads: the full command reads and bounds them
     retry = options.get("--retry", "0")
     if not retry.isdigit():
         return None
@@ -94,7 +96,7 @@ def fast_send(args: list[str]) -> int | None:
         timeout = parse_duration(globals_["--timeout"]) if "--timeout" in globals_ else 30.0
     except (msgspec.DecodeError, ConfigError):
         return None  # the full command says what is wrong, in its own words
-    from ._output import Diagnostics, Results, use_color
+    from ._output import Diagnostics, Results, escape_controls, use_color
 
     quiet = "--quiet" in globals_
     mode = "never" if "--no-color" in globals_ else globals_.get("--color", "auto")
@@ -127,7 +129,8 @@ def fast_send(args: list[str]) -> int | None:
             if json_format:
                 results.write(raw.strip() + b"\n")
             else:
-                results.write(f"accepted {accepted.name} {accepted.id}\n".encode())
+                text = f"accepted {accepted.name} {accepted.id}"
+                results.write(escape_controls(text).encode() + b"\n")
         finally:
             results.close()
         return 0
