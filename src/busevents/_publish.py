@@ -228,8 +228,8 @@ class LeanPublisher:
         reusable = conn.our_state is h11.DONE and conn.their_state is h11.DONE
         if reusable:
             conn.start_next_cycle()
-        if _log.isEnabledFor(logging.INFO):  # the line httpx logs for -v
-            _log.info('HTTP Request: POST %s "HTTP/1.1 %d %s"', self.url, status, _phrase(status))
+        if _log.isEnabledFor(logging.DEBUG):  # httpx's request line; the CLI shows it at -vv
+            _log.debug('HTTP Request: POST %s "HTTP/1.1 %d %s"', self.url, status, _phrase(status))
         return LeanResponse(status, reply_headers, content), reusable
 
     async def _read_response(
