@@ -164,7 +164,10 @@ def _stream_operation() -> dict[str, Any]:
                 {"type": "string", "pattern": _LABEL_PATTERN, "default": "default"},
             ),
             _query(
-                "replay", "First send the retained matching events.", {**_FLAG, "default": "false"}
+                "replay",
+                "First send the retained matching events. Not with delivery=unicast "
+                "(400): a group's consumers share live events only.",
+                {**_FLAG, "default": "false"},
             ),
             _query(
                 "follow",
