@@ -95,7 +95,7 @@ async def test_after_beyond_the_newest_event_gives_only_new_ones(
     provider: RunningProvider,
 ) -> None:
     (only,) = await _publish(provider, ["t.g"])
-    ms, seq = only.split("-")
+    ms, _seq = only.split("-")
     future = f"{int(ms) + 1}-0"
     async with EventsClient(provider.url, provider.token()) as client:
         assert await _ids(client, "t.g", future, raw=False) == []
@@ -124,4 +124,4 @@ async def test_client_reports_a_refused_after(provider: RunningProvider) -> None
     async with EventsClient(provider.url, provider.token()) as client:
         with pytest.raises(BadRequest, match="invalid after"):
             async with client.listen("t.x", after="nope"):
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()

@@ -38,6 +38,7 @@ from .._client import EventsClient
 from .._config import find_token, normalize_events_url
 from .._contracts import Event, PublishRequest, event_id_key
 from .._errors import APIError, BusEventsError, Forbidden, TransportError, Unauthorized
+from .._groups import single_error
 from .._retry import Backoff, RetryPolicy, is_retryable
 from ._relay_state import (
     Cursor,
@@ -66,7 +67,7 @@ ORIGIN_ENVIRONMENT: Final = "bus.origin.environment.id"
 ORIGIN_EVENT: Final = "bus.origin.event.id"
 
 #: Save the state at least this often (seconds) while a long backlog is forwarded.
-_SAVE_EVERY = 1.0
+_SAVE_EVERY = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,7 @@ class _Relay:
         """Forward everything the source holds after the cursors, name by name."""
         route = self.route
         self.state.last_attempt = utc_now()
+        self.state.counters.pending = 0  # what a failed pass left is read again
         if self.source is None:
             self.source = self._client(route.from_url, route.from_token_file)
         if self.dest is None:
@@ -190,10 +192,13 @@ class _Relay:
             if self.unsure:
                 await self._reconcile(dest, name)
         self.unsure = False
-        for name in route.names:
-            await self._forward(source, dest, name)
+        # Names are independent (a cursor each, order kept within a name): forward
+        # them side by side, so that one long backlog does not hold up the others.
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for name in route.names:
+                    nursery.start_soon(self._forward, source, dest, name)
         self.state.last_success = utc_now()
-        self.state.counters.pending = 0
         self.save()
 
     async def _reconcile(self, dest: EventsClient, name: str) -> None:
@@ -235,12 +240,12 @@ class _Relay:
         async with source.listen(name, replay=True, follow=False, after=cursor.source) as stream:
             async for batch in stream.batches():
                 counters.received += len(batch)
-                counters.pending = len(batch)
+                counters.pending += len(batch)
                 for event in batch:
                     await self._forward_one(dest, event, cursor)
                     counters.pending -= 1
-                if trio.current_time() - self.last_save >= _SAVE_EVERY:
-                    self.save()
+                    if trio.current_time() - self.last_save >= _SAVE_EVERY:
+                        self.save()
 
     async def _forward_one(self, dest: EventsClient, event: Event, cursor: Cursor) -> None:
         env = self.route.environment_id
