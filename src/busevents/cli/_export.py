@@ -54,7 +54,10 @@ def export(
 def import_(
     source: Annotated[
         str,
-        Parameter(help="NDJSON file of envelopes (as `export` or `listen` write them), or -."),
+        Parameter(
+            help="NDJSON file of envelopes (as `export` or `listen` write them), or -.",
+            allow_leading_hyphen=True,
+        ),
     ] = "-",
     /,
     *,
@@ -86,6 +89,7 @@ def import_(
         from busevents import Event, import_events
 
         diag = g.diagnostics()
+        client = _client(g)  # a missing URL or token is reported before any line
         decode = msgspec.json.Decoder(Event).decode
         events: list[tuple[int, Event]] = []
         failed = 0
@@ -101,7 +105,7 @@ def import_(
         def on_error(number: int, message: str) -> None:
             diag.error(f"line {number}: {message}")
 
-        async with _client(g) as client:
+        async with client:
             result = await import_events(
                 client, events, environment_id=environment_id, on_error=on_error
             )
