@@ -114,9 +114,7 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     async with open_pair(cli_env, tmp) as (a, b):
         state = tmp / "ab.json"
         args = [*route_args(a, b, state, *names), "--loop", "--interval", "20ms"]
-        print("up", trio.current_time(), flush=True)
         published = {n: await a.publish(n, early, concurrency=8) for n in names}
-        print("published", trio.current_time(), flush=True)
 
         async def publish_more() -> None:
             for name in names:
@@ -133,12 +131,9 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
                     while _forwarded(state) <= before:  # noqa: ASYNC110 - a file
                         await trio.sleep(0.02)
                 await trio.sleep(rng.uniform(0.05, 1.5))
-                print("kill", trio.current_time(), _forwarded(state), flush=True)
                 proc.kill()  # SIGKILL: no finally block runs
                 await proc.wait()
-        print("final", trio.current_time(), flush=True)
         result = await run_cli(*args[:-3], "--once", env=FAST_RETRY)
-        print("done", trio.current_time(), flush=True)
         assert result.status == 0, result.stderr
         for name in names:
             _assert_exactly_once(published[name], await b.history(name), "a")
