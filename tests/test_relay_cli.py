@@ -139,9 +139,9 @@ async def test_export_then_import_publishes_each_event_once(
         (tmp_path / "all.ndjson").write_bytes(exported.stdout)
         first = await run_cli(*dest, "import", "--environment-id", "a", "all.ndjson")
         assert first.status == 0, first.stderr
-        assert first.out == "published 7 duplicates 0 failed 0\n"
+        assert first.out == "published 7 duplicates 0 skipped 0 failed 0\n"
         again = await run_cli(*dest, "import", "--environment-id", "a", "-", stdin=exported.stdout)
-        assert again.out == "published 0 duplicates 7 failed 0\n"
+        assert again.out == "published 0 duplicates 7 skipped 0 failed 0\n"
         events = await b.history("e.x")
         assert [(e.metadata or {}).get(ORIGIN_ID) for e in events] == ids
         assert {(e.metadata or {}).get(ORIGIN) for e in events} == {"a"}
@@ -168,6 +168,6 @@ async def test_import_reports_bad_lines_by_number(
         assert "line 1: no origin" in result.stderr  # no --environment-id, no origin metadata
         assert "line 2: not an event envelope" in result.stderr
         assert "line 4: not an event envelope" in result.stderr  # no id
-        assert result.out == "published 1 duplicates 0 failed 3\n"
+        assert result.out == "published 1 duplicates 0 skipped 0 failed 3\n"
         (event,) = await b.history("i.x")
         assert event.metadata == {ORIGIN: "lab", ORIGIN_ID: "9-9"}

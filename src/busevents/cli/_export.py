@@ -73,9 +73,11 @@ def import_(
 
     The origin (bus.origin.environment.id and bus.origin.event.id metadata) is
     the envelope's own when it has one, else --environment-id and the
-    envelope's id.  Envelopes whose origin the destination already holds are
-    counted as duplicates, not published.  Prints `published N duplicates D
-    failed F`; each bad line is reported with its number on stderr (exit 1).
+    envelope's id; with --environment-id, envelopes of another origin are
+    skipped (as the relay does: no echo).  Envelopes whose origin the
+    destination already holds are counted as duplicates, not published.
+    Prints `published N duplicates D skipped S failed F`; each bad line is
+    reported with its number on stderr (exit 1).
     The destination token must be a service token (origin metadata is kept
     only from those).
 
@@ -115,13 +117,13 @@ def import_(
         try:
             if g.format == "json":
                 results.write(
-                    b'{"published":%d,"duplicates":%d,"failed":%d}\n'
-                    % (result.published, result.duplicates, failed)
+                    b'{"published":%d,"duplicates":%d,"skipped":%d,"failed":%d}\n'
+                    % (result.published, result.duplicates, result.skipped, failed)
                 )
             else:
                 results.write(
-                    b"published %d duplicates %d failed %d\n"
-                    % (result.published, result.duplicates, failed)
+                    b"published %d duplicates %d skipped %d failed %d\n"
+                    % (result.published, result.duplicates, result.skipped, failed)
                 )
         finally:
             results.close()

@@ -369,6 +369,8 @@ class ImportResult:
 
     published: int = 0
     duplicates: int = 0
+    #: Envelopes from another origin than ``environment_id`` (as the relay: no echo).
+    skipped: int = 0
     failed: int = 0
 
 
@@ -382,9 +384,11 @@ async def import_events(
     """Publish ``events`` (numbered envelopes, in order) with their origin recorded.
 
     The origin is the envelope's ``bus.origin.*`` metadata when it has it, else
-    ``environment_id`` and the envelope's id.  An event whose origin the
-    destination already holds (an earlier import or relay) is not published
-    again.  ``on_error(number, message)`` hears of each envelope that failed;
+    ``environment_id`` and the envelope's id.  With ``environment_id``, an
+    envelope of another origin is skipped, as the relay does (it arrived at the
+    exporting deployment from elsewhere, perhaps from this one).  An event whose
+    origin the destination already holds (an earlier import or relay) is not
+    published again.  ``on_error(number, message)`` hears of each envelope that failed;
     401/403 and network failures stop the import (raised).
     """
     result = ImportResult()
@@ -394,6 +398,9 @@ async def import_events(
     for number, event in events:
         metadata = dict(event.metadata or {})
         origin = metadata.get(ORIGIN_ENVIRONMENT) or environment_id
+        if environment_id and origin != environment_id:
+            result.skipped += 1
+            continue
         if not origin:
             result.failed += 1
             if on_error is not None:
