@@ -206,7 +206,7 @@ async def test_a_second_relay_on_the_same_state_file_is_refused(
         assert second.status == 1
         assert f"another relay is running on the state file {state}" in second.stderr
         assert f"pid {first.pid}" in second.stderr
-        assert f"running (pid {first.pid})" in status.out
+        assert f"(running, pid {first.pid})" in status.out
 
 
 async def test_a_corrupt_state_file_is_an_error_naming_it(

@@ -310,11 +310,7 @@ def _status_text(d: dict[str, Any]) -> str:
     route = d["route"]
     counters = d["counters"]
     running = (
-        f"running (pid {d['pid']})"
-        if d.get("pid")
-        else "running"
-        if d["running"]
-        else "not running"
+        f"running, pid {d['pid']}" if d.get("pid") else "running" if d["running"] else "not running"
     )
     lines = [
         f"route:        {route.get('id') or '-'} ({route['environment_id']}) "
