@@ -367,3 +367,33 @@ async def test_a_deployment_that_is_down_is_retried_and_nothing_skipped(
         assert saved["counters"]["forwarded"] == 25
         assert saved["cursors"]["r.down"]["source"] == ids[-1]
         assert os.stat(state).st_mode & 0o077 == 0
+
+
+async def test_an_expired_token_is_read_again_from_its_file(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A token file rewritten by a refresher: the relay's 401 makes it read the file
+    again instead of stopping, and nothing is skipped."""
+    async with open_pair(cli_env, tmp_path) as (a, b):
+        # Expires in 1 s (plus the provider's 5 s leeway).
+        write_token(b.token_file, b.mint(audience=INTERNAL_AUDIENCE, ttl=1))
+        state = tmp_path / "ab.json"
+        proc = await start_cli(
+            cli_env,
+            *route_args(a, b, state, "r.exp"),
+            "--loop",
+            "--interval",
+            "100ms",
+            cwd=tmp_path,
+        )
+        try:
+            ids = await a.publish("r.exp", 2)
+            await wait_until_count(b, "r.exp", 2)
+            write_token(b.token_file, b.token)  # the refresher's new token
+            await trio.sleep(7)  # the first one has expired now
+            ids += await a.publish("r.exp", 2, start=2)
+            events = await wait_until_count(b, "r.exp", 4)
+            assert proc.returncode is None
+        finally:
+            assert await stop(proc) == 0
+        _assert_exactly_once(ids, events, "a")

@@ -321,8 +321,9 @@ async def run_relay(
     saves the state after every acknowledged batch, on failures and when
     cancelled.  Network failures, 5xx and 429 are retried with ``retry``
     (default :meth:`RetryPolicy.from_env`) — ``retries`` consecutive times
-    (``None``: without limit), never skipping an event.  401, 403 and other
-    refusals are raised at once.  ``http_timeout`` bounds each HTTP exchange.
+    (``None``: without limit), never skipping an event.  A 401 makes the relay
+    read the token files again and retry once (a refreshed token); then it,
+    403 and other refusals are raised.  ``http_timeout`` bounds each HTTP exchange.
     ``task_status.started()`` is called once the lock is held.
     """
     retry = retry or RetryPolicy.from_env()
@@ -332,6 +333,7 @@ async def run_relay(
         relay.save()
         task_status.started()
         backoff = Backoff(retry)
+        reread = False
         try:
             while True:
                 try:
@@ -341,6 +343,12 @@ async def run_relay(
                     relay.record_error(exc)
                     relay.save()
                     await relay.close_clients()
+                    if isinstance(exc, Unauthorized) and not reread:
+                        # An expired token: its file may hold a fresh one by now (a
+                        # refresher rewrote it).  Read the files again, once.
+                        reread = True
+                        log.info("%s: %s; reading the token files again", route.label, exc)
+                        continue
                     if not is_retryable(exc) or (
                         retries is not None and backoff.failures >= retries
                     ):
@@ -352,6 +360,7 @@ async def run_relay(
                     await trio.sleep(delay)
                     continue
                 backoff.reset()
+                reread = False
                 if not loop:
                     return
                 await trio.sleep(interval)
