@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app, current
+from ._app import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app, current
 
 if TYPE_CHECKING:
     from busevents import RelayRoute
+
+
+_ONE_SECOND = Duration(1.0)
 
 
 @app.command
@@ -58,7 +61,9 @@ def relay(
             help="Run as a service: a pass every --interval until SIGTERM (exit 0, state saved).",
         ),
     ] = False,
-    interval: Annotated[str, Parameter(help="With --loop: pause between passes.")] = "1s",
+    interval: Annotated[
+        Duration, Parameter(help="With --loop: pause between passes.")
+    ] = _ONE_SECOND,
     retries: Annotated[
         int | None,
         Parameter(
@@ -93,8 +98,6 @@ def relay(
     http://127.0.0.1:8082 --name example.ping --environment-id laptop
     --state-file a-to-b.json --to-token-file b.token --once
     """
-    from busevents import ConfigError, parse_duration
-
     g = current()
     if status:
         if state_file is None and config is None:
@@ -102,10 +105,7 @@ def relay(
         return _show_status(g, state_file, config)
     if once == loop:
         raise UsageError("relay needs exactly one of --once and --loop")
-    try:
-        pause = parse_duration(interval)
-    except ConfigError as exc:
-        raise UsageError(f"--interval: {exc}") from None
+    pause = float(interval)
     if retries is not None and retries < 0:
         raise UsageError("--retries must be 0 or more")
     routes = _routes(
