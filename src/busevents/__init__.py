@@ -72,6 +72,11 @@ if TYPE_CHECKING:
     from .workers._host import WorkerHost as WorkerHost
     from .workers._host import run_host as run_host
     from .workers._listener import Readiness as Readiness
+    from .workers._relay import RelayRoute as RelayRoute
+    from .workers._relay import import_events as import_events
+    from .workers._relay import run_relay as run_relay
+    from .workers._relay_config import load_relay_routes as load_relay_routes
+    from .workers._relay_state import relay_status as relay_status
     from .workers._requester import Requester as Requester
     from .workers._requester import open_requester as open_requester
     from .workers._worker import ClientPublisher as ClientPublisher
@@ -146,6 +151,13 @@ _LOCATIONS = {
         "WorkerHost",
         "run_host",
     ),
+    "workers._relay": (
+        "RelayRoute",
+        "import_events",
+        "run_relay",
+    ),
+    "workers._relay_config": ("load_relay_routes",),
+    "workers._relay_state": ("relay_status",),
 }
 _MODULE_OF = {name: module for module, names in _LOCATIONS.items() for name in names}
 

@@ -314,6 +314,7 @@ class EventsClient:
         consumer: str | None = None,
         replay: bool = False,
         follow: bool = True,
+        after: str | None = None,
         stall_timeout: float | None = None,
     ) -> AsyncIterator[EventStream]:
         """Open a stream of events named ``name``; iterate it in the block.
@@ -322,6 +323,12 @@ class EventsClient:
         compete (one of them gets each event).  ``replay`` first sends the
         history; ``follow=False`` ends the stream after it.  Leaving the block
         closes the response.
+
+        ``after``: resume after the event with this id — the history starts with
+        the first later event (implies ``replay``; an extension of the contract,
+        ``after=<id>``).  Against a provider that ignores the parameter, the
+        stream skips the events up to the cursor itself (ids of the
+        ``"<ms>-<seq>"`` form compare as integer pairs).
 
         ``stall_timeout``: a following stream may carry no event for hours, and a
         peer that froze (or a network path that died silently) sends nothing
@@ -337,7 +344,8 @@ class EventsClient:
 
         from ._stream import EventStream
 
-        spec = StreamSpec(name, Delivery.parse(delivery), group, consumer, replay, follow)
+        replay = replay or after is not None
+        spec = StreamSpec(name, Delivery.parse(delivery), group, consumer, replay, follow, after)
         request = self._http.build_request(
             "GET",
             self.stream_url,

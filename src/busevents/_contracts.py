@@ -143,9 +143,14 @@ class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     consumer: str | None = None
     replay: bool = False
     follow: bool = True
+    #: Resume after this event id (an extension of the contract; implies ``replay``).
+    after: str | None = None
 
     def to_params(self) -> dict[str, str]:
-        """The query parameters, omitting those left at the provider's default."""
+        """The query parameters, omitting those left at the provider's default.
+
+        ``after`` is sent with ``replay=true``: the history starts after that id.
+        """
         params = {"name": self.name}
         if self.delivery is not Delivery.BROADCAST:
             params["delivery"] = self.delivery.value
@@ -153,11 +158,25 @@ class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
             params["group"] = self.group
         if self.consumer is not None:
             params["consumer"] = self.consumer
-        if self.replay:
+        if self.replay or self.after is not None:
             params["replay"] = "true"
         if not self.follow:
             params["follow"] = "false"
+        if self.after is not None:
+            params["after"] = self.after
         return params
+
+
+def event_id_key(event_id: str) -> tuple[int, int] | None:
+    """An id of the ``"<ms>-<seq>"`` form as the integer pair it is ordered by; else None.
+
+    Providers hand out such ids (Redis-stream style); they increase in publish
+    order when compared as pairs, never as strings (``"9-0" < "10-0"``).
+    """
+    ms, sep, seq = event_id.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit() or not ms.isascii() or not seq.isascii():
+        return None
+    return int(ms), int(seq)
 
 
 #: Request metadata keys with this prefix are copied onto replies.

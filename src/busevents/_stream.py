@@ -15,7 +15,7 @@ import httpx
 import msgspec
 import trio
 
-from ._contracts import Event, StreamSpec
+from ._contracts import Event, StreamSpec, event_id_key
 from ._errors import StreamInterrupted, StreamStalled, bounded_text
 from ._ndjson import NDJSONDecoder
 from ._responses import describe_cause, format_seconds
@@ -28,6 +28,9 @@ class _EnvelopeCheck(msgspec.Struct, gc=False):
 
     id: str
     name: str
+
+
+_decode_id = msgspec.json.Decoder(_EnvelopeCheck).decode
 
 
 class EventStream:
@@ -60,6 +63,9 @@ class EventStream:
         self._feed: Any = None
         self._pending: list[Event] = []
         self._pos = 0
+        # Resuming after a cursor: skip up to it ourselves, in case the provider
+        # ignores `after` (cleared at the first later event: ids only grow).
+        self._skip_to = event_id_key(spec.after) if spec.after is not None else None
 
     @property
     def events_received(self) -> int:
@@ -126,8 +132,27 @@ class EventStream:
                 ) from exc
             self.bytes_received += len(chunk)
             batch = feed(chunk)
+            if batch and self._skip_to is not None:
+                batch = self._skip(batch)
             if batch:
                 return batch  # type: ignore[no-any-return]
+
+    def _skip(self, batch: list[Any]) -> list[Any]:
+        """``batch`` without the events up to the ``after`` cursor (see :meth:`listen`)."""
+        cursor = self._skip_to
+        if isinstance(batch[0], bytes):  # raw blocks: look at each line's id
+            lines = [line for block in batch for line in block.splitlines(keepends=True)]
+            ids = [_decode_id(line).id for line in lines]
+        else:
+            lines, ids = batch, [event.id for event in batch]
+        for index, event_id in enumerate(ids):
+            key = event_id_key(event_id)
+            if key is None or cursor is None or key > cursor:
+                # An id of another form cannot be ordered: it is passed on.
+                self._skip_to = None
+                kept = lines[index:]
+                return [b"".join(kept)] if isinstance(batch[0], bytes) else kept
+        return []
 
     async def _read_or_stall(self, chunks: AsyncIterator[bytes], limit: float) -> bytes:
         with trio.move_on_after(limit):
