@@ -98,8 +98,20 @@ async def test_retry_replay_writes_each_event_once_across_a_cut(
         proxy_port = await nursery.start(proxy.serve)
         url = f"http://127.0.0.1:{proxy_port}/api/v1/events"
         cli = await trio.lowlevel.open_process(
-            [*CLI, "--api-url", url, "--token-file", "token", "-o", str(out), "listen"]
-            + "--name example.cut --retry --replay".split(),
+            [
+                *CLI,
+                "--api-url",
+                url,
+                "--token-file",
+                "token",
+                "-o",
+                str(out),
+                "listen",
+                "--name",
+                "example.cut",
+                "--retry",
+                "--replay",
+            ],
             env={**cli_env, "BUS_EVENTS_LISTENER_RETRY_MIN": "50ms"},
             cwd=str(tmp_path),
             stderr=subprocess.PIPE,
@@ -139,8 +151,19 @@ async def test_retry_from_the_environment_survives_a_provider_restart(
     try:
         async with serve(port, SECRET, cli_env):
             cli = await trio.lowlevel.open_process(
-                [*CLI, "--api-url", url, "--token-file", "token", "-o", str(out), "listen"]
-                + "--name example.restart --replay".split(),
+                [
+                    *CLI,
+                    "--api-url",
+                    url,
+                    "--token-file",
+                    "token",
+                    "-o",
+                    str(out),
+                    "listen",
+                    "--name",
+                    "example.restart",
+                    "--replay",
+                ],
                 env=env,
                 cwd=str(tmp_path),
                 stderr=subprocess.PIPE,
