@@ -81,6 +81,8 @@ class ConsumerFigures:
     duplicated: int = 0
     out_of_order: int = 0
     lost_explained: int | None = None
+    #: For lost events: seconds from acceptance to the nearest cut of a unicast stream.
+    lost_to_nearest_cut: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -256,6 +258,7 @@ class Soak:
         self.write_token()
         env = {**os.environ, "BUS_API_JWT_SECRET": self.secret}
         env.pop("BUS_API_TOKEN", None)
+        upstream = _free_port()
         provider = await trio.lowlevel.open_process(
             [
                 sys.executable,
@@ -263,7 +266,7 @@ class Soak:
                 "busevents",
                 "serve",
                 "--addr",
-                "127.0.0.1:0",
+                f"127.0.0.1:{upstream}",
                 "--history",
                 "10000000",
             ],
@@ -273,15 +276,13 @@ class Soak:
         cli: trio.Process | None = None
         started = time.monotonic()
         try:
-            provider_url = await _serving_url(provider)
-            upstream = int(provider_url.split(":")[2].split("/")[0])
             proxy = FaultProxy(upstream, rng=self.rng)
             async with trio.open_nursery() as nursery:
                 port = await nursery.start(proxy.serve)
                 url = f"http://127.0.0.1:{port}/api/v1/events"
                 nursery.start_soon(self.rotate_tokens)
-                await nursery.start(self.run_workers, url)
                 out_file = self.workdir / "cli.ndjson"
+                # Started while the provider starts: it retries until the API is up.
                 cli = await trio.lowlevel.open_process(
                     [
                         sys.executable,
@@ -305,32 +306,36 @@ class Soak:
                         "BUS_EVENTS_LISTENER_RETRY_MIN": "200ms",
                         "BUS_EVENTS_LISTENER_RETRY_MAX": "2s",
                     },
-                    stderr=open(self.workdir / "cli.stderr", "wb"),  # noqa: SIM115
+                    stderr=open(self.workdir / "cli.stderr", "wb"),  # noqa: SIM115, ASYNC230
                 )
-                await _wait_for(lambda: out_file.exists(), 20)
+                provider_url = await _serving_url(provider)
+                await nursery.start(self.run_workers, url)
+                await _wait_for(lambda: out_file.exists(), 30)
                 await trio.sleep(1)  # the CLI's stream is subscribed once its file exists
                 nursery.start_soon(
                     lambda: proxy.chaos(
                         cut_every=o.cut_every, stall_every=o.stall_every, stall_max=o.stall_max
                     )
                 )
+                _phase(started, "consumers ready; publishing")
+                publishing = time.monotonic()
                 await self.publish_steadily(url, trio.current_time() + o.seconds)
-                self.report.duration_s = time.monotonic() - started
+                _phase(started, "published; draining")
+                self.report.duration_s = time.monotonic() - publishing
                 truth = await _history(provider_url, self.secret)
                 await self._drain(truth, out_file)
+                _phase(started, "drained; stopping")
                 nursery.cancel_scope.cancel()
             cli.send_signal(signal.SIGINT)
-            with trio.move_on_after(10):
+            with trio.move_on_after(5):
                 await cli.wait()
             received_cli = [json.loads(x)["id"] for x in out_file.read_bytes().splitlines() if x]
         finally:
             for proc in (cli, provider):
                 if proc is not None and proc.returncode is None:
-                    proc.send_signal(signal.SIGINT)
-                    with trio.move_on_after(10):
+                    proc.kill()  # the memory provider has nothing to save; the CLI flushed
+                    with trio.CancelScope(shield=True):
                         await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
         self._fill(truth, received_cli, proxy)
         return self.report
 
@@ -339,14 +344,16 @@ class Soak:
         ids = {i for i, _, _ in truth}
         with trio.move_on_after(self.o.drain):
             while True:
-                cli = out_file.read_bytes().count(b"\n")
+                cli = (await trio.Path(out_file).read_bytes()).count(b"\n")
                 if len(ids - set(self.broadcast_ids)) == 0 and cli >= len(ids):
                     break
                 await trio.sleep(0.5)
-        last = -1
-        while len(self.worker_ids) != last:  # workers: until no more arrive
-            last = len(self.worker_ids)
-            await trio.sleep(2)
+        # Workers: until nothing more arrived for longer than a stall and a reconnect.
+        last, changed = len(self.worker_ids), trio.current_time()
+        while trio.current_time() - changed < self.o.stall_max + 1:
+            await trio.sleep(0.25)
+            if len(self.worker_ids) != last:
+                last, changed = len(self.worker_ids), trio.current_time()
 
     def _fill(self, truth: list[tuple[str, int, float]], cli: list[str], proxy: FaultProxy) -> None:
         r = self.report
@@ -367,6 +374,10 @@ class Soak:
         unicast_cuts = [c.wall for c in proxy.cuts if c.kind == "stream-unicast"]
         window = self.o.explain_window + self.o.stall_max
         lost = set(ids) - set(self.worker_ids)
+        workers.lost_to_nearest_cut = sorted(
+            round(min((times.get(i, 0) - cut for cut in unicast_cuts), key=abs, default=1e9), 2)
+            for i in lost
+        )
         workers.lost_explained = sum(
             1
             for i in lost
@@ -376,6 +387,18 @@ class Soak:
             )
         )
         r.consumers["workers"] = workers
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _phase(started: float, what: str) -> None:
+    print(f"soak: {time.monotonic() - started:6.1f}s {what}", file=sys.stderr, flush=True)
 
 
 def _raw(value: Any) -> Any:
@@ -416,11 +439,13 @@ async def _history(url: str, secret: str) -> list[tuple[str, int, float]]:
     order, read directly (not through the proxy)."""
     token = mint_token(secret.encode(), subject="soak", scopes=SCOPES, ttl=600)
     out: list[tuple[str, int, float]] = []
-    async with EventsClient(url, token) as client:
-        async with client.listen(NAME, replay=True, follow=False) as stream:
-            async for event in stream:
-                seq = json.loads(bytes(event.payload))["seq"]
-                out.append((event.id, seq, _wall(event.time)))
+    async with (
+        EventsClient(url, token) as client,
+        client.listen(NAME, replay=True, follow=False) as stream,
+    ):
+        async for event in stream:
+            seq = json.loads(bytes(event.payload))["seq"]
+            out.append((event.id, seq, _wall(event.time)))
     return out
 
 
