@@ -206,3 +206,24 @@ async def test_without_retry_a_dropped_connection_is_exit_1(
     with trio.fail_after(20):
         await cli.wait()
     assert cli.returncode == 1
+
+
+async def test_max_retries_gives_up_with_exit_1(run_cli, unused_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Nothing listens: with --retry the listen keeps trying, --max-retries bounds it."""
+    write_token(tmp_path / "token", token())
+    result = await run_cli(
+        "--api-url",
+        unused_url,
+        "--token-file",
+        "token",
+        "listen",
+        "--name",
+        "example.gone",
+        "--retry",
+        "--max-retries",
+        "2",
+        env={"BUS_EVENTS_LISTENER_RETRY_MIN": "10ms", "BUS_EVENTS_LISTENER_RETRY_MAX": "20ms"},
+    )
+    assert result.status == 1
+    assert "giving up after 2 reconnect(s)" in result.stderr
+    assert result.stderr.count("reconnecting in") == 2

@@ -165,7 +165,7 @@ async def _listen(
     """Stream into ``writer``; with ``policy.enabled``, reconnect until a stop condition."""
     import trio
 
-    from busevents import Backoff, BusEventsError, is_retryable
+    from busevents import Backoff, BusEventsError, ListenerUnavailable, is_retryable
 
     backoff = Backoff(policy)
     while True:
@@ -190,9 +190,12 @@ async def _listen(
         if writer.stopped_by != "stream ended" or not options["follow"] or not policy.enabled:
             return  # count reached, idle timeout, or a --no-follow snapshot that ended cleanly
         if max_retries is not None and backoff.failures >= max_retries:
-            if error is not None:
-                raise error
-            return
+            raise ListenerUnavailable(
+                f"giving up after {max_retries} reconnect(s) in a row without an event: "
+                f"{error or 'the stream ended'}",
+                url=client.stream_url,
+                name=name,
+            ) from error
         delay = backoff.next_delay(error)
         diag.note(
             f"{error or 'the stream ended'}; reconnecting in {delay:.1f}s "
