@@ -8,7 +8,7 @@ chaos driver (:meth:`FaultProxy.chaos`) picks live connections at random and
 * **stalls** one (nothing relayed in either direction for a while, then
   everything goes on: a frozen proxy or a congested path).
 
-Each connection is labelled from its first request line (``publish``,
+Each connection is labelled from its latest request line (``publish``,
 ``stream-broadcast``, ``stream-unicast``) so that the report can say which
 kind of connection was cut, and when.  No gzip: the clients ask for
 ``identity`` on streams, and the soak measures delivery, not encodings.
@@ -91,11 +91,11 @@ class FaultProxy:
         from_client: bool,
         nursery: trio.Nursery,
     ) -> None:
-        first = from_client
         try:
             while data := await source.receive_some(65536):
-                if first:
-                    first = False
+                # A pooled connection may carry a publish, then a stream: label it by
+                # its latest request (a request line starts a client write).
+                if from_client and _REQUEST.match(data):
                     conn.kind = _label(data)
                 while conn.resumed is not None:
                     await conn.resumed.wait()
