@@ -232,8 +232,8 @@ async def open_requester(
     response published during that gap is missed (its request times out).
     Raises ``Unauthorized``/``Forbidden`` at once, and
     :class:`ListenerUnavailable` when the listener cannot run (retrying off,
-    and required or stopped); with retrying on it waits for the provider.  Leaving the block closes the
-    listener.
+    and required or stopped); with retrying on it waits for the provider.
+    Leaving the block closes the listener.
 
     Example::
 
