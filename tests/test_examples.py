@@ -85,6 +85,7 @@ async def test_a_required_worker_that_cannot_connect_exits_1(cli_env) -> None:  
         "BUS_EVENTS_API_URL": url,
         "BUS_API_TOKEN": "token",
         "BUS_EVENTS_LISTENER_REQUIRED": "1",
+        "BUS_EVENTS_LISTENER_RETRY": "0",  # required with retrying on waits instead
     }
     with trio.fail_after(20):
         result = await run_example("echo_worker.py", env=env)

@@ -140,7 +140,8 @@ async def test_run_host_exit_statuses(unused_url: str) -> None:
     def status(env: dict[str, str]) -> int:
         return run_host(worker, env=env, handle_signals=False, configure_logging=False)
 
-    required = {**base, "BUS_EVENTS_LISTENER_REQUIRED": "1"}
+    # Required with retrying on waits for the API; with it off, fails fast.
+    required = {**base, "BUS_EVENTS_LISTENER_REQUIRED": "1", "BUS_EVENTS_LISTENER_RETRY": "0"}
     with trio.fail_after(10):
         assert await trio.to_thread.run_sync(status, required) == 1  # cannot connect
         assert await trio.to_thread.run_sync(status, {"BUS_API_TOKEN": "t"}) == 2  # no URL

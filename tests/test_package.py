@@ -27,6 +27,7 @@ CORE = [
     "_ndjson",
     "_responses",
     "_stream",
+    "_tokens",
     "_client",
     "_version",
 ]

@@ -309,7 +309,8 @@ async def test_a_required_listener_that_cannot_connect_raises(unused_url: str) -
     async def never(event: Event, publisher: Publisher) -> None:
         raise AssertionError("no event expected")
 
-    required = RetryPolicy(min_delay=30, max_delay=60, required=True)
+    # Required with retrying off fails fast (with it on, it waits: test_worker_retry.py).
+    required = RetryPolicy(enabled=False, min_delay=30, max_delay=60, required=True)
     async with EventsClient(unused_url, "token") as client:
         with trio.fail_after(5), pytest.raises(ListenerUnavailable) as caught:
             await run_worker(client, Worker("example.ping", never, retry=required))

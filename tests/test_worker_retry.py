@@ -276,3 +276,71 @@ async def test_a_worker_is_ready_only_when_every_stream_is_up(autojump_clock: ob
                 await readiness.wait()
             nursery.cancel_scope.cancel()
     assert not readiness.is_ready  # the worker is gone
+
+
+# -- against real processes --------------------------------------------------------
+
+
+async def test_required_with_retry_waits_for_an_api_that_starts_later(
+    tmp_path: object, cli_env: dict[str, str]
+) -> None:
+    """BUS_EVENTS_LISTENER_REQUIRED=1 + BUS_EVENTS_LISTENER_RETRY=1: start-up order
+    does not matter.  Not ready while the API is down, ready once it is up, then
+    handles events; only a fatal answer would end it."""
+    from .test_refresh import free_port, serve
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api/v1/events"
+    secret = "c" * 64
+    from busevents.provider import mint_token
+
+    token = mint_token(secret.encode(), subject="w", scopes="events:send events:listen")
+    env = {
+        "BUS_EVENTS_LISTENER_REQUIRED": "1",
+        "BUS_EVENTS_LISTENER_RETRY": "1",
+        "BUS_EVENTS_LISTENER_RETRY_MIN": "50ms",
+        "BUS_EVENTS_LISTENER_RETRY_MAX": "200ms",
+    }
+    handled: list[Event] = []
+
+    async def handle(event: Event, publisher: Publisher) -> None:
+        handled.append(event)
+
+    worker = Worker("example.late", handle, retry=RetryPolicy.from_env(env))
+    async with EventsClient(url, token) as client, trio.open_nursery() as nursery:
+        readiness = Readiness()
+        nursery.start_soon(partial(run_worker, client, worker, readiness=readiness))
+        await trio.sleep(0.5)  # several attempts fail meanwhile: connection refused
+        assert not readiness.is_ready
+        async with serve(port, secret, cli_env):
+            with trio.fail_after(30):
+                await readiness.wait()
+            sent = await client.send("example.late", {"n": 1})
+            with trio.fail_after(10):
+                while not handled:  # noqa: ASYNC110 (the handler has no event to wait on)
+                    await trio.sleep(0.01)
+            assert [e.id for e in handled] == [sent.id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_required_with_retry_still_ends_on_a_fatal_answer(
+    cli_env: dict[str, str],
+) -> None:
+    from busevents import BadRequest
+    from busevents.provider import mint_token
+
+    from .test_refresh import free_port, serve
+
+    port = free_port()
+    secret = "d" * 64
+    token = mint_token(secret.encode(), subject="w", scopes="events:send events:listen")
+    env = {"BUS_EVENTS_LISTENER_REQUIRED": "1", "BUS_EVENTS_LISTENER_RETRY": "1"}
+
+    async def handle(event: Event, publisher: Publisher) -> None:
+        pass
+
+    worker = Worker("Not A Name", handle, retry=RetryPolicy.from_env(env))
+    async with serve(port, secret, cli_env):
+        async with EventsClient(f"http://127.0.0.1:{port}/api/v1/events", token) as client:
+            with trio.fail_after(20), pytest.raises(BadRequest):
+                await run_worker(client, worker)

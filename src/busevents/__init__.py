@@ -67,7 +67,9 @@ if TYPE_CHECKING:
     from ._errors import WorkerError as WorkerError
     from ._groups import single_error as single_error
     from ._ndjson import NDJSONDecoder as NDJSONDecoder
+    from ._retry import Backoff as Backoff
     from ._retry import RetryPolicy as RetryPolicy
+    from ._retry import is_retryable as is_retryable
     from ._stream import EventStream as EventStream
     from .workers._host import WorkerHost as WorkerHost
     from .workers._host import run_host as run_host
@@ -136,7 +138,7 @@ _LOCATIONS = {
     ),
     "_groups": ("single_error",),
     "_ndjson": ("NDJSONDecoder",),
-    "_retry": ("RetryPolicy",),
+    "_retry": ("Backoff", "RetryPolicy", "is_retryable"),
     "workers._listener": ("Readiness",),
     "workers._worker": (
         "ClientPublisher",

@@ -29,13 +29,14 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 import trio
 
-from ._config import Token, find_token, normalize_events_url, resolve_url
+from ._config import Token, find_token, normalize_events_url, resolve_url, token_refresh_from_env
 from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
 from ._errors import APIError, Timeout, TransportError, bounded_text
 from ._ndjson import DEFAULT_MAX_LINE
 from ._publish import LeanPublisher, LeanResponse, proxy_configured
 from ._responses import api_error, format_seconds, raise_transport, read_bounded
 from ._retry import Backoff, RetryPolicy, is_retryable
+from ._tokens import TokenKeeper, TokenProvider
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -88,6 +89,14 @@ class EventsClient:
     JWT (a :class:`str` or the :class:`Token` found by :func:`find_token`).
     Use :meth:`from_env` to resolve both the way the CLI does.
 
+    ``token_refresh``: when a request gets 401, re-read the token from the
+    file it came from and send the request once more; renew it too shortly
+    before its JWT ``exp`` (``BUS_EVENTS_TOKEN_REFRESH=1`` in :meth:`from_env`).
+    ``token_provider``: a callable (sync or async) returning the current
+    token, for tokens that come from elsewhere; it implies refresh and is
+    called for the first token when ``token`` is None.  A new token is used by
+    every later request; :attr:`token_refreshes` counts the renewals.
+
     ``max_line`` bounds the length of one streamed line (memory stays bounded
     whatever the server sends).  ``transport`` replaces httpx's default
     transport (tests, proxies).
@@ -98,6 +107,8 @@ class EventsClient:
         url: str,
         token: str | Token | None = None,
         *,
+        token_provider: TokenProvider | None = None,
+        token_refresh: bool = False,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_line: int = DEFAULT_MAX_LINE,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -108,16 +119,14 @@ class EventsClient:
         self.stream_url = urlunsplit(parts._replace(path=parts.path + "/stream"))
         self.timeout = timeout
         self.max_line = max_line
-        value = token.value if isinstance(token, Token) else token
-        self._token_value = value or None
-        self._token_source = token.source if isinstance(token, Token) else None
         headers = {"User-Agent": f"bus-events/{__version__}"}
-        if value:
-            headers["Authorization"] = f"Bearer {value}"
         self._headers = headers
         self._transport = transport
         self._max_connections = max_connections
         self._http_client: httpx.AsyncClient | None = None
+        self._token = TokenKeeper(
+            token, provider=token_provider, refresh=token_refresh, on_change=self._set_token
+        )
         # Publishing goes over the lean h11 path unless the caller chose the transport
         # or a proxy applies (httpx knows proxies); see _publish.py for why.
         self._lean: LeanPublisher | None = None
@@ -171,13 +180,42 @@ class EventsClient:
         :class:`ConfigError` / :class:`TokenError` naming what is missing.
         """
         url = resolve_url(api_url, env)
+        options.setdefault("token_refresh", token_refresh_from_env(env))
         return cls(url, find_token(token_file, env), **options)
 
     def __repr__(self) -> str:
-        token = "None" if self._token_value is None else "<hidden>"
-        if self._token_source:
-            token = f"<hidden, from {self._token_source}>"
+        source = self._token.source
+        token = f"<hidden, from {source}>" if source else "None"
         return f"EventsClient(url={self.url!r}, token={token}, timeout={self.timeout!r})"
+
+    @property
+    def token_refreshes(self) -> int:
+        """How many times this client put a new token in place (for metrics)."""
+        return self._token.refreshes
+
+    @property
+    def _token_value(self) -> str | None:
+        return self._token.value
+
+    def _set_token(self, value: str | None) -> None:
+        # Headers are merged into every request built after this point.
+        for headers in (
+            self._headers,
+            *((self._http_client.headers,) if self._http_client else ()),
+        ):
+            if value:
+                headers["Authorization"] = f"Bearer {value}"
+            else:
+                headers.pop("Authorization", None)
+
+    async def _unauthorized(self, used: str | None, error: APIError) -> bool:
+        """After a 401 sent with ``used``: True to send again with a renewed token;
+        otherwise ``error`` gets the reason refresh could not help."""
+        again, note = await self._token.after_unauthorized(used)
+        if note:
+            error.message = f"{error.message}; {note}" if error.message else note
+            error.args = (error._describe(),)
+        return again
 
     async def __aenter__(self) -> EventsClient:
         return self
@@ -263,20 +301,25 @@ class EventsClient:
 
     async def _publish_once(self, body: bytes) -> tuple[Accepted, bytes]:
         response: httpx.Response | LeanResponse
-        with self._deadline(self.url):
-            if self._lean is not None:
-                response = await self._lean.post(body, self._token_value)
-            else:
-                import httpx
+        while True:
+            used = await self._token.current()
+            with self._deadline(self.url):
+                if self._lean is not None:
+                    response = await self._lean.post(body, used)
+                else:
+                    import httpx
 
-                try:
-                    response = await self._http.post(
-                        self.url, content=body, headers={"Content-Type": "application/json"}
-                    )
-                except httpx.HTTPError as exc:
-                    raise_transport(exc, self.url)
-        if response.status_code not in (200, 201, 202):
-            raise self._api_error(response, response.content, self.url)
+                    try:
+                        response = await self._http.post(
+                            self.url, content=body, headers={"Content-Type": "application/json"}
+                        )
+                    except httpx.HTTPError as exc:
+                        raise_transport(exc, self.url)
+            if response.status_code in (200, 201, 202):
+                break
+            error = self._api_error(response, response.content, self.url)
+            if response.status_code != 401 or not await self._unauthorized(used, error):
+                raise error
         try:
             return _decode_accepted(response.content), response.content
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -289,15 +332,17 @@ class EventsClient:
             ) from None
 
     def _redact(self, text: str) -> str:
-        """Remove the token from text a server sent (a hostile server may echo it)."""
-        token = self._token_value
-        return text.replace(token, "<redacted>") if token and token in text else text
+        """Remove the tokens from text a server sent (a hostile server may echo them)."""
+        for token in self._token.values:
+            if token in text:
+                text = text.replace(token, "<redacted>")
+        return text
 
     def _api_error(
         self, response: httpx.Response | LeanResponse, body: bytes, url: str
     ) -> APIError:
         error = api_error(response.status_code, response.headers, body, url)
-        if self._token_value and self._token_value in error.message:
+        if any(token in error.message for token in self._token.values):
             error.message = self._redact(error.message)
             error.args = (error._describe(),)
         return error
@@ -346,17 +391,29 @@ class EventsClient:
 
         replay = replay or after is not None
         spec = StreamSpec(name, Delivery.parse(delivery), group, consumer, replay, follow, after)
-        request = self._http.build_request(
-            "GET",
-            self.stream_url,
-            params=spec.to_params(),
-            headers={"Accept": "application/x-ndjson"},
-        )
-        with self._deadline(self.stream_url):
+        while True:
+            used = await self._token.current()
+            request = self._http.build_request(
+                "GET",
+                self.stream_url,
+                params=spec.to_params(),
+                headers={"Accept": "application/x-ndjson"},
+            )
+            with self._deadline(self.stream_url):
+                try:
+                    response = await self._http.send(request, stream=True)
+                except httpx.HTTPError as exc:
+                    raise_transport(exc, self.stream_url)
+            if response.status_code != 401:
+                break
             try:
-                response = await self._http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise_transport(exc, self.stream_url)
+                body = await read_bounded(response)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
+            error = self._api_error(response, body, self.stream_url)
+            if not await self._unauthorized(used, error):
+                raise error
         try:
             if response.status_code != 200:
                 body = await read_bounded(response)

@@ -6,16 +6,22 @@ The CLI and :meth:`EventsClient.from_env` resolve both the same way (spec §4):
 * Token: ``--token-file``, else ``BUS_API_TOKEN``, else ``BUS_EVENTS_TOKEN_FILE``,
   else ``auth/api-token`` under the Bus config root.  A token is never taken
   from the command line and never from a repository-local ``.bus/`` folder.
+* Refresh: ``BUS_EVENTS_TOKEN_REFRESH=1`` (default 0) lets a client re-read its
+  token from the file it came from (:meth:`Token.reread`) when a request gets
+  ``401`` or the token is about to expire (its JWT ``exp``, read unverified).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import logging
 import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,6 +31,8 @@ __all__ = [
     "Token",
     "config_root",
     "find_token",
+    "token_expiry",
+    "token_refresh_from_env",
     "normalize_events_url",
     "parse_duration",
     "resolve_url",
@@ -35,6 +43,7 @@ log = logging.getLogger("busevents")
 URL_ENV = "BUS_EVENTS_API_URL"
 TOKEN_ENV = "BUS_API_TOKEN"
 TOKEN_FILE_ENV = "BUS_EVENTS_TOKEN_FILE"
+TOKEN_REFRESH_ENV = "BUS_EVENTS_TOKEN_REFRESH"
 
 
 def normalize_events_url(url: str) -> str:
@@ -139,15 +148,76 @@ def config_root(env: Mapping[str, str] | None = None) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """A bearer token and where it came from; its value is never shown."""
+    """A bearer token and where it came from; its value is never shown.
+
+    ``path`` is the file it was read from (``None`` for a value given directly
+    or taken from ``BUS_API_TOKEN``): only a token with a path can be re-read.
+    """
 
     value: str
     source: str
+    path: Path | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return f"Token(source={self.source!r}, value=<hidden>)"
 
     __str__ = __repr__
+
+    @property
+    def expires(self) -> float | None:
+        """The JWT ``exp`` claim (Unix seconds), read without verifying; None if absent."""
+        return token_expiry(self.value)
+
+    def reread(self) -> Token:
+        """The token now in the file this one came from.
+
+        Raises :class:`TokenError` when this token has no file (a value from
+        ``BUS_API_TOKEN`` or given directly cannot change) or the file cannot
+        be read.
+        """
+        if self.path is None:
+            raise TokenError(
+                f"the token from {self.source} cannot be refreshed: a value cannot change "
+                f"while the program runs; put it in a file and set {TOKEN_FILE_ENV} "
+                "(or pass --token-file) so that a new token can be written there"
+            )
+        label = self.source.removesuffix(f" {self.path}")
+        return _read_token_file(self.path, label)
+
+
+def token_expiry(value: str) -> float | None:
+    """The ``exp`` claim of a JWT (Unix seconds), read WITHOUT verifying the signature.
+
+    Only a hint of when to re-read a token; None when ``value`` is not a JWT
+    or has no numeric ``exp``.  Never raises, never echoes the token.
+    """
+    parts = value.split(".")
+    if len(parts) != 3:
+        return None
+    segment = parts[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (binascii.Error, ValueError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, int | float) and not isinstance(exp, bool):
+        return float(exp)
+    return None
+
+
+def token_refresh_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """``BUS_EVENTS_TOKEN_REFRESH``: ``1`` on, ``0`` or unset off.
+
+    Any other value raises :class:`ConfigError` (a usage error): a typo must
+    not silently leave a long-running worker with a token that will expire.
+    """
+    env = os.environ if env is None else env
+    text = env.get(TOKEN_REFRESH_ENV, "").strip()
+    if text in ("", "0"):
+        return False
+    if text == "1":
+        return True
+    raise ConfigError(f"invalid {TOKEN_REFRESH_ENV}={text[:20]!r}: expected 1 (refresh) or 0")
 
 
 #: Largest token file: a JWT is a few KiB; anything bigger is not a token file.
@@ -197,7 +267,7 @@ def _read_token_file(path: Path, source: str) -> Token:
         raise TokenError(f"token file {path} ({source}) is empty")
     if any(c.isspace() for c in value):
         raise TokenError(f"token file {path} ({source}) holds more than one word; expected one JWT")
-    return Token(value, f"{source} {path}")
+    return Token(value, f"{source} {path}", path)
 
 
 def find_token(

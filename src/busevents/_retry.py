@@ -82,9 +82,10 @@ class RetryPolicy:
     """How to back off between attempts (see the module documentation).
 
     ``enabled``: retry at all.  ``min_delay``/``max_delay``: the bounds of
-    every delay, in seconds.  ``required``: a listener must connect (its first
-    attempt must succeed, and with ``enabled=False`` its stream must not end),
-    else :class:`ListenerUnavailable`.  ``healthy_after``: seconds a connection
+    every delay, in seconds.  ``required``: with ``enabled=False``, a listener
+    whose connection fails or whose stream ends raises
+    :class:`ListenerUnavailable`; with retrying on it keeps trying (not ready
+    meanwhile) until connected.  ``healthy_after``: seconds a connection
     must stay up for the backoff to reset even without events.
     ``max_retry_after``: the longest ``Retry-After`` honoured, in seconds.
 

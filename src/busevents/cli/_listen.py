@@ -1,11 +1,20 @@
-"""``listen``: stream events to stdout, a file, or nowhere, with stop conditions."""
+"""``listen``: stream events to stdout, a file, or nowhere, with stop conditions.
+
+With ``--retry`` a dropped connection is reconnected with the shared backoff
+(``BUS_EVENTS_LISTENER_RETRY_MIN``/``_MAX``); with ``--replay`` too, events
+already written are skipped by id, so the output holds each event once.  On a
+pipe, a reader that went away (``| head -n 2``) ends the listen within about a
+second even while the stream is quiet, as ``tail -f | head`` does.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -16,9 +25,12 @@ from ._commands import _client, run_client_command
 from ._output import TextFormatter
 
 if TYPE_CHECKING:
-    from busevents import Event, EventStream
+    from busevents import Event, EventsClient, EventStream, RetryPolicy
 
     from ._output import Diagnostics, Results
+
+#: How often stdout is checked for a reader that went away, in seconds.
+READER_CHECK = 0.25
 
 
 @app.command
@@ -60,13 +72,33 @@ def listen(
             "(live on a terminal, a summary at the end).",
         ),
     ] = False,
+    retry: Annotated[
+        bool | None,
+        Parameter(
+            show_default=False,
+            help="Reconnect when the connection drops or the provider answers 5xx/429, "
+            "with backoff (BUS_EVENTS_LISTENER_RETRY_MIN/_MAX); with --replay, events "
+            "already written are skipped by id, so none is written twice. "
+            "[default: BUS_EVENTS_LISTENER_RETRY, else off]",
+        ),
+    ] = None,
+    max_retries: Annotated[
+        int | None,
+        Parameter(
+            help="With --retry: give up (exit 1) after this many reconnects in a row "
+            "that delivered nothing. [default: no limit]"
+        ),
+    ] = None,
 ) -> int:
     """Stream matching events as newline-delimited JSON.
 
     json (the default) writes each envelope exactly as received, one per line,
     flushed as it arrives; text writes one aligned, readable line per event.
     With an explicit --timeout, stops cleanly when it passes (exit 0, or 1 if
-    --count was not reached).
+    --count was not reached).  With --retry it reconnects after a dropped
+    connection; --retry --replay writes every event exactly once.
+
+    Long-running: bus-events listen --name x --retry --replay -o events.ndjson
 
     Example: bus-events listen --name example.ping --replay --no-follow
     """
@@ -74,30 +106,38 @@ def listen(
         raise UsageError("--group needs --delivery unicast")
     if count is not None and count < 1:
         raise UsageError("--count must be at least 1")
+    if max_retries is not None and max_retries < 0:
+        raise UsageError("--max-retries must be 0 or more")
     idle = None if idle_timeout is None else float(idle_timeout)
 
     async def body(g: Globals) -> int:
         import trio
 
+        from busevents import RetryPolicy
+
         diag = g.diagnostics()
         results = g.results()
+        # A one-shot command reconnects only when asked: by --retry or by the variable.
+        asked = os.environ.get("BUS_EVENTS_LISTENER_RETRY", "").strip() != ""
+        policy = RetryPolicy.from_env()
+        policy = RetryPolicy.from_env(enabled=policy.enabled and asked if retry is None else retry)
         meter = Meter(diag, live=stats and sys.stderr.isatty()) if stats else None
         writer = EventWriter(results, g.format, count, correlation_id, idle, meter)
+        if policy.enabled and replay:
+            writer.seen = set()
+        options = {
+            "delivery": delivery,
+            "group": group,
+            "consumer": consumer,
+            "replay": replay,
+            "follow": follow,
+        }
         try:
-            async with (
-                _client(g) as client,
-                client.listen(
-                    name,
-                    delivery=delivery,
-                    group=group,
-                    consumer=consumer,
-                    replay=replay,
-                    follow=follow,
-                ) as stream,
-            ):
-                results.open()
+            async with _client(g) as client, _reader_watch(results) as gone:
                 with trio.move_on_after(g.timeout if g.timeout_given else float("inf")):
-                    await writer.run(stream)
+                    await _listen(client, name, options, writer, policy, max_retries, diag)
+            if gone.is_set():
+                raise BrokenPipeError("the reader of the output went away")
         finally:
             results.close()
             if meter is not None:
@@ -111,6 +151,107 @@ def listen(
         return EXIT_OK
 
     return run_client_command(body)
+
+
+async def _listen(
+    client: EventsClient,
+    name: str,
+    options: dict[str, Any],
+    writer: EventWriter,
+    policy: RetryPolicy,
+    max_retries: int | None,
+    diag: Diagnostics,
+) -> None:
+    """Stream into ``writer``; with ``policy.enabled``, reconnect until a stop condition."""
+    import trio
+
+    from busevents import Backoff, BusEventsError, ListenerUnavailable, is_retryable
+
+    backoff = Backoff(policy)
+    while True:
+        error: BusEventsError | None = None
+        before = writer.written
+        try:
+            async with client.listen(name, **options) as stream:
+                writer.results.open()
+                since = trio.current_time()
+                try:
+                    await writer.run(stream)
+                finally:
+                    if (
+                        writer.written > before
+                        or trio.current_time() - since > policy.healthy_after
+                    ):
+                        backoff.reset()
+        except BusEventsError as exc:
+            if not policy.enabled or not is_retryable(exc):
+                raise
+            error = exc
+        if writer.stopped_by != "stream ended" or not options["follow"] or not policy.enabled:
+            return  # count reached, idle timeout, or a --no-follow snapshot that ended cleanly
+        if max_retries is not None and backoff.failures >= max_retries:
+            raise ListenerUnavailable(
+                f"giving up after {max_retries} reconnect(s) in a row without an event: "
+                f"{error or 'the stream ended'}",
+                url=client.stream_url,
+                name=name,
+            ) from error
+        delay = backoff.next_delay(error)
+        diag.note(
+            f"{error or 'the stream ended'}; reconnecting in {delay:.1f}s "
+            f"({writer.written} events written so far)"
+        )
+        await trio.sleep(delay)
+
+
+@asynccontextmanager
+async def _reader_watch(results: Results) -> AsyncIterator[Any]:
+    """While inside, watch stdout (a pipe or socket) for a reader that went away.
+
+    A quiet stream writes nothing, so a closed pipe would go unnoticed until the
+    next event (hours, maybe).  When the reader goes, the block is cancelled and
+    the returned event is set.
+    """
+    import select
+    import stat
+
+    import trio
+
+    gone = trio.Event()
+    fd = sys.stdout.fileno() if results.path is None and not results.quiet else -1
+    try:
+        watch = fd >= 0 and (
+            stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)
+        )
+    except OSError:
+        watch = False
+    if not watch or not hasattr(select, "poll"):
+        yield gone
+        return
+
+    async def watcher(scope: trio.CancelScope) -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR and POLLHUP are always reported
+        while not poller.poll(0):  # noqa: ASYNC110 (no event fires when a reader goes)
+            await trio.sleep(READER_CHECK)
+        gone.set()
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watcher, nursery.cancel_scope)
+        try:
+            yield gone
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@functools.cache
+def _id_decoder() -> Callable[[bytes], Any]:
+    """Decodes only the id of a line (de-duplication keeps the original bytes)."""
+    import msgspec
+
+    Line = msgspec.defstruct("Line", [("id", str)])
+    return msgspec.json.Decoder(Line).decode
 
 
 @functools.cache
@@ -136,14 +277,16 @@ class EventWriter:
     meter: Meter | None = None
     written: int = 0
     stopped_by: str = "stream ended"
+    #: Ids written so far, when events already written must be skipped (replay on reconnect).
+    seen: set[str] | None = None
     _text: TextFormatter | None = field(default=None, repr=False)
 
     async def run(self, stream: EventStream) -> int:
-        """Write events; return how many were written."""
+        """Write events until the stream ends; return how many were written in all."""
         if self.format == "text":
-            self._text = TextFormatter(self.results.is_terminal)
+            self._text = self._text or TextFormatter(self.results.is_terminal)
             units = stream.batches()
-        elif self.count is None and self.correlation_id is None:
+        elif self.count is None and self.correlation_id is None and self.seen is None:
             await self._pass_through(stream)
             return self.written
         else:
@@ -163,15 +306,16 @@ class EventWriter:
         blocks = stream.raw_batches()
         write = self.results.write
         meter = self.meter
+        base = self.written  # events of earlier connections
         self.stopped_by = "stream ended"
         try:
             while (block := await self._next(blocks)) is not None:
                 write(block)
                 if meter is not None:
                     meter.bytes = stream.bytes_received
-                    meter.add(stream.events_received - meter.events)
+                    meter.add(base + stream.events_received - meter.events)
         finally:
-            self.written = stream.events_received
+            self.written = base + stream.events_received
 
     async def _next(self, units: Any) -> Any:
         """The next unit, or None at the end of the stream or after the idle timeout."""
@@ -187,21 +331,31 @@ class EventWriter:
     def _write(self, unit: bytes | list[Event]) -> bool:
         """Write one block or batch; True once ``count`` events were written."""
         left = None if self.count is None else self.count - self.written
+        seen = self.seen
         if isinstance(unit, list):
             events = unit
+            if seen is not None:
+                events = [e for e in events if e.id not in seen]
             if self.correlation_id is not None:
                 events = [e for e in events if e.correlation_id == self.correlation_id]
             events = events[:left]
+            if seen is not None:
+                seen.update(e.id for e in events)
             assert self._text is not None
             self.results.write_lines([self._text.line(e) for e in events])
             n = len(events)
         else:
-            if self.correlation_id is not None or left is not None:
+            if self.correlation_id is not None or left is not None or seen is not None:
                 lines = unit.splitlines(keepends=True)
+                if seen is not None:
+                    ids = [_id_decoder()(x).id for x in lines]
+                    lines = [x for x, i in zip(lines, ids, strict=True) if i not in seen]
                 if self.correlation_id is not None:
                     decode = _correlation_decoder()
                     lines = [x for x in lines if decode(x).correlation_id == self.correlation_id]
                 lines = lines[:left]
+                if seen is not None:
+                    seen.update(_id_decoder()(x).id for x in lines)
                 unit = b"".join(lines)
                 n = len(lines)
             else:

@@ -83,7 +83,11 @@ def send(
     fail_fast: Annotated[
         bool,
         Parameter(
-            negative="", show_default=False, help="With --ndjson: stop at the first failure."
+            negative="",
+            show_default=False,
+            help="With --ndjson: stop at the first failure. No line after it is read; lines "
+            "read before it (at most --concurrency, already queued or in flight) are still "
+            "published, and every event the provider accepted is counted in the summary.",
         ),
     ] = False,
 ) -> int:
@@ -204,14 +208,18 @@ class _Batch:
         self.fail_fast = fail_fast
         self.accepted = 0
         self.failed = 0
+        self.abandoned = False  # a failure every later line would share: send nothing more
         self.live = sys.stderr.isatty() and not diag.quiet
         self._shown = 0.0
 
-    def fail(self, line: int, message: str, scope: trio.CancelScope) -> None:
+    def fail(self, line: int, message: str, reading: trio.CancelScope) -> None:
+        """Report a failed line; with --fail-fast, stop reading (``reading`` is the
+        reader's scope: publishes already started are never cancelled, so that an
+        event the provider stored is always counted)."""
         self.failed += 1
         self.diag.error(f"line {line}: {message}")
         if self.fail_fast:
-            scope.cancel()
+            reading.cancel()
 
     def progress(self, final: bool = False) -> None:
         if not self.live:
@@ -230,19 +238,25 @@ class _Batch:
         from busevents import BusEventsError, TransportError, Unauthorized
 
         send_channel, receive_channel = trio.open_memory_channel[tuple[int, Any]](concurrency)
+        # Cancelling this stops reading input; publishes in flight always finish.
+        reading = trio.CancelScope()
+        unsent: list[int] = []
 
         async def publisher(requests: trio.MemoryReceiveChannel[tuple[int, Any]]) -> None:
             async with requests:
                 async for number, request in requests:
+                    if self.abandoned:
+                        unsent.append(number)
+                        continue
                     try:
                         await client.publish(request, retries=self.retry)
                     except (Unauthorized, TransportError) as exc:
-                        # Every other line would fail the same way: stop here.
-                        self.fail(number, str(exc), nursery.cancel_scope)
-                        nursery.cancel_scope.cancel()
-                        return
+                        # Every later line would fail the same way: send no more.
+                        self.abandoned = True
+                        reading.cancel()
+                        self.fail(number, str(exc), reading)
                     except BusEventsError as exc:
-                        self.fail(number, str(exc), nursery.cancel_scope)
+                        self.fail(number, str(exc), reading)
                     else:
                         self.accepted += 1
                         self.progress()
@@ -252,17 +266,21 @@ class _Batch:
                 nursery.start_soon(publisher, receive_channel.clone())
             receive_channel.close()
             async with send_channel:
-                async for number, line in _lines(source):
-                    if line is None:
-                        self.fail(
-                            number,
-                            f"longer than {_mib(MAX_LINE)}: not an event",
-                            nursery.cancel_scope,
-                        )
-                        continue
-                    request = self._parse(number, line, nursery.cancel_scope)
-                    if request is not None:
-                        await send_channel.send((number, request))
+                with reading:
+                    async for number, line in _lines(source):
+                        if line is None:
+                            self.fail(
+                                number, f"longer than {_mib(MAX_LINE)}: not an event", reading
+                            )
+                            continue
+                        request = self._parse(number, line, reading)
+                        if request is not None:
+                            await send_channel.send((number, request))
+        if unsent:
+            self.diag.note(
+                f"{len(unsent)} line(s) read but not sent after that failure: "
+                f"{', '.join(map(str, sorted(unsent)[:10]))}{' …' if len(unsent) > 10 else ''}"
+            )
 
     def _parse(self, number: int, line: bytes, scope: trio.CancelScope) -> PublishRequest | None:
         import msgspec

@@ -8,16 +8,27 @@ The policy (spec §6), shared by workers and requesters:
 * The backoff **resets** once a connection has delivered an event or stayed
   up ``healthy_after`` seconds: a following stream never "returns", so a
   backoff that reset only on success would never reset.
-* **Fail fast** on answers that retrying cannot change: ``401``, ``403``,
-  ``400``, ``404``… propagate at once.  ``5xx``, ``408``, ``429`` and every
-  transport or stream error are retried.
+* **Fail fast** on answers that retrying cannot change: ``400``, ``403``,
+  ``404``…, and a ``401`` that token refresh could not cure (refresh off, a
+  token that cannot be re-read, or a re-read token that did not change; the
+  client itself renews and re-sends once, see ``BUS_EVENTS_TOKEN_REFRESH``)
+  propagate at once.  ``5xx``, ``408``, ``429`` and every transport or stream
+  error are retried.
 * **Readiness** is false until the stream is established (its response
   headers arrived: the provider has subscribed it), and false again as soon
   as the stream ends, before any reconnect.
-* **Required** listeners (``BUS_EVENTS_LISTENER_REQUIRED=1``) raise
-  :class:`ListenerUnavailable` when their first connection fails, or when
-  their stream ends with retrying turned off.  Other listeners log and keep
-  trying (or, with retrying off, stop quietly).
+* **Required** (``BUS_EVENTS_LISTENER_REQUIRED=1``) decides what happens when
+  the stream cannot be had, depending on retrying:
+
+  - with retrying on (``BUS_EVENTS_LISTENER_RETRY=1``, upstream's production
+    pair): start-up order does not matter.  A listener whose Events API is
+    not up yet keeps trying with the backoff, reports not ready meanwhile,
+    becomes ready once connected and stays up; only a fatal answer ends it.
+  - with retrying off: :class:`ListenerUnavailable` as soon as the first
+    connection fails or the stream ends (fail fast).
+
+  Listeners that are not required behave the same with retrying on; with it
+  off they log and stop quietly.
 """
 
 from __future__ import annotations
@@ -207,13 +218,12 @@ async def listen_with_retry(
                 "%s: %s; retrying is off (%s=0): not reconnecting", who, _why(error), RETRY_ENV
             )
             return
-        if not connected_once and policy.required:
-            raise ListenerUnavailable(
-                f"{who}: cannot connect ({_why(error)}) and the listener is required "
-                f"({REQUIRED_ENV}=1)",
-                url=client.stream_url,
-                name=name,
-            ) from error
         delay = backoff.next_delay(error)
-        log.warning("%s: %s; reconnecting in %.2fs", who, _why(error), delay)
+        log.warning(
+            "%s: %s; %s in %.2fs",
+            who,
+            _why(error),
+            "reconnecting" if connected_once else "not connected yet, retrying",
+            delay,
+        )
         await trio.sleep(delay)

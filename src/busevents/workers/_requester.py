@@ -231,9 +231,9 @@ async def open_requester(
     :meth:`RetryPolicy.from_env`); requests wait while it reconnects, and a
     response published during that gap is missed (its request times out).
     Raises ``Unauthorized``/``Forbidden`` at once, and
-    :class:`ListenerUnavailable` when the listener cannot run (required and
-    unreachable, or stopped with retrying off).  Leaving the block closes the
-    listener.
+    :class:`ListenerUnavailable` when the listener cannot run (retrying off,
+    and required or stopped); with retrying on it waits for the provider.
+    Leaving the block closes the listener.
 
     Example::
 

@@ -229,8 +229,9 @@ async def run_worker(
 
     Raises ``Unauthorized``/``Forbidden`` (and other answers that retrying
     cannot change) at once, :class:`ListenerUnavailable` for a required
-    listener, and :class:`HandlerError` after a handler failed with
-    ``stop_on_error``.  See the module documentation for the policies.
+    listener with retrying off (with it on, it waits for the provider), and
+    :class:`HandlerError` after a handler failed with ``stop_on_error``.
+    See the module documentation for the policies.
 
     Example::
 
