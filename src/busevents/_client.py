@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import trio
@@ -34,7 +34,14 @@ from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
 from ._errors import APIError, Timeout, TransportError, bounded_text
 from ._ndjson import DEFAULT_MAX_LINE
 from ._publish import LeanPublisher, LeanResponse, proxy_configured
-from ._responses import api_error, format_seconds, raise_transport, read_bounded
+from ._responses import (
+    MAX_BODY,
+    api_error,
+    format_seconds,
+    raise_transport,
+    read_body,
+    read_bounded,
+)
 from ._retry import Backoff, RetryPolicy, is_retryable
 from ._version import __version__
 
@@ -106,12 +113,15 @@ class EventsClient:
         self.url = normalize_events_url(url)
         parts = urlsplit(self.url)
         self.stream_url = urlunsplit(parts._replace(path=parts.path + "/stream"))
+        # The stream's parameters go after the configured query, which is kept (spec §1).
+        self._stream_query_start = self.stream_url + ("&" if parts.query else "?")
         self.timeout = timeout
         self.max_line = max_line
         value = token.value if isinstance(token, Token) else token
         self._token_value = value or None
         self._token_source = token.source if isinstance(token, Token) else None
-        headers = {"User-Agent": f"bus-events/{__version__}"}
+        # identity: a stream is read raw, and no body may inflate beyond what is read.
+        headers = {"User-Agent": f"bus-events/{__version__}", "Accept-Encoding": "identity"}
         if value:
             headers["Authorization"] = f"Bearer {value}"
         self._headers = headers
@@ -265,26 +275,41 @@ class EventsClient:
         response: httpx.Response | LeanResponse
         with self._deadline(self.url):
             if self._lean is not None:
+                # The lean path reads at most MAX_REPLY bytes and never inflates.
                 response = await self._lean.post(body, self._token_value)
+                content = response.content[:MAX_BODY]
+                more = len(response.content) > MAX_BODY
+                accepted = response.status_code in (200, 201, 202)
             else:
                 import httpx
 
+                request = self._http.build_request(
+                    "POST", self.url, content=body, headers={"Content-Type": "application/json"}
+                )
                 try:
-                    response = await self._http.post(
-                        self.url, content=body, headers={"Content-Type": "application/json"}
-                    )
+                    response = await self._http.send(request, stream=True)
                 except httpx.HTTPError as exc:
                     raise_transport(exc, self.url)
-        if response.status_code not in (200, 201, 202):
-            raise self._api_error(response, response.content, self.url)
+                try:
+                    # Bounded, and never inflated beyond the bound (a hostile or broken
+                    # server may send an endless body or a gzip bomb).
+                    accepted = response.status_code in (200, 201, 202)
+                    content, more = await read_body(response, url=self.url if accepted else None)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await response.aclose()
+        if not accepted:
+            raise self._api_error(response, content, self.url)
         try:
-            return _decode_accepted(response.content), response.content
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if more:
+                raise ValueError(f"longer than {MAX_BODY // 1024} KiB")
+            return _decode_accepted(content), content
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             raise APIError(
                 response.status_code,
                 None,
                 f"the provider accepted the event but its reply is not an acceptance ({exc}): "
-                + self._redact(bounded_text(response.content, 120)),
+                + self._redact(bounded_text(content, 120)),
                 url=self.url,
             ) from None
 
@@ -348,8 +373,7 @@ class EventsClient:
         spec = StreamSpec(name, Delivery.parse(delivery), group, consumer, replay, follow, after)
         request = self._http.build_request(
             "GET",
-            self.stream_url,
-            params=spec.to_params(),
+            self._stream_query_start + urlencode(spec.to_params(), quote_via=quote),
             headers={"Accept": "application/x-ndjson"},
         )
         with self._deadline(self.stream_url):

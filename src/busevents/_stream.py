@@ -8,6 +8,7 @@ a broken line or a dropped connection are always delivered before the error.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +17,9 @@ import msgspec
 import trio
 
 from ._contracts import Event, StreamSpec, event_id_key
-from ._errors import StreamInterrupted, StreamStalled, bounded_text
+from ._errors import InvalidEvent, StreamError, StreamInterrupted, StreamStalled, bounded_text
 from ._ndjson import NDJSONDecoder
-from ._responses import describe_cause, format_seconds
+from ._responses import Inflater, describe_cause, format_seconds
 
 __all__ = ["EventStream"]
 
@@ -66,6 +67,9 @@ class EventStream:
         # Resuming after a cursor: skip up to it ourselves, in case the provider
         # ignores `after` (cleared at the first later event: ids only grow).
         self._skip_to = event_id_key(spec.after) if spec.after is not None else None
+        # Why reading cannot go on (a read was cancelled or failed): httpx closes the
+        # connection then, and its iterator would just end, as if the stream had.
+        self._broken: str | None = None
 
     @property
     def events_received(self) -> int:
@@ -106,7 +110,18 @@ class EventStream:
             raise RuntimeError("this stream is already being read")
         self._decoder = decoder = NDJSONDecoder(type, max_line=self._max_line)
         self._feed = decoder.feed_raw if raw else decoder.feed
-        self._chunks = self._response.aiter_raw()
+        try:
+            inflater = Inflater.of(self._response)
+        except ValueError as exc:
+            raise StreamError(
+                f"the stream from {self.url} came with {exc}, which busevents does not "
+                "decode (it asks for identity): turn compression off for "
+                "application/x-ndjson in the proxy or provider",
+                offset=0,
+                event_number=1,
+            ) from None
+        chunks = self._response.aiter_raw()
+        self._chunks = chunks if inflater is None else _Inflating(chunks, inflater)
 
     async def _read(self) -> list[Any] | None:
         """The next non-empty batch, or None at the clean end of the stream."""
@@ -114,6 +129,8 @@ class EventStream:
         assert decoder is not None and chunks is not None
         while True:
             decoder.check()  # an error found with the last batch, once it was consumed
+            if self._broken is not None:
+                raise self._interrupted(self._broken)
             try:
                 if self._stall_timeout is None:
                     chunk = await chunks.__anext__()
@@ -123,13 +140,20 @@ class EventStream:
                 decoder.close()
                 return None
             except httpx.HTTPError as exc:
-                raise StreamInterrupted(
-                    f"connection to {self.url} failed after {decoder.events} events "
-                    f"({decoder.offset} bytes): " + bounded_text(describe_cause(exc), 200),
-                    url=self.url,
+                self._broken = "failed"
+                raise self._interrupted(bounded_text(describe_cause(exc), 200)) from exc
+            except zlib.error as exc:
+                self._broken = "failed"
+                raise InvalidEvent(
+                    f"the compressed stream from {self.url} is corrupt after "
+                    f"{decoder.events} events: {exc}",
                     offset=decoder.offset,
                     event_number=decoder.events + 1,
-                ) from exc
+                ) from None
+            except BaseException as exc:
+                # Cancelled (a deadline around one read), a stall, a corrupt encoding…
+                self._broken = "was cancelled" if isinstance(exc, trio.Cancelled) else "failed"
+                raise
             self.bytes_received += len(chunk)
             batch = feed(chunk)
             if batch and self._skip_to is not None:
@@ -154,6 +178,29 @@ class EventStream:
                 return [b"".join(kept)] if isinstance(batch[0], bytes) else kept
         return []
 
+    def _interrupted(self, why: str) -> StreamInterrupted:
+        """The error for a read that cannot go on: ``why`` is "failed", "was
+        cancelled" or the reason of the failure that happens now."""
+        decoder = self._decoder
+        assert decoder is not None
+        if why == "was cancelled":
+            why = (
+                "; a read was cancelled, which closes the connection: open a new stream "
+                "(replay=True catches up), and put a deadline around the whole iteration "
+                "rather than around one read"
+            )
+        elif why == "failed":
+            why = "; an earlier read failed: open a new stream"
+        else:
+            why = ": " + why
+        return StreamInterrupted(
+            f"connection to {self.url} failed after {decoder.events} events "
+            f"({decoder.offset} bytes){why}",
+            url=self.url,
+            offset=decoder.offset,
+            event_number=decoder.events + 1,
+        )
+
     async def _read_or_stall(self, chunks: AsyncIterator[bytes], limit: float) -> bytes:
         with trio.move_on_after(limit):
             return await chunks.__anext__()
@@ -173,6 +220,43 @@ class EventStream:
         if chunks is not None:
             with trio.CancelScope(shield=True):
                 await chunks.aclose()  # type: ignore[attr-defined]
+
+
+class _Inflating:
+    """The chunks of a gzip- or deflate-encoded body, inflated a bounded piece at a time."""
+
+    __slots__ = ("_chunks", "_done", "_inflater")
+
+    PIECE = 64 * 1024
+
+    def __init__(self, chunks: AsyncIterator[bytes], inflater: Inflater) -> None:
+        self._chunks = chunks
+        self._inflater = inflater
+        self._done = False
+
+    def __aiter__(self) -> _Inflating:
+        return self
+
+    async def __anext__(self) -> bytes:
+        inflater = self._inflater
+        while True:
+            pending = inflater.pending
+            if pending:
+                data = pending  # the rest of the last chunk, held back by the bound
+            elif self._done:
+                raise StopAsyncIteration
+            else:
+                try:
+                    data = await self._chunks.__anext__()
+                except StopAsyncIteration:
+                    self._done = True
+                    raise
+            piece = inflater.inflate(data, self.PIECE)  # zlib.error: see _read
+            if piece:
+                return piece
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
 
 
 class _Batches:
