@@ -29,7 +29,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import msgspec
 import trio
 
-from ._config import Token, find_token, normalize_events_url, resolve_url
+from ._config import Token, check_token, find_token, normalize_events_url, resolve_url
 from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
 from ._errors import APIError, Timeout, TransportError, bounded_text
 from ._ndjson import DEFAULT_MAX_LINE
@@ -118,6 +118,8 @@ class EventsClient:
         self.timeout = timeout
         self.max_line = max_line
         value = token.value if isinstance(token, Token) else token
+        if value and not isinstance(token, Token):
+            check_token(value, "the token argument")
         self._token_value = value or None
         self._token_source = token.source if isinstance(token, Token) else None
         # identity: a stream is read raw, and no body may inflate beyond what is read.
@@ -422,7 +424,7 @@ class _Deadline:
             assert self.timeout is not None
             raise Timeout(
                 f"no answer from {self.url} within {format_seconds(self.timeout)} "
-                "(the --timeout limit)",
+                "(the timeout= limit)",
                 url=self.url,
                 timeout=self.timeout,
             ) from None  # the trio.Cancelled behind it is an implementation detail
