@@ -9,7 +9,18 @@ import zlib
 import pytest
 import trio
 
-from busevents import EventsClient, ServerError, StreamError, StreamInterrupted
+from busevents import (
+    Event,
+    EventsClient,
+    InvalidEvent,
+    Publisher,
+    RetryPolicy,
+    ServerError,
+    StreamError,
+    StreamInterrupted,
+    Worker,
+    run_worker,
+)
 
 from .faults import chunk, response, serve_raw
 
@@ -185,3 +196,55 @@ async def test_a_cancelled_read_never_ends_the_stream_quietly(iterate: str) -> N
                 assert exc.event_number == 4
             else:  # the stream went on: then every event arrived
                 assert stream.events_received == 6, "the stream ended quietly"
+
+
+# -- a line nested 10,000 deep (issue 16, item 9) --------------------------------
+
+DEEP = b'{"id":"bad","name":"example.fault","payload":' + b"[" * 10_000 + b"]" * 10_000 + b"}\n"
+
+
+async def test_a_deeply_nested_line_is_an_invalid_event_naming_its_offset() -> None:
+    async def deep(stream: trio.SocketStream, head: bytes) -> None:
+        await stream.send_all(ndjson_head(None) + chunk(line(0) + DEEP + line(1)) + b"0\r\n\r\n")
+
+    async with serve_raw(deep) as url:
+        events: list[str] = []
+        with pytest.raises(InvalidEvent, match=f"byte offset {len(line(0))} .event 2.") as info:
+            async with EventsClient(url, TOKEN) as client, client.listen("example.fault") as stream:
+                async for event in stream:
+                    events.append(event.id)
+    assert events == ["0"] and info.value.offset == len(line(0))
+
+
+async def test_a_replaying_worker_survives_a_deeply_nested_line() -> None:
+    connections = 0
+    handled: list[str] = []
+    done = trio.Event()
+
+    async def provider(stream: trio.SocketStream, head: bytes) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:  # history with a poisoned line in it
+            await stream.send_all(ndjson_head(None) + chunk(line(0) + DEEP + line(1)))
+        else:  # the next connection: history without it, then a new event
+            await stream.send_all(ndjson_head(None) + chunk(line(0) + line(2)))
+        await trio.sleep_forever()
+
+    async def handler(event: Event, publisher: Publisher) -> None:
+        handled.append(event.id)
+        if event.id == "2":
+            done.set()
+
+    worker = Worker(
+        "example.fault",
+        handler,
+        replay=True,
+        retry=RetryPolicy(min_delay=0.01, max_delay=0.05),
+    )
+    async with serve_raw(provider) as url, EventsClient(url, TOKEN) as client:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_worker, client, worker)
+            with trio.fail_after(20):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+    assert handled == ["0", "2"] and connections == 2
