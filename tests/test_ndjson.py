@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from busevents import Event, InvalidEvent, LineTooLong, NDJSONDecoder, StreamTruncated
+from busevents import (
+    Event,
+    InvalidEvent,
+    InvalidPayload,
+    LineTooLong,
+    NDJSONDecoder,
+    StreamTruncated,
+)
 
 LINES = [
     b'{"id":"%d","name":"example.ping","correlationId":"c%d","payload":{"n":%d}}' % (i, i, i)
@@ -112,8 +119,9 @@ def test_payload_decodes_into_user_types() -> None:
 
     (event,) = NDJSONDecoder(Event).feed(LINES[5] + b"\n")
     assert event.payload_as(Ping) == Ping(n=5)
-    with pytest.raises(msgspec.ValidationError):
+    with pytest.raises(InvalidPayload, match=r"event 5 is not list\[int\]") as info:
         event.payload_as(list[int])
+    assert isinstance(info.value.__cause__, msgspec.ValidationError)
 
 
 @given(

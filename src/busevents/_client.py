@@ -30,7 +30,7 @@ import msgspec
 import trio
 
 from ._config import Token, check_token, find_token, normalize_events_url, resolve_url
-from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
+from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec, raw_json
 from ._errors import APIError, Timeout, TransportError, bounded_text
 from ._ndjson import DEFAULT_MAX_LINE
 from ._publish import LeanPublisher, LeanResponse, proxy_configured
@@ -63,6 +63,15 @@ PUBLISH_RETRY: Final = RetryPolicy(min_delay=0.5, max_delay=10.0)
 
 _encode = msgspec.json.Encoder().encode
 _decode_accepted = msgspec.json.Decoder(Accepted).decode
+
+
+def _as_raw(payload: Any) -> msgspec.Raw:
+    """A payload as JSON: bytes are JSON already (checked), anything else is encoded."""
+    if isinstance(payload, msgspec.Raw):
+        return payload
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return raw_json(payload)
+    return msgspec.Raw(_encode(payload))
 
 
 def _keepalive_options() -> list[tuple[int, int, int]]:
@@ -218,18 +227,18 @@ class EventsClient:
     ) -> Accepted:
         """Publish one event; return the provider's acceptance.
 
-        ``payload`` is any value msgspec can encode, or :class:`msgspec.Raw`
-        holding JSON that is already encoded.  ``identity_id`` is honoured by
-        providers only for service tokens.  Raises :class:`APIError` subclasses
-        for error statuses, :class:`TransportError` subclasses for network
-        failures.  Nothing is retried: an event is never published twice.
+        ``payload`` is any value msgspec can encode, or JSON that is already
+        encoded: :class:`msgspec.Raw` or ``bytes`` (checked to be one JSON
+        value, :class:`ValueError` otherwise; bytes are never base64-encoded).
+        ``identity_id`` is honoured by providers only for service tokens.
+        Raises :class:`APIError` subclasses for error statuses,
+        :class:`TransportError` subclasses for network failures.  Nothing is
+        retried: an event is never published twice.
         """
         accepted, _ = await self.publish(
             PublishRequest(
                 name=name,
-                payload=payload
-                if isinstance(payload, msgspec.Raw)
-                else msgspec.Raw(_encode(payload)),
+                payload=_as_raw(payload),
                 correlation_id=correlation_id,
                 metadata=metadata,
                 identity_id=identity_id,
@@ -343,6 +352,7 @@ class EventsClient:
         follow: bool = True,
         after: str | None = None,
         stall_timeout: float | None = None,
+        correlation_id: str | None = None,
     ) -> AsyncIterator[EventStream]:
         """Open a stream of events named ``name``; iterate it in the block.
 
@@ -363,6 +373,11 @@ class EventsClient:
         neither an event nor the provider's blank keep-alive line — for that many
         seconds raises :class:`StreamStalled`.  Set it to a few keep-alive
         intervals of the provider (the reference provider's is 15 s).
+
+        ``correlation_id``: yield only the events carrying this correlation id
+        (a reply to one request, say).  The filter runs here, in the client:
+        the provider still sends every event of ``name`` (the API has no such
+        parameter), so prefer a dedicated event name for high-volume traffic.
 
         Raises :class:`APIError` subclasses when the provider refuses the stream
         (before any event).
@@ -387,7 +402,14 @@ class EventsClient:
             if response.status_code != 200:
                 body = await read_bounded(response)
                 raise self._api_error(response, body, self.stream_url)
-            stream = EventStream(response, spec, self.max_line, self.stream_url, stall_timeout)
+            stream = EventStream(
+                response,
+                spec,
+                self.max_line,
+                self.stream_url,
+                stall_timeout,
+                correlation_id=correlation_id,
+            )
             try:
                 yield stream
             finally:

@@ -34,6 +34,15 @@ class _EnvelopeCheck(msgspec.Struct, gc=False):
 _decode_id = msgspec.json.Decoder(_EnvelopeCheck).decode
 
 
+class _Correlation(msgspec.Struct, gc=False, rename={"correlation_id": "correlationId"}):
+    """What the correlation filter reads of a validated line."""
+
+    correlation_id: str | None = None
+
+
+_decode_correlations = msgspec.json.Decoder(_Correlation).decode_lines
+
+
 class EventStream:
     """An open stream of events; iterate it with ``async for``.
 
@@ -52,8 +61,13 @@ class EventStream:
         max_line: int,
         url: str,
         stall_timeout: float | None = None,
+        *,
+        correlation_id: str | None = None,
     ) -> None:
         self.spec = spec
+        #: Only events with this correlation id are yielded (filtered here, in the client).
+        self.correlation_id = correlation_id
+        self._raw = False
         self._stall_timeout = stall_timeout
         self.url = url
         self.bytes_received = 0
@@ -73,7 +87,7 @@ class EventStream:
 
     @property
     def events_received(self) -> int:
-        """Complete events received so far."""
+        """Complete events received so far (those a correlation filter skipped included)."""
         return self._decoder.events if self._decoder is not None else 0
 
     def __aiter__(self) -> EventStream:
@@ -85,6 +99,8 @@ class EventStream:
             event = self._pending[self._pos]
             self._pos += 1
             return event
+        if self._decoder is None:  # __anext__ without __aiter__ (anext(stream))
+            self._begin(Event, raw=False)
         batch = await self._read()
         if batch is None:
             raise StopAsyncIteration
@@ -110,6 +126,7 @@ class EventStream:
             raise RuntimeError("this stream is already being read")
         self._decoder = decoder = NDJSONDecoder(type, max_line=self._max_line)
         self._feed = decoder.feed_raw if raw else decoder.feed
+        self._raw = raw
         try:
             inflater = Inflater.of(self._response)
         except ValueError as exc:
@@ -158,6 +175,8 @@ class EventStream:
             batch = feed(chunk)
             if batch and self._skip_to is not None:
                 batch = self._skip(batch)
+            if batch and self.correlation_id is not None:
+                batch = self._correlated(batch)
             if batch:
                 return batch  # type: ignore[no-any-return]
 
@@ -177,6 +196,25 @@ class EventStream:
                 kept = lines[index:]
                 return [b"".join(kept)] if isinstance(batch[0], bytes) else kept
         return []
+
+    def _correlated(self, batch: list[Any]) -> list[Any]:
+        """The part of ``batch`` (events, or raw blocks) with the wanted correlation id."""
+        wanted = self.correlation_id
+        if not self._raw:
+            return [event for event in batch if event.correlation_id == wanted]
+        blocks = []
+        for block in batch:
+            # The lines are validated and blank lines removed: one value per line.
+            ids = _decode_correlations(block)
+            lines = block.split(b"\n")  # never splitlines(): a CR inside a line is JSON space
+            kept = b"".join(
+                line + b"\n"
+                for line, value in zip(lines, ids, strict=False)
+                if value.correlation_id == wanted
+            )
+            if kept:
+                blocks.append(kept)
+        return blocks
 
     def _interrupted(self, why: str) -> StreamInterrupted:
         """The error for a read that cannot go on: ``why`` is "failed", "was
