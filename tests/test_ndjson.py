@@ -156,7 +156,7 @@ MAX_FRAMING_LIMIT = 16 * 1024 * 1024
 def framed_streams(draw: st.DrawFn) -> tuple[list[bytes], bytes, int, list[int]]:
     """Lines of drawn sizes, their stream (CRLF or LF, blank keep-alives), a
     ``max_line`` from the longest line up to 16 MiB and chunk sizes."""
-    sizes = draw(st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=30))
+    sizes = draw(st.lists(st.integers(min_value=0, max_value=700), min_size=1, max_size=30))
     lines = [
         b'{"id":"%d","name":"example.ping","payload":"%s"}' % (i, b"x" * size)
         for i, size in enumerate(sizes)
@@ -179,6 +179,7 @@ def framed_streams(draw: st.DrawFn) -> tuple[list[bytes], bytes, int, list[int]]
     max_line = draw(
         st.one_of(
             st.integers(min_value=longest, max_value=longest + 64),  # below the read size
+            st.integers(min_value=max(longest, 500), max_value=2048),  # both ways of looking
             st.integers(min_value=longest, max_value=MAX_FRAMING_LIMIT),
         )
     )
@@ -246,8 +247,8 @@ def test_a_chunk_cut_mid_line_with_a_small_limit_keeps_its_tail() -> None:
 @given(
     before=st.integers(min_value=0, max_value=12),
     excess=st.integers(min_value=1, max_value=500),
-    max_line=st.integers(min_value=60, max_value=400),
-    sizes=st.lists(st.integers(min_value=1, max_value=3000), min_size=1, max_size=10),
+    max_line=st.integers(min_value=60, max_value=1500),
+    sizes=st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=10),
     raw=st.booleans(),
 )
 def test_an_over_long_line_is_found_at_its_offset_under_any_framing(
