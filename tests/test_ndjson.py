@@ -256,7 +256,7 @@ def test_an_over_long_line_is_found_at_its_offset_under_any_framing(
 ) -> None:
     good = [b'{"id":"%d","name":"a.b"}\n' % i for i in range(before)]
     prefix = b"".join(good)
-    long = b'{"id":"x","name":"' + b"y" * max_line + b'"}'
+    long = b'{"id":"x","name":"' + b"y" * (max_line + 500) + b'"}'
     long = long[: max_line + excess]  # longer than max_line by excess bytes
     data = prefix + long + b"\n" + b"".join(good)
     decoder: NDJSONDecoder[Event] = NDJSONDecoder(Event, max_line=max_line)
