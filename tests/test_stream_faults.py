@@ -59,7 +59,7 @@ def ndjson_head(encoding: str | None) -> bytes:
 EVENTS = b"".join(line(i) for i in range(200))
 
 
-def gzipping_stream(*, always: bool):  # type: ignore[no-untyped-def]
+def gzipping_stream(*, always: bool, encoding: str = "gzip", wbits: int = 31):  # type: ignore[no-untyped-def]
     """A stream server that gzips when the request allows it (or ``always``), in
     many small compressed chunks, as a proxy that compresses on the fly does."""
 
@@ -67,8 +67,8 @@ def gzipping_stream(*, always: bool):  # type: ignore[no-untyped-def]
         if not (always or allows_gzip(head)):
             await stream.send_all(ndjson_head(None) + chunk(EVENTS) + b"0\r\n\r\n")
             return
-        compress = zlib.compressobj(6, zlib.DEFLATED, 31)
-        await stream.send_all(ndjson_head("gzip"))
+        compress = zlib.compressobj(6, zlib.DEFLATED, wbits)
+        await stream.send_all(ndjson_head(encoding))
         for i in range(0, len(EVENTS), 1000):
             data = compress.compress(EVENTS[i : i + 1000]) + compress.flush(zlib.Z_SYNC_FLUSH)
             await stream.send_all(chunk(data))
@@ -90,8 +90,13 @@ async def test_listen_through_a_server_that_gzips_when_allowed() -> None:
         assert await _ids(url) == list(range(200))
 
 
-async def test_listen_through_a_server_that_gzips_whatever_was_asked() -> None:
-    async with serve_raw(gzipping_stream(always=True)) as url:
+@pytest.mark.parametrize(
+    ("encoding", "wbits"), [("gzip", 31), ("x-gzip", 31), ("deflate", 15), ("deflate", -15)]
+)
+async def test_listen_through_a_server_that_compresses_whatever_was_asked(
+    encoding: str, wbits: int
+) -> None:
+    async with serve_raw(gzipping_stream(always=True, encoding=encoding, wbits=wbits)) as url:
         assert await _ids(url) == list(range(200))
 
 

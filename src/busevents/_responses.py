@@ -129,13 +129,15 @@ class Inflater:
         """Inflate ``data`` (plus :attr:`pending` when ``data`` is it) into at most
         ``max_length`` bytes.  Raises :class:`zlib.error` for a corrupt body."""
         try:
-            return self._zlib.decompress(data, max_length)
+            out = self._zlib.decompress(data, max_length)
         except zlib.error:
             if not self._deflate:
                 raise
-            self._deflate = False  # raw deflate without the zlib wrapper: start again once
+            # Raw deflate without the zlib wrapper (the header is the first thing read).
             self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self._zlib.decompress(data, max_length)
+            out = self._zlib.decompress(data, max_length)
+        self._deflate = False  # the format is known now
+        return out
 
 
 async def read_body(
