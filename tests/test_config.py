@@ -40,7 +40,7 @@ def test_url_from_flag_then_env() -> None:
     env = {"BUS_EVENTS_API_URL": "http://env:1"}
     assert resolve_url("http://flag:1", env) == "http://flag:1/api/v1/events"
     assert resolve_url(None, env) == "http://env:1/api/v1/events"
-    with pytest.raises(ConfigError, match=r"--api-url.*BUS_EVENTS_API_URL"):
+    with pytest.raises(ConfigError, match=r"pass api_url= or set BUS_EVENTS_API_URL"):
         resolve_url(None, {})
 
 

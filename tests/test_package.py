@@ -117,6 +117,7 @@ def _every_exception() -> list[BaseException]:
         busevents.StreamTruncated("cut", offset=3, event_number=2),
         busevents.StreamInterrupted("reset", url=url, offset=3, event_number=2),
         busevents.StreamStalled("quiet", url=url, offset=3, event_number=2),
+        busevents.InvalidPayload("no match", event_id="1-0", event_name="x", path="$.n"),
         busevents.ResponseError("not_found", "no such", response=event, correlation_id="c"),
         busevents.WorkerError("runtime"),
         busevents.HandlerError("failed", worker="w", event_id="1-0", event_name="x"),

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ._errors import Forbidden as Forbidden
     from ._errors import HandlerError as HandlerError
     from ._errors import InvalidEvent as InvalidEvent
+    from ._errors import InvalidPayload as InvalidPayload
     from ._errors import LineTooLong as LineTooLong
     from ._errors import ListenerUnavailable as ListenerUnavailable
     from ._errors import NotFound as NotFound
@@ -118,6 +119,7 @@ _LOCATIONS = {
         "Forbidden",
         "HandlerError",
         "InvalidEvent",
+        "InvalidPayload",
         "LineTooLong",
         "ListenerUnavailable",
         "NotFound",

@@ -24,17 +24,31 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 import trio
 
-from ._config import Token, find_token, normalize_events_url, resolve_url, token_refresh_from_env
-from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
+from ._config import (
+    Token,
+    check_token,
+    find_token,
+    normalize_events_url,
+    resolve_url,
+    token_refresh_from_env,
+)
+from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec, raw_json
 from ._errors import APIError, Timeout, TransportError, bounded_text
 from ._ndjson import DEFAULT_MAX_LINE
 from ._publish import LeanPublisher, LeanResponse, proxy_configured
-from ._responses import api_error, format_seconds, raise_transport, read_bounded
+from ._responses import (
+    MAX_BODY,
+    api_error,
+    format_seconds,
+    raise_transport,
+    read_body,
+    read_bounded,
+)
 from ._retry import Backoff, RetryPolicy, is_retryable
 from ._tokens import TokenKeeper, TokenProvider
 from ._version import __version__
@@ -57,6 +71,15 @@ PUBLISH_RETRY: Final = RetryPolicy(min_delay=0.5, max_delay=10.0)
 
 _encode = msgspec.json.Encoder().encode
 _decode_accepted = msgspec.json.Decoder(Accepted).decode
+
+
+def _as_raw(payload: Any) -> msgspec.Raw:
+    """A payload as JSON: bytes are JSON already (checked), anything else is encoded."""
+    if isinstance(payload, msgspec.Raw):
+        return payload
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return raw_json(payload)
+    return msgspec.Raw(_encode(payload))
 
 
 def _keepalive_options() -> list[tuple[int, int, int]]:
@@ -117,9 +140,14 @@ class EventsClient:
         self.url = normalize_events_url(url)
         parts = urlsplit(self.url)
         self.stream_url = urlunsplit(parts._replace(path=parts.path + "/stream"))
+        # The stream's parameters go after the configured query, which is kept (spec §1).
+        self._stream_query_start = self.stream_url + ("&" if parts.query else "?")
         self.timeout = timeout
         self.max_line = max_line
-        headers = {"User-Agent": f"bus-events/{__version__}"}
+        if isinstance(token, str) and token:
+            check_token(token, "the token argument")
+        # identity: a stream is read raw, and no body may inflate beyond what is read.
+        headers = {"User-Agent": f"bus-events/{__version__}", "Accept-Encoding": "identity"}
         self._headers = headers
         self._transport = transport
         self._max_connections = max_connections
@@ -244,18 +272,18 @@ class EventsClient:
     ) -> Accepted:
         """Publish one event; return the provider's acceptance.
 
-        ``payload`` is any value msgspec can encode, or :class:`msgspec.Raw`
-        holding JSON that is already encoded.  ``identity_id`` is honoured by
-        providers only for service tokens.  Raises :class:`APIError` subclasses
-        for error statuses, :class:`TransportError` subclasses for network
-        failures.  Nothing is retried: an event is never published twice.
+        ``payload`` is any value msgspec can encode, or JSON that is already
+        encoded: :class:`msgspec.Raw` or ``bytes`` (checked to be one JSON
+        value, :class:`ValueError` otherwise; bytes are never base64-encoded).
+        ``identity_id`` is honoured by providers only for service tokens.
+        Raises :class:`APIError` subclasses for error statuses,
+        :class:`TransportError` subclasses for network failures.  Nothing is
+        retried: an event is never published twice.
         """
         accepted, _ = await self.publish(
             PublishRequest(
                 name=name,
-                payload=payload
-                if isinstance(payload, msgspec.Raw)
-                else msgspec.Raw(_encode(payload)),
+                payload=_as_raw(payload),
                 correlation_id=correlation_id,
                 metadata=metadata,
                 identity_id=identity_id,
@@ -305,29 +333,43 @@ class EventsClient:
             used = await self._token.current()
             with self._deadline(self.url):
                 if self._lean is not None:
+                    # The lean path reads at most 1 MiB and never inflates.
                     response = await self._lean.post(body, used)
+                    content = response.content[:MAX_BODY]
+                    more = len(response.content) > MAX_BODY
                 else:
                     import httpx
 
+                    request = self._http.build_request(
+                        "POST", self.url, content=body, headers={"Content-Type": "application/json"}
+                    )
                     try:
-                        response = await self._http.post(
-                            self.url, content=body, headers={"Content-Type": "application/json"}
-                        )
+                        response = await self._http.send(request, stream=True)
                     except httpx.HTTPError as exc:
                         raise_transport(exc, self.url)
+                    try:
+                        # Bounded, and never inflated beyond the bound (a hostile or broken
+                        # server may send an endless body or a gzip bomb).
+                        ok = response.status_code in (200, 201, 202)
+                        content, more = await read_body(response, url=self.url if ok else None)
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await response.aclose()
             if response.status_code in (200, 201, 202):
                 break
-            error = self._api_error(response, response.content, self.url)
+            error = self._api_error(response, content, self.url)
             if response.status_code != 401 or not await self._unauthorized(used, error):
                 raise error
         try:
-            return _decode_accepted(response.content), response.content
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if more:
+                raise ValueError(f"longer than {MAX_BODY // 1024} KiB")
+            return _decode_accepted(content), content
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             raise APIError(
                 response.status_code,
                 None,
                 f"the provider accepted the event but its reply is not an acceptance ({exc}): "
-                + self._redact(bounded_text(response.content, 120)),
+                + self._redact(bounded_text(content, 120)),
                 url=self.url,
             ) from None
 
@@ -361,6 +403,7 @@ class EventsClient:
         follow: bool = True,
         after: str | None = None,
         stall_timeout: float | None = None,
+        correlation_id: str | None = None,
     ) -> AsyncIterator[EventStream]:
         """Open a stream of events named ``name``; iterate it in the block.
 
@@ -382,6 +425,11 @@ class EventsClient:
         seconds raises :class:`StreamStalled`.  Set it to a few keep-alive
         intervals of the provider (the reference provider's is 15 s).
 
+        ``correlation_id``: yield only the events carrying this correlation id
+        (a reply to one request, say).  The filter runs here, in the client:
+        the provider still sends every event of ``name`` (the API has no such
+        parameter), so prefer a dedicated event name for high-volume traffic.
+
         Raises :class:`APIError` subclasses when the provider refuses the stream
         (before any event).
         """
@@ -395,8 +443,7 @@ class EventsClient:
             used = await self._token.current()
             request = self._http.build_request(
                 "GET",
-                self.stream_url,
-                params=spec.to_params(),
+                self._stream_query_start + urlencode(spec.to_params(), quote_via=quote),
                 headers={"Accept": "application/x-ndjson"},
             )
             with self._deadline(self.stream_url):
@@ -418,7 +465,14 @@ class EventsClient:
             if response.status_code != 200:
                 body = await read_bounded(response)
                 raise self._api_error(response, body, self.stream_url)
-            stream = EventStream(response, spec, self.max_line, self.stream_url, stall_timeout)
+            stream = EventStream(
+                response,
+                spec,
+                self.max_line,
+                self.stream_url,
+                stall_timeout,
+                correlation_id=correlation_id,
+            )
             try:
                 yield stream
             finally:
@@ -455,7 +509,7 @@ class _Deadline:
             assert self.timeout is not None
             raise Timeout(
                 f"no answer from {self.url} within {format_seconds(self.timeout)} "
-                "(the --timeout limit)",
+                "(the timeout= limit)",
                 url=self.url,
                 timeout=self.timeout,
             ) from None  # the trio.Cancelled behind it is an implementation detail

@@ -2,13 +2,19 @@
 
 The CLI and :meth:`EventsClient.from_env` resolve both the same way (spec §4):
 
-* URL: ``--api-url``, else ``BUS_EVENTS_API_URL``; normalised to the events base.
-* Token: ``--token-file``, else ``BUS_API_TOKEN``, else ``BUS_EVENTS_TOKEN_FILE``,
+* URL: ``api_url=`` (the CLI's ``--api-url``), else ``BUS_EVENTS_API_URL``;
+  normalised to the events base.  A URL holding credentials is refused.
+* Token: ``token_file=`` (``--token-file``), else ``BUS_API_TOKEN``, else
+  ``BUS_EVENTS_TOKEN_FILE``,
   else ``auth/api-token`` under the Bus config root.  A token is never taken
-  from the command line and never from a repository-local ``.bus/`` folder.
+  from the command line and never from a repository-local ``.bus/`` folder,
+  and one that is not printable ASCII is refused (naming where it came from).
 * Refresh: ``BUS_EVENTS_TOKEN_REFRESH=1`` (default 0) lets a client re-read its
   token from the file it came from (:meth:`Token.reread`) when a request gets
   ``401`` or the token is about to expire (its JWT ``exp``, read unverified).
+
+Messages name the SDK's arguments (``api_url=``, ``token_file=``); the CLI
+rewords them to its options.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ._errors import ConfigError, TokenError
 
 __all__ = [
     "Token",
+    "check_token",
     "config_root",
     "find_token",
     "token_expiry",
@@ -58,6 +65,15 @@ def normalize_events_url(url: str) -> str:
     """
     raw = url.strip()
     parts = urlsplit(raw)
+    if "@" in parts.netloc:
+        # httpx would send them as Basic auth instead of the bearer token, and the
+        # URL is printed in errors and -vv lines: refuse, and never show them.
+        raise ConfigError(
+            f"the Events API URL {_without_userinfo(raw)!r} holds credentials "
+            "(user:password@): remove them; the bearer token comes from a token file "
+            f"or {TOKEN_ENV}"
+        )
+    raw = _without_userinfo(raw)  # a malformed URL may still hold some: never echo them
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(
             f"invalid Events API URL {raw!r}: expected http(s)://host[:port][/path], "
@@ -80,13 +96,26 @@ def normalize_events_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
+_USERINFO = re.compile(r"^[^/?#]*@")
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` with anything like ``user:password@`` before the host replaced by ``…@``."""
+    if "@" not in url:
+        return url
+    scheme, slashes, rest = url.partition("//")
+    if not slashes:  # no "//": whatever precedes an "@" in the first segment
+        return _USERINFO.sub("…@", url)
+    return scheme + slashes + _USERINFO.sub("…@", rest)
+
+
 def resolve_url(api_url: str | None, env: Mapping[str, str] | None = None) -> str:
     """``api_url``, else ``$BUS_EVENTS_API_URL``, normalised; a clear error when neither."""
     env = os.environ if env is None else env
     url = api_url or env.get(URL_ENV, "").strip()
     if not url:
         raise ConfigError(
-            f"no Events API URL: pass --api-url or set {URL_ENV} "
+            f"no Events API URL: pass api_url= or set {URL_ENV} "
             "(e.g. http://127.0.0.1:8081/api/v1/events)"
         )
     return normalize_events_url(url)
@@ -146,17 +175,49 @@ def config_root(env: Mapping[str, str] | None = None) -> Path:
     return platformdirs.user_config_path("bus", appauthor=False, roaming=True)
 
 
+_NOT_TOKEN_CHARS = re.compile(r"[^\x21-\x7e]")
+
+
+def check_token(value: str, source: str) -> str:
+    """Return ``value`` if it can be sent as a bearer token: printable ASCII, no
+    space.  Otherwise raise :class:`TokenError` naming ``source`` and what is
+    wrong, never the value (an HTTP library would put it in its own error)."""
+    bad = _NOT_TOKEN_CHARS.search(value)
+    if bad is None:
+        return value
+    char = bad.group()
+    kind = (
+        "a line break"
+        if char in "\r\n"
+        else "whitespace"
+        if char.isspace()
+        else "a non-ASCII character"
+        if ord(char) > 0x7F
+        else "a control character"
+    )
+    raise TokenError(
+        f"the token from {source} contains {kind} (at character {bad.start() + 1} of "
+        f"{len(value)}); a bearer token is one word of printable ASCII: check how it "
+        "was copied"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """A bearer token and where it came from; its value is never shown.
 
     ``path`` is the file it was read from (``None`` for a value given directly
     or taken from ``BUS_API_TOKEN``): only a token with a path can be re-read.
+    Raises :class:`TokenError` naming ``source`` for a value that cannot be a
+    bearer token (see :func:`find_token`).
     """
 
     value: str
     source: str
     path: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        check_token(self.value, self.source)
 
     def __repr__(self) -> str:
         return f"Token(source={self.source!r}, value=<hidden>)"
@@ -279,7 +340,7 @@ def find_token(
     """
     env = os.environ if env is None else env
     if token_file is not None:
-        return _read_token_file(Path(token_file).expanduser(), "--token-file")
+        return _read_token_file(Path(token_file).expanduser(), "token_file=")
     value = env.get(TOKEN_ENV, "").strip()
     if value:
         return Token(value, TOKEN_ENV)
@@ -289,7 +350,7 @@ def find_token(
     if default.exists():
         return _read_token_file(default, "Bus auth config")
     raise TokenError(
-        f"no bearer token: use --token-file PATH or set {TOKEN_ENV} or {TOKEN_FILE_ENV}; "
+        f"no bearer token: pass token_file= or set {TOKEN_ENV} or {TOKEN_FILE_ENV}; "
         f"for a Bus deployment get one with `bus auth token` (read from {default}), "
         "for the reference provider with `bus-events dev-token --write`"
     )

@@ -13,13 +13,15 @@ the worker runtime (it holds a callable and never goes on the wire).
 
 from __future__ import annotations
 
+import builtins
 import enum
+import re
 from collections.abc import Mapping
 from typing import Any, Final, Protocol, TypeVar, overload
 
 import msgspec
 
-from ._errors import ConfigError
+from ._errors import ConfigError, InvalidPayload, bounded_text
 
 __all__ = [
     "Accepted",
@@ -33,6 +35,23 @@ __all__ = [
 T = TypeVar("T")
 
 _NULL = msgspec.Raw(b"null")
+_AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_check_json = msgspec.json.Decoder(msgspec.Raw).decode
+
+
+def raw_json(data: bytes | bytearray | memoryview) -> msgspec.Raw:
+    """``data``, one JSON value already encoded, as :class:`msgspec.Raw`.
+
+    Raises :class:`ValueError` when ``data`` is not exactly one JSON value
+    (bytes are never base64-encoded behind the caller's back).
+    """
+    try:
+        return _check_json(bytes(data))
+    except msgspec.DecodeError as exc:
+        raise ValueError(
+            f"a bytes payload must hold one JSON value, already encoded ({exc}); "
+            "pass a Python value to have it encoded"
+        ) from None
 
 
 class Delivery(enum.StrEnum):
@@ -83,13 +102,40 @@ class Event(
     def payload_as(self, type: Any) -> Any:
         """Decode the payload into ``type`` (a Struct, dataclass, ``dict[str, int]``, …).
 
-        Raises :class:`msgspec.ValidationError` when the payload does not match.
+        Raises :class:`InvalidPayload` (naming the event and the path in the
+        payload; msgspec's error is the cause) when the payload does not match.
         """
-        return msgspec.json.decode(self.payload, type=type)
+        try:
+            return msgspec.json.decode(self.payload, type=type)
+        except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError included
+            wanted = type.__name__ if isinstance(type, builtins.type) else repr(type)
+            raise self._invalid_payload(exc, wanted) from exc
 
     def payload_obj(self) -> Any:
-        """Decode the payload into plain Python values (dict, list, str, …)."""
-        return msgspec.json.decode(self.payload)
+        """Decode the payload into plain Python values (dict, list, str, …).
+
+        Raises :class:`InvalidPayload` for a payload nested too deeply to decode.
+        """
+        try:
+            return msgspec.json.decode(self.payload)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise self._invalid_payload(exc, "Python values") from exc
+
+    def _invalid_payload(self, exc: Exception, wanted: str) -> InvalidPayload:
+        text = str(exc)
+        match = _AT_PATH.search(text)
+        path = match.group(1) if match else "$"
+        if match:
+            text = text[: match.start()]
+        if isinstance(exc, RecursionError):
+            text = "nested too deeply to decode"
+        return InvalidPayload(
+            f"the payload of {bounded_text(self.name, 100)} event {bounded_text(self.id, 100)} "
+            f"is not {bounded_text(wanted, 80)}: {bounded_text(text, 200)} (at {path})",
+            event_id=self.id,
+            event_name=self.name,
+            path=path,
+        )
 
 
 class PublishRequest(
@@ -100,6 +146,9 @@ class PublishRequest(
 ):
     """The body of ``POST {base}``.
 
+    ``payload`` is JSON already encoded: :class:`msgspec.Raw`, or ``bytes``
+    (checked to be one JSON value; :class:`ValueError` otherwise).
+
     ``identity_id`` is honoured only for internal-audience (service) tokens, which
     may publish on behalf of an identity; providers ignore it otherwise.
     """
@@ -109,6 +158,12 @@ class PublishRequest(
     correlation_id: str | None = None
     metadata: dict[str, str] | None = None
     identity_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # bytes would be encoded as a base64 string: they are JSON already (checked).
+        payload: object = self.payload
+        if isinstance(payload, bytes | bytearray | memoryview):
+            msgspec.structs.force_setattr(self, "payload", raw_json(payload))
 
 
 class Accepted(

@@ -26,6 +26,8 @@ act on::
     │   ├── StreamTruncated      the stream ended in the middle of a line
     │   └── StreamInterrupted    the connection failed while streaming (a TransportError too)
     │       └── StreamStalled    no byte arrived within the stall timeout
+    ├── InvalidPayload           an event's payload is not of the type asked for
+    │                            (``event_id``, ``path``; also a ValueError)
     ├── ResponseError            the reply to a request is an error response (``code``)
     └── WorkerError              the worker runtime failed
         └── HandlerError         a handler failed and its worker stops (``stop_on_error``)
@@ -253,6 +255,22 @@ class StreamInterrupted(StreamError, TransportError):
 
 class StreamStalled(StreamInterrupted):
     """No byte (event or keep-alive line) arrived within the stream's stall timeout."""
+
+
+class InvalidPayload(BusEventsError, ValueError):
+    """An event's payload does not decode into the type asked for
+    (:meth:`Event.payload_as`).
+
+    ``event_id`` and ``event_name`` name the event, ``path`` the place in the
+    payload (``$`` is the payload itself, ``$.items[2].n`` a field inside it);
+    the decoder's own error is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, event_id: str, event_name: str, path: str) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+        self.event_name = event_name
+        self.path = path
 
 
 class ReplyTimeout(Timeout):

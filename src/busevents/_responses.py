@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+import zlib
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, NoReturn, Protocol
 
@@ -34,7 +35,8 @@ if TYPE_CHECKING:  # httpx is imported by the code that hands us its objects
     import httpx
 
 __all__ = [
-    "MAX_ERROR_BODY",
+    "MAX_BODY",
+    "Inflater",
     "STATUS_ERRORS",
     "Headers",
     "api_error",
@@ -42,11 +44,12 @@ __all__ = [
     "format_seconds",
     "parse_retry_after",
     "raise_transport",
+    "read_body",
     "read_bounded",
 ]
 
-#: The most of an error body that is read, in bytes.
-MAX_ERROR_BODY: Final = 64 * 1024
+#: The most of a response body that is read (acceptance or error), in bytes.
+MAX_BODY: Final = 64 * 1024
 
 _decode_error_body = msgspec.json.Decoder(ErrorBody).decode
 _SCOPE = re.compile(r"^[A-Za-z0-9:._*-]{1,64}$")
@@ -87,18 +90,94 @@ def raise_transport(exc: httpx.HTTPError, url: str) -> NoReturn:
     raise TransportError(f"request to {url} failed: {reason}", url=url) from exc
 
 
-async def read_bounded(response: httpx.Response, limit: int = MAX_ERROR_BODY) -> bytes:
+class Inflater:
+    """Undo a response's ``Content-Encoding`` (gzip or deflate) with bounded output.
+
+    busevents asks for ``identity``; this is for servers and proxies that encode
+    anyway.  :meth:`inflate` never returns more than ``max_length`` bytes per
+    call, whatever the ratio of the input (a "gzip bomb" inflates piece by
+    piece, and a bounded reader stops when it has enough).
+    """
+
+    __slots__ = ("_deflate", "_zlib", "encoding")
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._deflate = encoding == "deflate"
+        # gzip: a gzip header; deflate: zlib's wrapper, or (some servers) raw deflate.
+        self._zlib = zlib.decompressobj(zlib.MAX_WBITS | (0 if self._deflate else 16))
+
+    @classmethod
+    def of(cls, response: httpx.Response) -> Inflater | None:
+        """The inflater for ``response``'s encoding; None for none.
+
+        Raises :class:`ValueError` naming an encoding busevents does not decode.
+        """
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            return cls("deflate" if encoding == "deflate" else "gzip")
+        raise ValueError(f"Content-Encoding: {bounded_text(encoding, 40)}")
+
+    @property
+    def pending(self) -> bytes:
+        """Input not inflated yet because the last call reached its ``max_length``."""
+        return self._zlib.unconsumed_tail
+
+    def inflate(self, data: bytes, max_length: int) -> bytes:
+        """Inflate ``data`` (plus :attr:`pending` when ``data`` is it) into at most
+        ``max_length`` bytes.  Raises :class:`zlib.error` for a corrupt body."""
+        try:
+            out = self._zlib.decompress(data, max_length)
+        except zlib.error:
+            if not self._deflate:
+                raise
+            # Raw deflate without the zlib wrapper (the header is the first thing read).
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = self._zlib.decompress(data, max_length)
+        self._deflate = False  # the format is known now
+        return out
+
+
+async def read_body(
+    response: httpx.Response, limit: int = MAX_BODY, *, url: str | None = None
+) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the body, decoded; and whether there was more.
+
+    A gzip or deflate body is inflated up to ``limit`` and no further; a body
+    in another encoding reads as a short note saying so.  A network failure
+    ends the body where it broke (an error status already says what matters),
+    or, given the request's ``url``, raises its :class:`TransportError`.
+    """
+    try:
+        inflater = Inflater.of(response)
+    except ValueError as exc:
+        return f"(a body with {exc}, not decoded)".encode(), False
     import httpx
 
     body = bytearray()
+    more = False
     try:
         async for chunk in response.aiter_raw():
+            if inflater is not None:
+                chunk = inflater.inflate(chunk, limit + 1 - len(body))
             body += chunk
-            if len(body) >= limit:
+            if len(body) > limit:
+                more = True
                 break
-    except httpx.HTTPError:
-        pass  # the status already says what matters
-    return bytes(body[:limit])
+    except httpx.HTTPError as exc:
+        if url is not None:
+            raise_transport(exc, url)
+    except zlib.error:
+        assert inflater is not None
+        body += f" (the {inflater.encoding} body is corrupt)".encode()
+    return bytes(body[:limit]), more
+
+
+async def read_bounded(response: httpx.Response, limit: int = MAX_BODY) -> bytes:
+    """At most ``limit`` bytes of the (decoded) body: an error body's diagnostic."""
+    return (await read_body(response, limit))[0]
 
 
 def parse_retry_after(value: str | None) -> float | None:

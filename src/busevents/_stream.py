@@ -8,6 +8,7 @@ a broken line or a dropped connection are always delivered before the error.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +17,9 @@ import msgspec
 import trio
 
 from ._contracts import Event, StreamSpec, event_id_key
-from ._errors import StreamInterrupted, StreamStalled, bounded_text
+from ._errors import InvalidEvent, StreamError, StreamInterrupted, StreamStalled, bounded_text
 from ._ndjson import NDJSONDecoder
-from ._responses import describe_cause, format_seconds
+from ._responses import Inflater, describe_cause, format_seconds
 
 __all__ = ["EventStream"]
 
@@ -31,6 +32,15 @@ class _EnvelopeCheck(msgspec.Struct, gc=False):
 
 
 _decode_id = msgspec.json.Decoder(_EnvelopeCheck).decode
+
+
+class _Correlation(msgspec.Struct, gc=False, rename={"correlation_id": "correlationId"}):
+    """What the correlation filter reads of a validated line."""
+
+    correlation_id: str | None = None
+
+
+_decode_correlations = msgspec.json.Decoder(_Correlation).decode_lines
 
 
 class EventStream:
@@ -51,8 +61,13 @@ class EventStream:
         max_line: int,
         url: str,
         stall_timeout: float | None = None,
+        *,
+        correlation_id: str | None = None,
     ) -> None:
         self.spec = spec
+        #: Only events with this correlation id are yielded (filtered here, in the client).
+        self.correlation_id = correlation_id
+        self._raw = False
         self._stall_timeout = stall_timeout
         self.url = url
         self.bytes_received = 0
@@ -66,10 +81,13 @@ class EventStream:
         # Resuming after a cursor: skip up to it ourselves, in case the provider
         # ignores `after` (cleared at the first later event: ids only grow).
         self._skip_to = event_id_key(spec.after) if spec.after is not None else None
+        # Why reading cannot go on (a read was cancelled or failed): httpx closes the
+        # connection then, and its iterator would just end, as if the stream had.
+        self._broken: str | None = None
 
     @property
     def events_received(self) -> int:
-        """Complete events received so far."""
+        """Complete events received so far (those a correlation filter skipped included)."""
         return self._decoder.events if self._decoder is not None else 0
 
     def __aiter__(self) -> EventStream:
@@ -81,6 +99,8 @@ class EventStream:
             event = self._pending[self._pos]
             self._pos += 1
             return event
+        if self._decoder is None:  # __anext__ without __aiter__ (anext(stream))
+            self._begin(Event, raw=False)
         batch = await self._read()
         if batch is None:
             raise StopAsyncIteration
@@ -106,7 +126,19 @@ class EventStream:
             raise RuntimeError("this stream is already being read")
         self._decoder = decoder = NDJSONDecoder(type, max_line=self._max_line)
         self._feed = decoder.feed_raw if raw else decoder.feed
-        self._chunks = self._response.aiter_raw()
+        self._raw = raw
+        try:
+            inflater = Inflater.of(self._response)
+        except ValueError as exc:
+            raise StreamError(
+                f"the stream from {self.url} came with {exc}, which busevents does not "
+                "decode (it asks for identity): turn compression off for "
+                "application/x-ndjson in the proxy or provider",
+                offset=0,
+                event_number=1,
+            ) from None
+        chunks = self._response.aiter_raw()
+        self._chunks = chunks if inflater is None else _Inflating(chunks, inflater)
 
     async def _read(self) -> list[Any] | None:
         """The next non-empty batch, or None at the clean end of the stream."""
@@ -114,6 +146,8 @@ class EventStream:
         assert decoder is not None and chunks is not None
         while True:
             decoder.check()  # an error found with the last batch, once it was consumed
+            if self._broken is not None:
+                raise self._interrupted(self._broken)
             try:
                 if self._stall_timeout is None:
                     chunk = await chunks.__anext__()
@@ -123,17 +157,26 @@ class EventStream:
                 decoder.close()
                 return None
             except httpx.HTTPError as exc:
-                raise StreamInterrupted(
-                    f"connection to {self.url} failed after {decoder.events} events "
-                    f"({decoder.offset} bytes): " + bounded_text(describe_cause(exc), 200),
-                    url=self.url,
+                self._broken = "failed"
+                raise self._interrupted(bounded_text(describe_cause(exc), 200)) from exc
+            except zlib.error as exc:
+                self._broken = "failed"
+                raise InvalidEvent(
+                    f"the compressed stream from {self.url} is corrupt after "
+                    f"{decoder.events} events: {exc}",
                     offset=decoder.offset,
                     event_number=decoder.events + 1,
-                ) from exc
+                ) from None
+            except BaseException as exc:
+                # Cancelled (a deadline around one read), a stall, a corrupt encoding…
+                self._broken = "was cancelled" if isinstance(exc, trio.Cancelled) else "failed"
+                raise
             self.bytes_received += len(chunk)
             batch = feed(chunk)
             if batch and self._skip_to is not None:
                 batch = self._skip(batch)
+            if batch and self.correlation_id is not None:
+                batch = self._correlated(batch)
             if batch:
                 return batch  # type: ignore[no-any-return]
 
@@ -154,6 +197,48 @@ class EventStream:
                 return [b"".join(kept)] if isinstance(batch[0], bytes) else kept
         return []
 
+    def _correlated(self, batch: list[Any]) -> list[Any]:
+        """The part of ``batch`` (events, or raw blocks) with the wanted correlation id."""
+        wanted = self.correlation_id
+        if not self._raw:
+            return [event for event in batch if event.correlation_id == wanted]
+        blocks = []
+        for block in batch:
+            # The lines are validated and blank lines removed: one value per line.
+            ids = _decode_correlations(block)
+            lines = block.split(b"\n")  # never splitlines(): a CR inside a line is JSON space
+            kept = b"".join(
+                line + b"\n"
+                for line, value in zip(lines, ids, strict=False)
+                if value.correlation_id == wanted
+            )
+            if kept:
+                blocks.append(kept)
+        return blocks
+
+    def _interrupted(self, why: str) -> StreamInterrupted:
+        """The error for a read that cannot go on: ``why`` is "failed", "was
+        cancelled" or the reason of the failure that happens now."""
+        decoder = self._decoder
+        assert decoder is not None
+        if why == "was cancelled":
+            why = (
+                "; a read was cancelled, which closes the connection: open a new stream "
+                "(replay=True catches up), and put a deadline around the whole iteration "
+                "rather than around one read"
+            )
+        elif why == "failed":
+            why = "; an earlier read failed: open a new stream"
+        else:
+            why = ": " + why
+        return StreamInterrupted(
+            f"connection to {self.url} failed after {decoder.events} events "
+            f"({decoder.offset} bytes){why}",
+            url=self.url,
+            offset=decoder.offset,
+            event_number=decoder.events + 1,
+        )
+
     async def _read_or_stall(self, chunks: AsyncIterator[bytes], limit: float) -> bytes:
         with trio.move_on_after(limit):
             return await chunks.__anext__()
@@ -173,6 +258,43 @@ class EventStream:
         if chunks is not None:
             with trio.CancelScope(shield=True):
                 await chunks.aclose()  # type: ignore[attr-defined]
+
+
+class _Inflating:
+    """The chunks of a gzip- or deflate-encoded body, inflated a bounded piece at a time."""
+
+    __slots__ = ("_chunks", "_done", "_inflater")
+
+    PIECE = 64 * 1024
+
+    def __init__(self, chunks: AsyncIterator[bytes], inflater: Inflater) -> None:
+        self._chunks = chunks
+        self._inflater = inflater
+        self._done = False
+
+    def __aiter__(self) -> _Inflating:
+        return self
+
+    async def __anext__(self) -> bytes:
+        inflater = self._inflater
+        while True:
+            pending = inflater.pending
+            if pending:
+                data = pending  # the rest of the last chunk, held back by the bound
+            elif self._done:
+                raise StopAsyncIteration
+            else:
+                try:
+                    data = await self._chunks.__anext__()
+                except StopAsyncIteration:
+                    self._done = True
+                    raise
+            piece = inflater.inflate(data, self.PIECE)  # zlib.error: see _read
+            if piece:
+                return piece
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
 
 
 class _Batches:

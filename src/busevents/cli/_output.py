@@ -78,7 +78,8 @@ class Diagnostics:
 
     # Messages may quote what a server or another identity sent: controls are escaped.
     def error(self, message: str) -> None:
-        self._write(f"bus-events: {self._paint('error:', _RED + _BOLD)} {escape_controls(message)}")
+        message = escape_controls(cli_wording(message))
+        self._write(f"bus-events: {self._paint('error:', _RED + _BOLD)} {message}")
 
     def warning(self, message: str) -> None:
         self._write(f"bus-events: {self._paint('warning:', _YELLOW)} {escape_controls(message)}")
@@ -168,3 +169,14 @@ class TextFormatter:
             if len(payload) > room:
                 payload = payload[: room - 1] + "…"
         return (head + payload + "\n").encode()
+
+
+_SDK_ARGUMENT = re.compile(r"(?<![\w.-])(api_url|token_file|timeout)=")
+
+
+def cli_wording(message: str) -> str:
+    """An SDK message in the CLI's words: ``api_url=`` becomes ``--api-url``, …"""
+    if "=" not in message:
+        return message
+    message = message.replace("pass token_file= or", "use --token-file PATH or")
+    return _SDK_ARGUMENT.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
