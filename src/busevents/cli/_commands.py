@@ -11,7 +11,7 @@ from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, checki
 MAX_PAYLOAD = 16 * 1024 * 1024
 
 if TYPE_CHECKING:
-    from busevents import EventsClient
+    from busevents import EventsClient, Forbidden
 
 
 def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
@@ -74,6 +74,11 @@ async def _until_signalled(
     return EXIT_FAILURE  # cancelled by a signal; the caller reports 128 + signum
 
 
+def _reserved(exc: Forbidden) -> bool:
+    """The provider said the name is reserved: no scope opens it, so no hint helps."""
+    return not exc.required_scopes and "reserved" in exc.message.lower()
+
+
 def _status_for(exc: BaseException, g: Globals) -> int | None:
     """Report ``exc`` on stderr and give its exit status; None for a bug (re-raised)."""
     from busevents import BusEventsError, ConfigError, Forbidden
@@ -86,8 +91,7 @@ def _status_for(exc: BaseException, g: Globals) -> int | None:
         return EXIT_USAGE
     if isinstance(exc, BusEventsError):
         diag.error(str(exc))
-        if isinstance(exc, Forbidden) and exc.required_scopes:
-            # No scopes named (a reserved name): no token could open it, so no hint.
+        if isinstance(exc, Forbidden) and not _reserved(exc):
             diag.hint(f"get a token with the scope it needs: {exc.hint}")
         return EXIT_FAILURE
     if isinstance(exc, BrokenPipeError):

@@ -125,8 +125,10 @@ async def _serve_app(
         urls[-1] += f":{name[1]}"
     urls[0] += _EVENTS_PATH
     try:
+        # The backend connects for the server's lifetime (this loop sends no ASGI
+        # lifespan events; other ASGI servers enter the same context through them).
         with single_error():
-            async with trio.open_nursery() as handlers:
+            async with app.backend.running(), trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accepting:
                     for (asgi, _), listener in zip(sockets, listeners, strict=True):
                         handler = partial(connections.handle, ASGIWrapper(asgi), config, context)
