@@ -1,0 +1,232 @@
+"""A worker host's health server, metrics and JSON logs: real host and provider processes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from busevents import EventsClient
+from busevents.provider import mint_token
+
+SECRET = "worker-health-secret-0123456789abcdef012345"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@asynccontextmanager
+async def provider_process(env: dict[str, str], port: int) -> AsyncIterator[trio.Process]:
+    """``bus-events serve`` on ``port``, stopped (SIGINT, then killed) on exit."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "busevents", "serve", "--addr", f"127.0.0.1:{port}"],
+        env={**env, "BUS_API_JWT_SECRET": SECRET},
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with trio.move_on_after(5):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+class Output:
+    """A process's stderr, collected as it comes."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.data = b""
+
+    async def collect(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.data += chunk
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float = 20) -> None:
+    """Poll ``check`` (another process's state has no event to wait on)."""
+    with trio.fail_after(seconds):
+        while not await check():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+async def answers(
+    http: httpx.AsyncClient, url: str, code: int | None, *, negate: bool = False
+) -> bool:
+    """Whether ``url`` answers ``code`` (``None``: no answer at all), or not with ``negate``."""
+    try:
+        got: int | None = (await http.get(url)).status_code
+    except httpx.TransportError:
+        got = None
+    return (got == code) != negate
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a scrape, parsed by prometheus_client's own parser."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_readyz_follows_the_provider_and_metrics_count_handled_events(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    api_port, health_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{api_port}/api/v1/events"
+    health = f"http://127.0.0.1:{health_port}"
+    token = mint_token(SECRET.encode(), subject="worker-health")
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    env = {
+        **cli_env,
+        "BUS_EVENTS_API_URL": api_url,
+        "BUS_EVENTS_TOKEN_FILE": str(token_file),
+        "BUS_EVENTS_HEALTH_ADDR": f"127.0.0.1:{health_port}",
+        "BUS_EVENTS_LISTENER_REQUIRED": "1",
+        "BUS_EVENTS_LISTENER_RETRY": "1",
+        "BUS_EVENTS_LOG_FORMAT": "json",
+    }
+    sent = 7
+    async with httpx.AsyncClient(timeout=5) as http, trio.open_nursery() as nursery:
+        async with provider_process(cli_env, api_port):
+            await until(
+                lambda: answers(
+                    http, api_url.removesuffix("/api/v1/events") + "/", None, negate=True
+                )
+            )
+            host = await trio.lowlevel.open_process(
+                [sys.executable, str(EXAMPLES / "echo_worker.py")],
+                env=env,
+                stderr=subprocess.PIPE,
+            )
+            out = Output(host)
+            nursery.start_soon(out.collect)
+            try:
+                await until(lambda: answers(http, f"{health}/readyz", 200))
+                assert (await http.get(f"{health}/healthz")).json() == {
+                    "ok": True,
+                    "service": "busevents-worker",
+                }
+                async with EventsClient(api_url, token) as client:
+                    for i in range(sent):
+                        await client.send("example.echo", {"n": i})
+
+                async def scraped() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+                    response = await http.get(f"{health}/metrics")
+                    assert response.status_code == 200
+                    assert response.headers["content-type"].startswith("text/plain")
+                    return samples(response.text)
+
+                def key(metric: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+                    return (metric, frozenset(labels.items()))
+
+                wn = {"worker": "echo", "name": "example.echo"}
+
+                async def handled_all() -> bool:
+                    handled = key("busevents_worker_events_handled_total", **wn)
+                    return (await scraped()).get(handled) == sent
+
+                await until(handled_all)
+                metrics = await scraped()
+                assert metrics[key("busevents_worker_events_received_total", **wn)] == sent
+                assert metrics[key("busevents_worker_events_failed_total", **wn)] == 0
+                assert metrics[key("busevents_worker_handler_duration_seconds_count", **wn)] == sent
+                assert metrics[key("busevents_worker_stream_ready", **wn)] == 1
+                assert metrics[key("busevents_worker_handlers_in_flight", worker="echo")] == 0
+                assert (
+                    metrics[key("busevents_worker_published_total", worker="echo", kind="reply")]
+                    == sent
+                )
+                assert key("busevents_worker_token_refreshes_total") in metrics
+            except BaseException:
+                host.kill()
+                raise
+        # The provider is gone: not ready, naming the stream; still alive.
+        try:
+            await until(lambda: answers(http, f"{health}/readyz", 503))
+            body = (await http.get(f"{health}/readyz")).json()
+            assert body == {
+                "ready": False,
+                "not_ready": [{"worker": "echo", "name": "example.echo"}],
+            }
+            assert (await http.get(f"{health}/healthz")).status_code == 200
+            async with provider_process(cli_env, api_port):
+                await until(lambda: answers(http, f"{health}/readyz", 200), 30)
+                metrics = samples((await http.get(f"{health}/metrics")).text)
+                reconnects = {
+                    dict(labels)["reason"]: value
+                    for (name, labels), value in metrics.items()
+                    if name == "busevents_worker_reconnects_total"
+                }
+                assert reconnects and sum(reconnects.values()) >= 1
+                host.send_signal(signal.SIGTERM)
+                with trio.fail_after(15):
+                    assert await host.wait() == 0
+        finally:
+            if host.returncode is None:
+                host.kill()
+    lines = out.data.decode().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    reconnecting = [r for r in records if "reconnecting" in r["message"]]
+    assert reconnecting, lines
+    assert reconnecting[0]["worker"] == "echo"
+    assert reconnecting[0]["event_name"] == "example.echo"
+    assert any(r["message"].startswith("health server on") for r in records)
+    assert token not in out.data.decode()
+
+
+async def test_a_bad_health_address_is_a_usage_error(cli_env: dict[str, str]) -> None:
+    env = {
+        **cli_env,
+        "BUS_EVENTS_API_URL": "http://127.0.0.1:9/api/v1/events",
+        "BUS_API_TOKEN": "x.y.z",
+        "BUS_EVENTS_HEALTH_ADDR": "127.0.0.1",
+    }
+    done = await trio.run_process(
+        [sys.executable, str(EXAMPLES / "echo_worker.py")],
+        env=env,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "BUS_EVENTS_HEALTH_ADDR: '127.0.0.1' is not HOST:PORT" in done.stderr.decode()
+
+
+async def test_without_the_health_extra_the_error_names_it(cli_env: dict[str, str]) -> None:
+    env = {
+        **cli_env,
+        "BUS_EVENTS_API_URL": "http://127.0.0.1:9/api/v1/events",
+        "BUS_API_TOKEN": "x.y.z",
+        "BUS_EVENTS_HEALTH_ADDR": f"127.0.0.1:{free_port()}",
+    }
+    # prometheus_client made unimportable, as in an install without the extra.
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None; sys.argv = ['echo_worker'];"
+        f"import runpy; runpy.run_path({str(EXAMPLES / 'echo_worker.py')!r}, run_name='__main__')"
+    )
+    done = await trio.run_process(
+        [sys.executable, "-c", code], env=env, capture_stderr=True, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'busevents[health]'" in done.stderr.decode()
