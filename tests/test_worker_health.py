@@ -15,11 +15,12 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from busevents import EventsClient
-from busevents.provider import mint_token
+from busevents import Event, EventsClient, Publisher, RetryPolicy, Worker, WorkerHost
+from busevents.provider import RunningProvider, mint_token
 
 SECRET = "worker-health-secret-0123456789abcdef012345"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FAST = RetryPolicy(min_delay=0.05, max_delay=0.2)
 
 
 def free_port() -> int:
@@ -88,6 +89,10 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
+def key(metric: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return (metric, frozenset(labels.items()))
+
+
 async def test_readyz_follows_the_provider_and_metrics_count_handled_events(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -136,9 +141,6 @@ async def test_readyz_follows_the_provider_and_metrics_count_handled_events(
                     assert response.status_code == 200
                     assert response.headers["content-type"].startswith("text/plain")
                     return samples(response.text)
-
-                def key(metric: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
-                    return (metric, frozenset(labels.items()))
 
                 wn = {"worker": "echo", "name": "example.echo"}
 
@@ -230,3 +232,114 @@ async def test_without_the_health_extra_the_error_names_it(cli_env: dict[str, st
     )
     assert done.returncode == 2, done.stderr
     assert "pip install 'busevents[health]'" in done.stderr.decode()
+
+
+async def test_failed_handlers_and_publish_errors_are_counted(
+    provider: RunningProvider, http: httpx.AsyncClient
+) -> None:
+    gate = trio.Event()
+
+    async def handle(event: Event, publisher: Publisher) -> None:
+        match event.payload_obj():
+            case "boom":
+                raise RuntimeError("boom")
+            case "huge":
+                # Larger than the provider takes: 413, counted, then raised as a failure.
+                await publisher.reply(event, "ops.reply", "x" * (2 * 1024 * 1024))
+            case "wait":
+                await gate.wait()
+            case _:
+                await publisher.send("ops.other", {"ok": True})
+
+    host_client = EventsClient(provider.url, provider.token())
+    async with host_client, EventsClient(provider.url, provider.token()) as sender:
+        host = WorkerHost(
+            host_client,
+            [Worker("ops.job", handle, label="jobs", retry=FAST)],
+            handle_signals=False,
+            health_addr="127.0.0.1:0",
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(host.run)
+            assert host.health_url is not None
+            metrics_url = f"{host.health_url}/metrics"
+            for payload in ("boom", "huge", "ok", "wait"):
+                await sender.send("ops.job", payload)
+            wn = {"worker": "jobs", "name": "ops.job"}
+
+            async def settled() -> bool:
+                got = samples((await http.get(metrics_url)).text)
+                return (
+                    got[key("busevents_worker_events_received_total", **wn)] == 4
+                    and got[key("busevents_worker_handlers_in_flight", worker="jobs")] == 1
+                    and got[key("busevents_worker_events_failed_total", **wn)] == 2
+                )
+
+            await until(settled)
+            got = samples((await http.get(metrics_url)).text)
+            assert got[key("busevents_worker_events_handled_total", **wn)] == 1
+            assert (
+                got[key("busevents_worker_publish_errors_total", worker="jobs", status="413")] == 1
+            )
+            assert got[key("busevents_worker_published_total", worker="jobs", kind="send")] == 1
+            assert key("busevents_worker_published_total", worker="jobs", kind="reply") not in got
+            gate.set()
+
+            async def drained() -> bool:
+                got = samples((await http.get(metrics_url)).text)
+                return got[key("busevents_worker_handlers_in_flight", worker="jobs")] == 0
+
+            await until(drained)
+            got = samples((await http.get(metrics_url)).text)
+            assert got[key("busevents_worker_events_handled_total", **wn)] == 2
+            assert got[key("busevents_worker_handler_duration_seconds_count", **wn)] == 4
+            nursery.cancel_scope.cancel()
+
+
+async def test_json_logs_carry_the_event_of_a_handlers_own_records(
+    provider: RunningProvider, cli_env: dict[str, str]
+) -> None:
+    script = (
+        "import logging, sys\n"
+        "from busevents import Worker, run_host\n"
+        "async def handle(event, publisher):\n"
+        "    logging.getLogger('app').info('working on it')\n"
+        "    raise ValueError('no good')\n"
+        "sys.exit(run_host(Worker('ops.logged', handle, label='logged'), log_format='json'))\n"
+    )
+    env = {**cli_env, "BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token()}
+    host = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script], env=env, stderr=subprocess.PIPE
+    )
+    out = Output(host)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.collect)
+
+            async def said(text: bytes) -> bool:
+                return text in out.data
+
+            await until(lambda: said(b"ready: logged"))
+            async with EventsClient(provider.url, provider.token()) as client:
+                accepted = await client.send("ops.logged", {"secret": "s3"}, correlation_id="c-1")
+            await until(lambda: said(b"handler failed"))
+            host.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                assert await host.wait() == 0
+    finally:
+        if host.returncode is None:
+            host.kill()
+    records = [json.loads(line) for line in out.data.decode().splitlines()]
+    event = {
+        "worker": "logged",
+        "event_name": "ops.logged",
+        "event_id": accepted.id,
+        "correlation_id": "c-1",
+    }
+    own = next(r for r in records if r["logger"] == "app")
+    assert own["message"] == "working on it" and event.items() <= own.items()
+    failed = next(r for r in records if "handler failed" in r["message"])
+    assert failed["level"] == "error" and event.items() <= failed.items()
+    assert "ValueError: no good" in failed["exception"]
+    assert "s3" not in out.data.decode()  # never the payload
+    assert provider.token() not in out.data.decode()

@@ -168,6 +168,9 @@ async def serve_health(
     config.bind = [f"fd://{_bind(*addr).detach()}"]  # hypercorn owns the socket now
     config.accesslog = None
     config.errorlog = _server_log
+    if _server_log.level == logging.NOTSET:
+        # hypercorn's "Running on … (CTRL + C to quit)": our own line below says it better.
+        _server_log.setLevel(logging.WARNING)
     with single_error():
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(
