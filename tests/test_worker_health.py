@@ -168,7 +168,9 @@ async def test_readyz_follows_the_provider_and_metrics_count_handled_events(
             await until(lambda: answers(http, f"{health}/readyz", 503))
             body = (await http.get(f"{health}/readyz")).json()
             assert body == {
-                "ready": False,
+                "ok": False,
+                "service": "busevents-worker",
+                "error": "not_ready",
                 "not_ready": [{"worker": "echo", "name": "example.echo"}],
             }
             assert (await http.get(f"{health}/healthz")).status_code == 200

@@ -5,10 +5,13 @@ by hypercorn's trio worker inside the host's nursery, so it answers exactly
 while the host runs:
 
 * ``GET /healthz`` — ``200 {"ok": true, "service": "busevents-worker"}`` while
-  the host runs; ``503`` once it is stopping.
-* ``GET /readyz`` — ``200 {"ready": true}`` while every stream is established
-  (the host's :class:`Readiness`), else ``503`` with ``{"ready": false,
-  "not_ready": [{"worker": ..., "name": ...}, ...]}``.
+  the host runs (liveness: the server is part of the host's nursery).
+* ``GET /readyz`` — ``200`` (the same body) while every stream is established
+  (the host's :class:`Readiness`), else ``503`` with ``"error": "not_ready"``
+  and ``"not_ready": [{"worker": ..., "name": ...}, ...]``; ``503`` with
+  ``"error": "shutting_down"`` once a signal has begun the stop.
+
+The bodies mirror the provider's probes (``ok``, ``service``, ``error``).
 * ``GET /metrics`` — the host's registry, rendered by ``prometheus_client``.
 
 hypercorn and prometheus_client are the ``health`` extra; they are imported
@@ -48,6 +51,8 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _JSON = b"application/json"
+_UP = {"ok": True, "service": "busevents-worker"}
+_DOWN = {"ok": False, "service": "busevents-worker"}
 _encoder = msgspec.json.Encoder()
 
 
@@ -97,14 +102,14 @@ class HealthApp:
         if method not in ("GET", "HEAD"):
             await _respond(send, 405, _JSON, {"error": "method_not_allowed"}, allow=b"GET, HEAD")
         elif path == "/healthz":
-            ok = not self.stopping()
-            body = {"ok": ok, "service": "busevents-worker"}
-            await _respond(send, 200 if ok else 503, _JSON, body)
+            await _respond(send, 200, _JSON, _UP)
         elif path == "/readyz":
-            if self.readiness.is_ready:
-                await _respond(send, 200, _JSON, {"ready": True})
+            if self.stopping():
+                await _respond(send, 503, _JSON, {**_DOWN, "error": "shutting_down"})
+            elif self.readiness.is_ready:
+                await _respond(send, 200, _JSON, _UP)
             else:
-                body = {"ready": False, "not_ready": self.metrics.not_ready()}
+                body = {**_DOWN, "error": "not_ready", "not_ready": self.metrics.not_ready()}
                 await _respond(send, 503, _JSON, body)
         elif path == "/metrics":
             from ._metrics import CONTENT_TYPE
