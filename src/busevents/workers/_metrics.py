@@ -11,8 +11,8 @@ Names, units and labels are stable; every label value comes from a bounded set
 * ``busevents_worker_handlers_in_flight{worker}`` — handlers running now;
 * ``busevents_worker_duplicates_dropped_total{worker,name}`` — replayed events
   the de-duplication window had already seen;
-* ``busevents_worker_reconnects_total{worker,name,reason}`` — reconnects
-  scheduled, ``reason`` one of :data:`RECONNECT_REASONS`;
+* ``busevents_worker_reconnects_total{worker,name,reason}`` — reconnect
+  attempts (after the backoff), ``reason`` one of :data:`RECONNECT_REASONS`;
 * ``busevents_worker_stream_ready{worker,name}`` — 1 while the stream is established;
 * ``busevents_worker_published_total{worker,kind}`` — events a handler's publisher
   published, ``kind`` ``reply`` or ``send``;
@@ -124,7 +124,7 @@ class WorkerMetrics(WorkerObserver):
         )
         self._reconnects = Counter(
             "busevents_worker_reconnects",
-            "Reconnects scheduled, by reason: " + ", ".join(RECONNECT_REASONS) + ".",
+            "Reconnect attempts (after the backoff), by reason: " + ", ".join(RECONNECT_REASONS) + ".",
             [*wn, "reason"],
             registry=r,
         )

@@ -2,7 +2,7 @@
 
 The worker loop and the listener call a :class:`WorkerObserver` at a few
 points (an event arrived, a handler ran, a stream went up or down, a
-reconnect was scheduled, a reply was published).  The base class does
+reconnect began, a reply was published).  The base class does
 nothing, so a worker without metrics pays one attribute look-up per call;
 :class:`busevents.workers._metrics.WorkerMetrics` turns the calls into
 Prometheus metrics.  This module imports nothing optional.
@@ -80,7 +80,7 @@ class WorkerObserver:
         """The stream of ``name`` was established (``True``) or ended (``False``)."""
 
     def reconnecting(self, worker: str, name: str, error: BaseException | None) -> None:
-        """The listener of ``name`` will reconnect after ``error`` (``None``: it ended)."""
+        """The listener of ``name`` reconnects now, after ``error`` (``None``: it ended)."""
 
     def received(self, worker: str, name: str) -> None:
         """An event arrived and will be handed to the handler."""
