@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -12,11 +13,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from busevents import Event, EventsClient, Publisher, RetryPolicy, Worker, WorkerHost
+from busevents import ConfigError, Event, EventsClient, Publisher, RetryPolicy, Worker, WorkerHost
 from busevents.provider import RunningProvider, mint_token
+from busevents.workers._health import parse_health_addr
+from busevents.workers._observe import RECONNECT_REASONS
 
 SECRET = "worker-health-secret-0123456789abcdef012345"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -183,6 +189,7 @@ async def test_readyz_follows_the_provider_and_metrics_count_handled_events(
                     if name == "busevents_worker_reconnects_total"
                 }
                 assert reconnects and sum(reconnects.values()) >= 1
+                assert set(reconnects) <= set(RECONNECT_REASONS), reconnects
                 host.send_signal(signal.SIGTERM)
                 with trio.fail_after(15):
                     assert await host.wait() == 0
@@ -345,3 +352,28 @@ async def test_json_logs_carry_the_event_of_a_handlers_own_records(
     assert "ValueError: no good" in failed["exception"]
     assert "s3" not in out.data.decode()  # never the payload
     assert provider.token() not in out.data.decode()
+
+
+hosts = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda a: f"[{a}]"),
+    st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,10}){0,3}", fullmatch=True),
+)
+
+
+@given(host=hosts, port=st.integers(0, 65535), pad=st.sampled_from(["", " ", "\t"]))
+def test_a_health_address_is_host_and_port(host: str, port: int, pad: str) -> None:
+    assert parse_health_addr(f"{pad}{host}:{port}{pad}") == (host.strip("[]"), port)
+
+
+@given(
+    value=st.one_of(
+        hosts,  # no port
+        st.builds(lambda h, p: f"{h}:{p}", hosts, st.integers(65536, 10**9)),
+        st.builds(lambda h, p: f"{h}:{p}", hosts, st.from_regex(r"[a-z-]{1,5}", fullmatch=True)),
+        st.integers(0, 65535).map(lambda p: f":{p}"),
+    )
+)
+def test_a_bad_health_address_is_named(value: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape("is not HOST:PORT; use e.g. 127.0.0.1:9464")):
+        parse_health_addr(value, "BUS_EVENTS_HEALTH_ADDR")
