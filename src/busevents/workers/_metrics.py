@@ -124,7 +124,9 @@ class WorkerMetrics(WorkerObserver):
         )
         self._reconnects = Counter(
             "busevents_worker_reconnects",
-            "Reconnect attempts (after the backoff), by reason: " + ", ".join(RECONNECT_REASONS) + ".",
+            "Reconnect attempts (after the backoff), by reason: "
+            + ", ".join(RECONNECT_REASONS)
+            + ".",
             [*wn, "reason"],
             registry=r,
         )
