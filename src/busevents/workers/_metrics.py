@@ -26,7 +26,7 @@ Importing this module needs ``prometheus_client`` (the ``health`` extra).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -59,6 +59,16 @@ class _TokenRefreshes(Collector):
         yield family
 
 
+class _Stream(NamedTuple):
+    """The labelled children of one ``(worker, name)``."""
+
+    received: Any
+    handled: Any
+    failed: Any
+    duration: Any
+    in_flight: Any
+
+
 class WorkerMetrics(WorkerObserver):
     """The metrics of one host; :meth:`exposition` renders them in the text format.
 
@@ -74,6 +84,7 @@ class WorkerMetrics(WorkerObserver):
         "_failed",
         "_handled",
         "_in_flight",
+        "_per_stream",
         "_publish_errors",
         "_published",
         "_ready",
@@ -154,6 +165,20 @@ class WorkerMetrics(WorkerObserver):
         self.streams: dict[tuple[str, str], bool] = {}
         # Labelled children, looked up once: ``labels()`` takes a lock per call.
         self._children: dict[tuple[object, ...], Any] = {}
+        # Per stream, the children an event touches: one dict look-up per hook.
+        self._per_stream: dict[tuple[str, str], _Stream] = {}
+
+    def _stream(self, worker: str, name: str) -> _Stream:
+        found = self._per_stream.get((worker, name))
+        if found is None:
+            found = self._per_stream[worker, name] = _Stream(
+                self._child(self._received, worker, name),
+                self._child(self._handled, worker, name),
+                self._child(self._failed, worker, name),
+                self._child(self._duration, worker, name),
+                self._child(self._in_flight, worker),
+            )
+        return found
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -178,8 +203,8 @@ class WorkerMetrics(WorkerObserver):
             self.streams[worker, name] = False
             self._child(self._ready, worker, name).set(0)
             # Present from the start (at 0), so that rate() sees the first event.
-            for metric in (self._received, self._handled, self._failed, self._duplicates):
-                self._child(metric, worker, name)
+            self._stream(worker, name)
+            self._child(self._duplicates, worker, name)
 
     def stream_up(self, worker: str, name: str, up: bool) -> None:
         self.streams[worker, name] = up
@@ -189,18 +214,19 @@ class WorkerMetrics(WorkerObserver):
         self._child(self._reconnects, worker, name, reconnect_reason(error)).inc()
 
     def received(self, worker: str, name: str) -> None:
-        self._child(self._received, worker, name).inc()
+        self._stream(worker, name).received.inc()
 
     def duplicate(self, worker: str, name: str) -> None:
         self._child(self._duplicates, worker, name).inc()
 
     def handler_started(self, worker: str, name: str) -> None:
-        self._child(self._in_flight, worker).inc()
+        self._stream(worker, name).in_flight.inc()
 
     def handler_finished(self, worker: str, name: str, seconds: float, ok: bool) -> None:
-        self._child(self._in_flight, worker).dec()
-        self._child(self._duration, worker, name).observe(seconds)
-        self._child(self._handled if ok else self._failed, worker, name).inc()
+        stream = self._stream(worker, name)
+        stream.in_flight.dec()
+        stream.duration.observe(seconds)
+        (stream.handled if ok else stream.failed).inc()
 
     def published(self, worker: str, reply: bool) -> None:
         self._child(self._published, worker, "reply" if reply else "send").inc()
