@@ -19,10 +19,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from busevents import ConfigError, Event, EventsClient, Publisher, RetryPolicy, Worker, WorkerHost
+from busevents import (
+    ConfigError,
+    Event,
+    EventsClient,
+    Publisher,
+    Readiness,
+    RetryPolicy,
+    Worker,
+    WorkerHost,
+    run_worker,
+)
 from busevents.provider import RunningProvider, mint_token
 from busevents.workers._health import parse_health_addr
-from busevents.workers._observe import RECONNECT_REASONS
+from busevents.workers._observe import RECONNECT_REASONS, log_context
 
 SECRET = "worker-health-secret-0123456789abcdef012345"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -377,3 +387,23 @@ def test_a_health_address_is_host_and_port(host: str, port: int, pad: str) -> No
 def test_a_bad_health_address_is_named(value: str) -> None:
     with pytest.raises(ConfigError, match=re.escape("is not HOST:PORT; use e.g. 127.0.0.1:9464")):
         parse_health_addr(value, "BUS_EVENTS_HEALTH_ADDR")
+
+
+async def test_a_worker_run_in_the_callers_task_leaves_its_log_context_alone(
+    provider: RunningProvider,
+) -> None:
+    async def ignore(event: Event, publisher: Publisher) -> None:
+        pass
+
+    readiness = Readiness()
+    async with EventsClient(provider.url, provider.token()) as client:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as scope:
+
+                async def stop_when_ready() -> None:
+                    await readiness.wait()
+                    scope.cancel()
+
+                nursery.start_soon(stop_when_ready)
+                await run_worker(client, Worker("ops.ctx", ignore, retry=FAST), readiness=readiness)
+    assert log_context.get() == {}

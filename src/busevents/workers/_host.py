@@ -209,7 +209,11 @@ def run_host(
     """
     environ = env if env is not None else os.environ
     try:
-        fmt = check_log_format(log_format) if log_format else log_format_from_env(environ)
+        fmt = (
+            check_log_format(log_format.strip().lower())
+            if log_format
+            else log_format_from_env(environ)
+        )
         if health_addr is None:
             health_addr = environ.get(HEALTH_ADDR_ENV, "").strip()
         if health_addr:

@@ -14,7 +14,7 @@ handler's own log records carry them too (the JSON log format prints them).
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 from .._errors import (
     APIError,
@@ -58,9 +58,14 @@ def reconnect_reason(error: BaseException | None) -> str:
     return "other"
 
 
-def push_log_context(**fields: str | None) -> None:
-    """Add ``fields`` (those not ``None``) to this task's :data:`log_context`."""
-    log_context.set({**log_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+def push_log_context(**fields: str | None) -> Token[dict[str, str]]:
+    """Add ``fields`` (those not ``None``) to this task's :data:`log_context`.
+
+    Returns the token that undoes it (``log_context.reset(token)``): needed where
+    the caller's task lives on afterwards.
+    """
+    added = {k: v for k, v in fields.items() if v is not None}
+    return log_context.set({**log_context.get(), **added})
 
 
 class WorkerObserver:

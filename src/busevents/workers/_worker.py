@@ -34,7 +34,7 @@ from .._errors import BusEventsError, ConfigError, HandlerError, bounded_text
 from .._groups import single_error
 from .._retry import RetryPolicy
 from ._listener import Readiness, RecentIds, listen_with_retry
-from ._observe import WorkerObserver, push_log_context
+from ._observe import WorkerObserver, log_context, push_log_context
 
 if TYPE_CHECKING:
     from .._client import EventsClient
@@ -329,7 +329,17 @@ class _WorkerLoop:
         # flickers true while only some streams are up.
         parts = [self.readiness.child() for _ in worker.names]
         self.observer.declare(worker.label, worker.names)
-        push_log_context(worker=worker.label)
+        # run_worker may run in its caller's task: undo the context when it returns.
+        context = push_log_context(worker=worker.label)
+        try:
+            await self._run(task_status, policy, parts)
+        finally:
+            log_context.reset(context)
+
+    async def _run(
+        self, task_status: trio.TaskStatus[Readiness], policy: RetryPolicy, parts: list[Readiness]
+    ) -> None:
+        worker = self.worker
         async with trio.open_nursery() as handlers:
             self.handlers = handlers
             try:
