@@ -129,19 +129,23 @@ async def test_readyz_follows_the_provider_and_metrics_count_handled_events(
     }
     sent = 7
     async with httpx.AsyncClient(timeout=5) as http, trio.open_nursery() as nursery:
+        # The host first, the API not up yet: alive, not ready, naming the stream.
+        host = await trio.lowlevel.open_process(
+            [sys.executable, str(EXAMPLES / "echo_worker.py")],
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        out = Output(host)
+        nursery.start_soon(out.collect)
+        try:
+            await until(lambda: answers(http, f"{health}/healthz", 200))
+            early = await http.get(f"{health}/readyz")
+            assert early.status_code == 503
+            assert early.json()["not_ready"] == [{"worker": "echo", "name": "example.echo"}]
+        except BaseException:
+            host.kill()
+            raise
         async with provider_process(cli_env, api_port):
-            await until(
-                lambda: answers(
-                    http, api_url.removesuffix("/api/v1/events") + "/", None, negate=True
-                )
-            )
-            host = await trio.lowlevel.open_process(
-                [sys.executable, str(EXAMPLES / "echo_worker.py")],
-                env=env,
-                stderr=subprocess.PIPE,
-            )
-            out = Output(host)
-            nursery.start_soon(out.collect)
             try:
                 await until(lambda: answers(http, f"{health}/readyz", 200))
                 assert (await http.get(f"{health}/healthz")).json() == {
