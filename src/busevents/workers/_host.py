@@ -10,8 +10,8 @@ into an exit status.
 from __future__ import annotations
 
 import logging
+import os
 import signal
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from functools import partial
@@ -22,11 +22,15 @@ import trio
 from .._errors import BusEventsError, ConfigError, ExitStatus
 from .._groups import single_error
 from .._retry import RetryPolicy
+from ._health import HEALTH_ADDR_ENV, health_addr_from_env, parse_health_addr
 from ._listener import Readiness
-from ._worker import Worker, run_worker
+from ._logs import check_log_format, log_format_from_env
+from ._logs import configure_logging as _configure_logging
+from ._worker import Worker, run_observed_worker
 
 if TYPE_CHECKING:
     from .._client import EventsClient
+    from ._metrics import WorkerMetrics
 
 __all__ = ["WorkerHost", "run_host"]
 
@@ -44,6 +48,12 @@ class WorkerHost:
     With ``handle_signals`` (the default; needs the main thread), SIGINT and
     SIGTERM stop the host cleanly and ``stop_signal`` records which one came.
 
+    ``health_addr`` (``"HOST:PORT"``; default: ``BUS_EVENTS_HEALTH_ADDR``, off
+    when unset; ``""`` turns it off) serves ``GET /healthz``, ``/readyz`` and
+    ``/metrics`` while the host runs (the ``health`` extra); ``health_url`` is
+    then its base URL and ``metrics`` the host's ``WorkerMetrics``, whose
+    ``registry`` takes your own metrics too.
+
     Example::
 
         async with EventsClient.from_env() as client:
@@ -58,6 +68,7 @@ class WorkerHost:
         *,
         retry: RetryPolicy | None = None,
         handle_signals: bool = True,
+        health_addr: str | None = None,
     ) -> None:
         self.client = client
         self.workers = list(workers)
@@ -65,7 +76,11 @@ class WorkerHost:
         self.handle_signals = handle_signals
         self.readiness = Readiness()
         self.stop_signal: int | None = None
+        self.health_addr = health_addr
+        self.health_url: str | None = None
+        self.metrics: WorkerMetrics | None = None
         self._started = False
+        self._stopping = False
 
     def add(self, worker: Worker) -> None:
         """Register one more worker (before :meth:`run`)."""
@@ -90,6 +105,17 @@ class WorkerHost:
         if not self.workers:
             raise ConfigError("the WorkerHost has no workers to run")
         self._started = True
+        if self.health_addr is None:
+            addr = health_addr_from_env()
+        else:
+            addr = parse_health_addr(self.health_addr) if self.health_addr else None
+        if addr is not None:
+            from ._health import require_health_extra
+
+            require_health_extra()  # before importing prometheus_client
+            from ._metrics import WorkerMetrics
+
+            self.metrics = WorkerMetrics(self.client)
         retry = self.retry or RetryPolicy.from_env()
         workers = [w if w.retry else replace(w, retry=retry) for w in self.workers]
         parts = [self.readiness.child() for _ in workers]
@@ -99,7 +125,9 @@ class WorkerHost:
         async def one(worker: Worker, part: Readiness) -> None:
             nonlocal running
             try:
-                await run_worker(self.client, worker, readiness=part)
+                await run_observed_worker(
+                    self.client, worker, readiness=part, observer=self.metrics
+                )
             finally:
                 running -= 1
                 if not running:
@@ -109,6 +137,12 @@ class WorkerHost:
             async with trio.open_nursery() as outer:
                 if self.handle_signals:
                     await outer.start(self._watch_signals, outer.cancel_scope)
+                if addr is not None:
+                    from ._health import HealthApp, serve_health
+
+                    assert self.metrics is not None
+                    app = HealthApp(self.readiness, self.metrics, lambda: self._stopping)
+                    self.health_url = await outer.start(serve_health, app, addr)
                 outer.start_soon(self._log_readiness)
                 async with trio.open_nursery() as nursery:
                     for worker, part in zip(workers, parts, strict=True):
@@ -130,6 +164,7 @@ class WorkerHost:
             task_status.started()
             async for signum in signals:
                 self.stop_signal = signum
+                self._stopping = True
                 log.info("received %s: stopping the workers", signal.Signals(signum).name)
                 scope.cancel()
                 return
@@ -150,6 +185,8 @@ def run_host(
     env: Mapping[str, str] | None = None,
     handle_signals: bool = True,
     configure_logging: bool = True,
+    health_addr: str | None = None,
+    log_format: str | None = None,
 ) -> int:
     """Run ``workers`` in this process until SIGINT/SIGTERM; return an exit status.
 
@@ -160,29 +197,48 @@ def run_host(
     listener that cannot connect, ``403``, a handler with ``stop_on_error``…;
     the error is logged), ``2`` for invalid configuration (no URL or token, a
     bad ``BUS_EVENTS_LISTENER_*`` value).  With ``configure_logging`` and no
-    logging set up yet, INFO and above go to stderr.
+    logging set up yet, INFO and above go to stderr, as text or, with
+    ``log_format="json"`` (default: ``BUS_EVENTS_LOG_FORMAT``), one JSON object
+    per line.  ``health_addr`` (default: ``BUS_EVENTS_HEALTH_ADDR``) serves
+    ``/healthz``, ``/readyz`` and ``/metrics`` (see :class:`WorkerHost`).
 
     Example::
 
         if __name__ == "__main__":
             sys.exit(run_host(Worker("example.echo", echo)))
     """
-    if configure_logging and not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
+    environ = env if env is not None else os.environ
+    try:
+        fmt = (
+            check_log_format(log_format.strip().lower())
+            if log_format
+            else log_format_from_env(environ)
         )
-        # What an operator needs (ready, reconnects, handler errors), not a line per request.
-        for chatty in ("httpx", "httpcore"):
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+        if health_addr is None:
+            health_addr = environ.get(HEALTH_ADDR_ENV, "").strip()
+        if health_addr:
+            parse_health_addr(health_addr, HEALTH_ADDR_ENV)
+    except ConfigError as exc:
+        if configure_logging:
+            _configure_logging("text")
+        log.error("%s", exc)
+        return EXIT_USAGE
+    if configure_logging:
+        _configure_logging(fmt)
 
     async def main() -> None:
         from .._client import EventsClient
 
         retry = RetryPolicy.from_env(env)
         async with EventsClient.from_env(api_url=api_url, token_file=token_file, env=env) as client:
-            await WorkerHost(client, workers, retry=retry, handle_signals=handle_signals).run()
+            host = WorkerHost(
+                client,
+                workers,
+                retry=retry,
+                handle_signals=handle_signals,
+                health_addr=health_addr,
+            )
+            await host.run()
 
     try:
         trio.run(main)

@@ -48,6 +48,7 @@ from .._retry import REQUIRED_ENV, RETRY_ENV, Backoff, RetryPolicy, is_retryable
 if TYPE_CHECKING:
     from .._client import EventsClient
     from .._stream import EventStream
+    from ._observe import WorkerObserver
 
 __all__ = ["Readiness", "RecentIds", "listen_with_retry"]
 
@@ -167,12 +168,14 @@ async def listen_with_retry(
     stall_timeout: float | None = None,
     label: str = "",
     rng: random.Random | None = None,
+    observer: WorkerObserver | None = None,
 ) -> None:
     """Stream ``name`` for ever, handing each connection's stream to ``consume``.
 
     ``readiness`` (a leaf) is set while a stream is open.  Returns only when
     retrying is off and the listener is not required; raises what cannot be
     retried (see the module documentation) and :class:`ListenerUnavailable`.
+    ``observer`` hears of the stream going up and down and of each reconnect.
     """
     backoff = Backoff(policy, rng=rng or random.Random())
     who = f"listener {name}" + (f" ({label})" if label else "")
@@ -192,11 +195,15 @@ async def listen_with_retry(
             ) as stream:
                 since = trio.current_time()
                 readiness.set_up(True)
+                if observer is not None:
+                    observer.stream_up(label, name, True)
                 log.info("%s: %s", who, "reconnected" if connected_once else "connected")
                 try:
                     await consume(stream)
                 finally:
                     readiness.set_up(False)
+                    if observer is not None:
+                        observer.stream_up(label, name, False)
                     delivered = stream.events_received
         except BusEventsError as exc:
             if not is_retryable(exc):
@@ -227,3 +234,5 @@ async def listen_with_retry(
             delay,
         )
         await trio.sleep(delay)
+        if observer is not None:
+            observer.reconnecting(label, name, error)

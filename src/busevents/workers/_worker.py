@@ -21,6 +21,7 @@ time.  Policies:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -29,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._contracts import ORIGIN_PREFIX, Accepted, Delivery, Event, Handler, Publisher
-from .._errors import ConfigError, HandlerError, bounded_text
+from .._errors import BusEventsError, ConfigError, HandlerError, bounded_text
 from .._groups import single_error
 from .._retry import RetryPolicy
 from ._listener import Readiness, RecentIds, listen_with_retry
+from ._observe import WorkerObserver, log_context, push_log_context
 
 if TYPE_CHECKING:
     from .._client import EventsClient
@@ -243,19 +245,74 @@ async def run_worker(
             await nursery.start(run_worker, client, worker)
             ...  # the worker is listening
     """
-    loop = _WorkerLoop(client, worker, readiness if readiness is not None else Readiness())
+    await run_observed_worker(client, worker, readiness=readiness, task_status=task_status)
+
+
+async def run_observed_worker(
+    client: EventsClient,
+    worker: Worker,
+    *,
+    readiness: Readiness | None = None,
+    observer: WorkerObserver | None = None,
+    task_status: trio.TaskStatus[Readiness] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """:func:`run_worker` reporting to ``observer`` (metrics, readiness per stream)."""
+    loop = _WorkerLoop(
+        client, worker, readiness if readiness is not None else Readiness(), observer
+    )
     with single_error():
         await loop.run(task_status)
+
+
+class _ObservedPublisher(ClientPublisher):
+    """A :class:`ClientPublisher` that reports each publish to the worker's observer."""
+
+    __slots__ = ("observer", "worker")
+
+    def __init__(self, client: EventsClient, observer: WorkerObserver, worker: str) -> None:
+        super().__init__(client)
+        self.observer = observer
+        self.worker = worker
+
+    async def send(self, *args: Any, **kwargs: Any) -> Accepted:
+        try:
+            accepted = await super().send(*args, **kwargs)
+        except BusEventsError as exc:
+            self.observer.publish_failed(self.worker, exc)
+            raise
+        self.observer.published(self.worker, reply=False)
+        return accepted
+
+    async def reply(self, *args: Any, **kwargs: Any) -> Accepted:
+        try:
+            accepted = await super().reply(*args, **kwargs)
+        except BusEventsError as exc:
+            self.observer.publish_failed(self.worker, exc)
+            raise
+        self.observer.published(self.worker, reply=True)
+        return accepted
 
 
 class _WorkerLoop:
     """The state of one running worker."""
 
-    def __init__(self, client: EventsClient, worker: Worker, readiness: Readiness) -> None:
+    def __init__(
+        self,
+        client: EventsClient,
+        worker: Worker,
+        readiness: Readiness,
+        observer: WorkerObserver | None = None,
+    ) -> None:
         self.client = client
         self.worker = worker
         self.readiness = readiness
-        self.publisher: Publisher = ClientPublisher(client)  # checks it meets the protocol
+        # Without an observer the hooks are the base class's no-ops.
+        self.observer = observer or WorkerObserver()
+        self.publisher: Publisher = (  # the annotation checks it meets the protocol
+            ClientPublisher(client)
+            if observer is None
+            else _ObservedPublisher(client, observer, worker.label)
+        )
         self.limiter = trio.CapacityLimiter(worker.concurrency)
         self.in_flight: set[trio.CancelScope] = set()
         self.closing_deadline: float | None = None
@@ -271,6 +328,18 @@ class _WorkerLoop:
         # Every part exists before any stream connects: readiness never
         # flickers true while only some streams are up.
         parts = [self.readiness.child() for _ in worker.names]
+        self.observer.declare(worker.label, worker.names)
+        # run_worker may run in its caller's task: undo the context when it returns.
+        context = push_log_context(worker=worker.label)
+        try:
+            await self._run(task_status, policy, parts)
+        finally:
+            log_context.reset(context)
+
+    async def _run(
+        self, task_status: trio.TaskStatus[Readiness], policy: RetryPolicy, parts: list[Readiness]
+    ) -> None:
+        worker = self.worker
         async with trio.open_nursery() as handlers:
             self.handlers = handlers
             try:
@@ -278,7 +347,7 @@ class _WorkerLoop:
                     self.listeners = listeners
                     for name, part in zip(worker.names, parts, strict=True):
                         recent = RecentIds(worker.dedup_window) if worker.replay else None
-                        consume = partial(self._consume, recent=recent)
+                        consume = partial(self._consume, name=name, recent=recent)
                         listeners.start_soon(
                             partial(
                                 self._listen,
@@ -292,6 +361,7 @@ class _WorkerLoop:
                                 replay=worker.replay,
                                 stall_timeout=worker.stall_timeout,
                                 label=worker.label,
+                                observer=self.observer,
                             )
                         )
                         self.listening += 1
@@ -312,20 +382,22 @@ class _WorkerLoop:
                 event_name=event.name,
             ) from exc
 
-    async def _listen(self, *args: Any, **kwargs: Any) -> None:
+    async def _listen(self, name: str, *args: Any, **kwargs: Any) -> None:
+        push_log_context(event_name=name)  # the listener's log records name the stream
         try:
-            await listen_with_retry(self.client, *args, **kwargs)
+            await listen_with_retry(self.client, name, *args, **kwargs)
         finally:
             self.listening -= 1
             if not self.listening:
                 self.start_scope.cancel()  # nothing left that could become ready
 
-    async def _consume(self, stream: EventStream, *, recent: RecentIds | None) -> None:
+    async def _consume(self, stream: EventStream, *, name: str, recent: RecentIds | None) -> None:
         handlers = self.handlers
         assert handlers is not None
         async for batch in stream.batches():
             for event in batch:
                 if recent is not None and recent.seen(event.id):
+                    self.observer.duplicate(self.worker.label, name)
                     log.debug(
                         "%s: skipped %s event %s: already handled",
                         self.worker.label,
@@ -335,9 +407,16 @@ class _WorkerLoop:
                     continue
                 token = object()  # the limiter's borrower: one per handler task
                 await self.limiter.acquire_on_behalf_of(token)
-                handlers.start_soon(self._handle, event, token)
+                self.observer.received(self.worker.label, name)
+                handlers.start_soon(self._handle, event, name, token)
 
-    async def _handle(self, event: Event, token: object) -> None:
+    async def _handle(self, event: Event, name: str, token: object) -> None:
+        # The handler's own log records carry the event too (see _observe.log_context).
+        push_log_context(
+            event_name=event.name, event_id=event.id, correlation_id=event.correlation_id
+        )
+        self.observer.handler_started(self.worker.label, name)
+        started, ok = time.perf_counter(), False
         try:
             with trio.CancelScope(shield=True) as scope:
                 # Shielded from the worker's cancellation; _close() gives it a deadline.
@@ -346,6 +425,7 @@ class _WorkerLoop:
                 self.in_flight.add(scope)
                 try:
                     await self.worker.handler(event, self.publisher)
+                    ok = True
                 except Exception as exc:
                     self._failed(event, exc)
                 finally:
@@ -359,6 +439,9 @@ class _WorkerLoop:
                     self.worker.grace_period,
                 )
         finally:
+            self.observer.handler_finished(
+                self.worker.label, name, time.perf_counter() - started, ok
+            )
             self.limiter.release_on_behalf_of(token)
 
     def _failed(self, event: Event, exc: Exception) -> None:
