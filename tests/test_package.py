@@ -261,11 +261,11 @@ def test_stored_top_level_help_matches_cyclopts() -> None:
     assert stored() == render(), "run: python -m busevents.cli._helptext --write"
 
 
-def test_readme_reference_is_the_real_help() -> None:
-    from busevents.cli._helptext import readme_with_reference
+def test_cli_reference_is_the_real_help() -> None:
+    from busevents.cli._helptext import reference
 
-    readme = (ROOT / "README.md").read_text()
-    assert readme == readme_with_reference(readme), "run: python -m busevents.cli._helptext --write"
+    stored = (ROOT / "docs" / "cli.md").read_text()
+    assert stored == reference(), "run: python -m busevents.cli._helptext --write"
 
 
 def test_every_command_has_a_summary_and_an_example() -> None:
