@@ -208,6 +208,24 @@ async def test_cli_delivers_complete_lines_then_exits_1(run_cli, fault_env) -> N
     assert TOKEN not in result.stderr
 
 
+@pytest.mark.parametrize("option", [("--count", "2"), ("--correlation-id", "c"), ("--count", "1")])
+async def test_cli_count_and_correlation_split_lines_on_newline_only(
+    run_cli, fault_env, option: tuple[str, str]
+) -> None:  # type: ignore[no-untyped-def]
+    """A bare CR is JSON whitespace: it must not cut an envelope in two."""
+    lines = [
+        b'{"id":"1-0",\r"name":"example.fault",\r"correlationId":"c","payload":1}\n',
+        b'{"id":"2-0","name":"example.fault","correlationId":"c",\r"payload":2}\n',
+    ]
+    async with serve_raw(answer(stream_head() + b"".join(lines))) as url:
+        result = await run_cli(
+            "--api-url", url, "listen", "--name", "example.fault", *option, env=fault_env
+        )
+    assert result.status == 0, result.stderr
+    wanted = lines[:1] if option == ("--count", "1") else lines
+    assert result.stdout == b"".join(wanted)
+
+
 async def test_cli_error_page_is_one_line_with_the_status(run_cli, fault_env) -> None:  # type: ignore[no-untyped-def]
     page = b"<html><body><h1>403 Forbidden</h1>" + b"<p>go away</p>" * 10000 + b"</body></html>"
     async with serve_raw(answer(response("403 Forbidden", page, "text/html"))) as url:

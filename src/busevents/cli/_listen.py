@@ -346,7 +346,9 @@ class EventWriter:
             n = len(events)
         else:
             if self.correlation_id is not None or left is not None or seen is not None:
-                lines = unit.splitlines(keepends=True)
+                # "\n" only: a bare CR is JSON whitespace inside a line, not a line end.
+                *whole, rest = unit.split(b"\n")
+                lines = [line + b"\n" for line in whole] + ([rest] if rest else [])
                 if seen is not None:
                     ids = [_id_decoder()(x).id for x in lines]
                     lines = [x for x, i in zip(lines, ids, strict=True) if i not in seen]
