@@ -282,3 +282,30 @@ async def test_console_script_is_installed(cli_env) -> None:  # type: ignore[no-
     script = Path(sys.executable).with_name("bus-events")
     proc = await trio.run_process([str(script), "--version"], env=cli_env, capture_stdout=True)
     assert proc.stdout.decode() == f"bus-events {__version__}\n"
+
+
+async def test_dev_token_write_is_private_atomic_and_never_follows_a_symlink(
+    run_cli, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    root = tmp_path / "config"
+    env = {"BUS_API_JWT_SECRET": "write-test-secret-" * 3, "BUS_CONFIG_DIR": str(root)}
+    result = await run_cli("dev-token", "--write", env=env)
+    assert result.status == 0, result.stderr
+    path = root / "auth" / "api-token"
+    first = path.read_text()
+    assert first.count(".") == 2 and first.endswith("\n")  # a JWT, one line
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert first.strip() not in result.stderr and result.stdout == b""
+    # Written again: replaced whole, still private, no temporary file left behind.
+    again = await run_cli("dev-token", "--write", "--subject", "other", env=env)
+    assert again.status == 0 and path.read_text() != first
+    assert sorted(p.name for p in path.parent.iterdir()) == ["api-token"]
+    # A symlink there (someone else's file behind it) is refused and left alone.
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    victim.chmod(0o644)
+    path.unlink()
+    path.symlink_to(victim)
+    refused = await run_cli("dev-token", "--write", env=env)
+    assert refused.status == 1 and "symbolic link" in refused.stderr
+    assert victim.read_text() == "keep me\n" and victim.stat().st_mode & 0o777 == 0o644

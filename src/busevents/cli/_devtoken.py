@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from pathlib import Path
 from typing import Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_OK, Duration, app, current
+from ._app import EXIT_FAILURE, EXIT_OK, Duration, app, current
 from ._serve import provider_module, secret
 
 __all__ = ["dev_token"]
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, mode 600, atomically; never through a symlink.
+
+    The new file is written beside ``path`` and renamed over it, so a symlink
+    there would be replaced, not followed (the caller refuses symlinks first).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, temp = tempfile.mkstemp(prefix=".api-token-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:  # mkstemp: mode 600, O_EXCL
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
 
 _ONE_HOUR = Duration(3600.0)
 
@@ -46,11 +69,11 @@ def dev_token(
     g = current()
     if write:
         path = config_root() / "auth" / "api-token"
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        os.chmod(path, 0o600)
+        if path.is_symlink():
+            # Someone else's file may be behind it: never write through it.
+            g.diagnostics().error(f"{path} is a symbolic link; remove it, then write again")
+            return EXIT_FAILURE
+        _write_private(path, token + "\n")
         g.diagnostics().note(f"wrote a token for {subject!r} ({scope}) to {path}")
         return EXIT_OK
     results = g.results()
