@@ -121,3 +121,34 @@ async def test_text_lines_are_aligned_and_uncolored(run_cli, env) -> None:  # ty
 async def test_bad_listen_options_are_usage_errors(run_cli, env, args, message) -> None:  # type: ignore[no-untyped-def]
     result = await run_cli("listen", "--name", "example.hist", *args, env=env)
     assert result.status == 2 and message in result.stderr
+
+
+async def test_listen_into_a_pipe_widens_the_pipe(env, cli_env) -> None:  # type: ignore[no-untyped-def]
+    """A stream into `| next-tool` gets a larger pipe buffer (fewer blocking writes)."""
+    import fcntl
+    import os
+    import sys
+
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", None)
+    if get_size is None:
+        pytest.skip("F_GETPIPE_SZ is Linux only")
+    read_end, write_end = os.pipe()
+    try:
+        before = fcntl.fcntl(read_end, get_size)
+        proc = await trio.run_process(
+            [sys.executable, "-m", "busevents", "listen", *HISTORY, "--no-follow"],
+            env={**cli_env, **env},
+            stdout=write_end,
+            capture_stderr=True,
+            check=False,
+        )
+        assert proc.returncode == 0
+        os.close(write_end)
+        write_end = -1
+        lines = os.read(read_end, 1 << 20).splitlines()
+        assert [json.loads(line)["payload"]["n"] for line in lines] == [0, 1, 2, 3, 4]
+        assert before < 1 << 20 <= fcntl.fcntl(read_end, get_size)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)

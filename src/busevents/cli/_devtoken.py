@@ -35,6 +35,7 @@ def _write_private(path: Path, text: str) -> None:
             os.unlink(temp)
         raise
 
+
 _ONE_HOUR = Duration(3600.0)
 
 

@@ -174,6 +174,7 @@ async def _listen(
         try:
             async with client.listen(name, **options) as stream:
                 writer.results.open()
+                writer.results.widen_pipe()
                 since = trio.current_time()
                 try:
                     await writer.run(stream)
