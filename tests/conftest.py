@@ -70,7 +70,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def run_cli(cli_env: dict[str, str], tmp_path: Path):  # type: ignore[no-untyped-def]
+def run_cli(cli_env: dict[str, str], tmp_path: Path):
     """Run ``bus-events ARGS`` as a subprocess (``python -m busevents``)."""
 
     async def run(

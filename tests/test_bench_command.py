@@ -29,7 +29,7 @@ def env(provider: RunningProvider) -> dict[str, str]:
 
 
 @pytest.fixture
-def bench(cli_env: dict[str, str], env: dict[str, str], tmp_path: Path):  # type: ignore[no-untyped-def]
+def bench(cli_env: dict[str, str], env: dict[str, str], tmp_path: Path):
     """Run ``bus-events ARGS`` (with ``bench`` registered) as a subprocess."""
 
     async def run(*args: str, extra_env: Mapping[str, str] | None = None) -> Result:
@@ -54,7 +54,7 @@ async def stored(provider: RunningProvider, name: str) -> int:
             return sum([len(batch) async for batch in stream.batches()])
 
 
-async def test_broadcast_bench_json_report(bench, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_broadcast_bench_json_report(bench, provider, tmp_path: Path) -> None:
     path = tmp_path / "report.json"
     result = await bench(
         "-f", "json", "bench", "--name", "bench.cli", "--publishers", "2", "--listeners", "2",
@@ -75,7 +75,7 @@ async def test_broadcast_bench_json_report(bench, provider, tmp_path: Path) -> N
     assert "\r" not in result.stderr and result.stderr.count("\n") == 1
 
 
-async def test_unicast_bench_prints_the_summary(bench) -> None:  # type: ignore[no-untyped-def]
+async def test_unicast_bench_prints_the_summary(bench) -> None:
     result = await bench(
         "bench", "--name", "bench.cli", "--publishers", "2", "--listeners", "3",
         "--delivery", "unicast", "--group", "workers", "--events", "300", "--warmup", "0s",
@@ -89,7 +89,7 @@ async def test_unicast_bench_prints_the_summary(bench) -> None:  # type: ignore[
     assert out.rstrip().endswith("verdict: OK, the group got every event exactly once")
 
 
-async def test_dry_run_prints_the_plan_and_sends_nothing(bench, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_dry_run_prints_the_plan_and_sends_nothing(bench, provider) -> None:
     result = await bench(
         "bench", "--name", "bench.dry", "--publishers", "4", "--listeners", "10",
         "--rate", "200/s", "--duration", "30s", "--dry-run",
@@ -114,7 +114,7 @@ async def test_dry_run_prints_the_plan_and_sends_nothing(bench, provider) -> Non
         (["--name", "bench.x", "--duration", "5"], "missing unit"),
     ],
 )
-async def test_guard_rails_exit_2_and_send_nothing(bench, provider, args, message) -> None:  # type: ignore[no-untyped-def]
+async def test_guard_rails_exit_2_and_send_nothing(bench, provider, args, message) -> None:
     result = await bench("bench", *args)
     assert result.status == 2
     assert message in result.stderr and result.stderr.count("\n") == 1
@@ -124,23 +124,21 @@ async def test_guard_rails_exit_2_and_send_nothing(bench, provider, args, messag
 
 async def test_an_unwritable_report_is_found_before_anything_is_sent(
     bench, provider, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     path = tmp_path / "missing" / "report.json"
     result = await bench("bench", "--name", "bench.x", "--report", str(path))
     assert result.status == 1 and f"cannot write the report to {path}" in result.stderr
     assert provider.backend.stats.published == 0
 
 
-async def test_reserved_name_allowed_still_meets_the_provider_policy(bench) -> None:  # type: ignore[no-untyped-def]
+async def test_reserved_name_allowed_still_meets_the_provider_policy(bench) -> None:
     result = await bench("bench", "--name", "bus.vm.bench", "--allow-reserved", "--events", "5")
     assert result.status == 1
     assert "HTTP 403" in result.stderr and 'bus auth token --scope "vm:' in result.stderr
     assert result.stdout == b""
 
 
-async def test_ctrl_c_stops_worker_processes_with_a_partial_report(  # type: ignore[no-untyped-def]
-    cli_env, env, provider
-) -> None:
+async def test_ctrl_c_stops_worker_processes_with_a_partial_report(cli_env, env, provider) -> None:
     args = [
         "-f", "json", "bench", "--name", "bench.stop", "--publishers", "2", "--listeners", "2",
         "--duration", "60s", "--rate", "200/s", "--warmup", "0s", "--processes", "2",

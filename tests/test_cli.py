@@ -20,7 +20,7 @@ def env(provider: RunningProvider) -> dict[str, str]:
     return {"BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token(subject="cli")}
 
 
-async def test_send_prints_the_acceptance(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_send_prints_the_acceptance(run_cli, env, provider) -> None:
     result = await run_cli("send", "--name", "example.ping", "--payload", '{"ok":true}', env=env)
     assert result.status == 0, result.stderr
     word, name, event_id = result.out.split()
@@ -40,7 +40,7 @@ async def test_send_prints_the_acceptance(run_cli, env, provider) -> None:  # ty
     )
 
 
-async def test_listen_replay_no_follow_writes_ndjson_as_received(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_listen_replay_no_follow_writes_ndjson_as_received(run_cli, env, provider) -> None:
     async with EventsClient(provider.url, env["BUS_API_TOKEN"]) as client:
         for i in range(3):
             await client.send("example.history", {"n": i}, correlation_id=f"c{i}")
@@ -63,7 +63,7 @@ async def test_listen_replay_no_follow_writes_ndjson_as_received(run_cli, env, p
     )
 
 
-async def test_invalid_payload_exits_2_and_sends_nothing(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_payload_exits_2_and_sends_nothing(run_cli, env, provider) -> None:
     result = await run_cli("send", "--name", "example.bad", "--payload", '{"ok": tru}', env=env)
     assert result.status == 2
     assert "--payload is not valid JSON" in result.stderr and result.stderr.count("\n") == 1
@@ -85,7 +85,7 @@ async def test_invalid_payload_exits_2_and_sends_nothing(run_cli, env, provider)
         ["frobnicate"],
     ],
 )
-async def test_usage_errors_exit_2_with_one_line(run_cli, env, args) -> None:  # type: ignore[no-untyped-def]
+async def test_usage_errors_exit_2_with_one_line(run_cli, env, args) -> None:
     result = await run_cli(*args, env=env)
     assert result.status == 2
     assert result.stderr.startswith("bus-events: error: ")
@@ -94,19 +94,19 @@ async def test_usage_errors_exit_2_with_one_line(run_cli, env, args) -> None:  #
     assert "abc" not in result.stderr or "--token" not in args[:1]
 
 
-async def test_missing_url_names_both_sources(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_missing_url_names_both_sources(run_cli) -> None:
     result = await run_cli("send", "--name", "x", env={"BUS_API_TOKEN": "t"})
     assert result.status == 2
     assert "--api-url" in result.stderr and "BUS_EVENTS_API_URL" in result.stderr
 
 
-async def test_bad_request_exits_1(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_request_exits_1(run_cli, env) -> None:
     result = await run_cli("listen", "--name", "example.*", env=env)
     assert result.status == 1
     assert "HTTP 400 bad_request" in result.stderr and "wildcard" in result.stderr
 
 
-async def test_unauthorized_exits_1_without_the_token(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_unauthorized_exits_1_without_the_token(run_cli, env) -> None:
     canary = "canary-not-a-jwt"
     result = await run_cli("-vv", "send", "--name", "x.y", env={**env, "BUS_API_TOKEN": canary})
     assert result.status == 1
@@ -114,7 +114,7 @@ async def test_unauthorized_exits_1_without_the_token(run_cli, env) -> None:  # 
     assert canary not in result.stderr and canary.encode() not in result.stdout
 
 
-async def test_forbidden_prints_the_scope_hint(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_forbidden_prints_the_scope_hint(run_cli, env, provider) -> None:
     token = provider.token(scopes="events:send events:listen")
     result = await run_cli(
         "send",
@@ -129,7 +129,7 @@ async def test_forbidden_prints_the_scope_hint(run_cli, env, provider) -> None: 
     assert 'bus auth token --scope "vm:write"' in result.stderr
 
 
-async def test_a_reserved_name_gets_no_scope_hint(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_a_reserved_name_gets_no_scope_hint(run_cli, env, provider) -> None:
     """No scope opens a reserved bus.* name, so the CLI suggests none."""
     token = provider.token(scopes="events:send events:listen vm:write")
     result = await run_cli(
@@ -140,7 +140,7 @@ async def test_a_reserved_name_gets_no_scope_hint(run_cli, env, provider) -> Non
     assert "hint" not in result.stderr and "bus auth token" not in result.stderr
 
 
-async def test_help_and_version(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_help_and_version(run_cli) -> None:
     for flag in ("-V", "--version"):
         result = await run_cli(flag)
         assert (result.status, result.out) == (0, f"bus-events {__version__}\n")
@@ -158,7 +158,7 @@ async def test_help_and_version(run_cli) -> None:  # type: ignore[no-untyped-def
     assert result.status == 0 and "--correlation-id" in result.out
 
 
-async def test_quiet_output_chdir_and_verbose(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_quiet_output_chdir_and_verbose(run_cli, env, provider, tmp_path: Path) -> None:
     quiet = await run_cli("-q", "send", "--name", "example.flags", env=env)
     assert quiet.status == 0 and quiet.stdout == b"" and quiet.stderr == ""
 
@@ -195,7 +195,7 @@ async def test_quiet_output_chdir_and_verbose(run_cli, env, provider, tmp_path: 
     assert env["BUS_API_TOKEN"] not in very.stderr
 
 
-async def test_color_only_on_stderr_and_only_when_asked(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_color_only_on_stderr_and_only_when_asked(run_cli, env) -> None:
     bad = ["listen", "--name", "bad name"]
     always = await run_cli("--color", "always", *bad, env=env)
     assert always.status == 1 and "\x1b[" in always.stderr and b"\x1b[" not in always.stdout
@@ -209,7 +209,7 @@ async def test_color_only_on_stderr_and_only_when_asked(run_cli, env) -> None:  
         assert plain.status == 1 and "\x1b[" not in plain.stderr, flags
 
 
-async def test_api_url_and_token_file_flags(run_cli, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_api_url_and_token_file_flags(run_cli, provider, tmp_path: Path) -> None:
     token_file = tmp_path / "tok"
     token_file.write_text("  " + provider.token(subject="via-flag") + "\n")
     token_file.chmod(0o600)
@@ -227,7 +227,7 @@ async def test_api_url_and_token_file_flags(run_cli, provider, tmp_path: Path) -
     assert stored["identity_id"] == "via-flag"
 
 
-async def test_token_discovery_through_the_cli(run_cli, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_token_discovery_through_the_cli(run_cli, provider, tmp_path: Path) -> None:
     def token_file(name: str, subject: str) -> str:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,12 +273,12 @@ async def test_token_discovery_through_the_cli(run_cli, provider, tmp_path: Path
     assert await provider_history(provider, "example.repo") == []
 
 
-async def test_listen_timeout_is_an_overall_deadline(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_listen_timeout_is_an_overall_deadline(run_cli, env) -> None:
     result = await run_cli("--timeout", "500ms", "listen", "--name", "example.silent", env=env)
     assert result.status == 0 and result.stdout == b""
 
 
-async def test_console_script_is_installed(cli_env) -> None:  # type: ignore[no-untyped-def]
+async def test_console_script_is_installed(cli_env) -> None:
     script = Path(sys.executable).with_name("bus-events")
     proc = await trio.run_process([str(script), "--version"], env=cli_env, capture_stdout=True)
     assert proc.stdout.decode() == f"bus-events {__version__}\n"
@@ -286,7 +286,7 @@ async def test_console_script_is_installed(cli_env) -> None:  # type: ignore[no-
 
 async def test_dev_token_write_is_private_atomic_and_never_follows_a_symlink(
     run_cli, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     root = tmp_path / "config"
     env = {"BUS_API_JWT_SECRET": "write-test-secret-" * 3, "BUS_CONFIG_DIR": str(root)}
     result = await run_cli("dev-token", "--write", env=env)

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 
-async def test_bash_completion_completes_commands_and_options(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_bash_completion_completes_commands_and_options(run_cli, tmp_path: Path) -> None:
     result = await run_cli("completion", "--shell", "bash")
     assert result.status == 0, result.stderr
     script = tmp_path / "completion.bash"
@@ -32,12 +32,12 @@ async def test_bash_completion_completes_commands_and_options(run_cli, tmp_path:
 
 
 @pytest.mark.parametrize("shell", ["zsh", "fish"])
-async def test_other_shells_get_a_script(run_cli, shell: str) -> None:  # type: ignore[no-untyped-def]
+async def test_other_shells_get_a_script(run_cli, shell: str) -> None:
     result = await run_cli("completion", "--shell", shell)
     assert result.status == 0 and b"bus-events" in result.stdout and b"listen" in result.stdout
 
 
-async def test_install_writes_where_the_shell_looks(run_cli, cli_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_install_writes_where_the_shell_looks(run_cli, cli_env, tmp_path: Path) -> None:
     result = await run_cli("completion", "--shell", "bash", "--install")
     assert result.status == 0, result.stderr
     installed = Path(cli_env["HOME"]) / ".local/share/bash-completion/completions/bus-events"
@@ -45,7 +45,7 @@ async def test_install_writes_where_the_shell_looks(run_cli, cli_env, tmp_path: 
     assert str(installed) in result.stderr
 
 
-async def test_unknown_shell_is_a_usage_error(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_unknown_shell_is_a_usage_error(run_cli) -> None:
     result = await run_cli("completion", env={"SHELL": "/bin/tcsh"})
     assert result.status == 2 and "--shell" in result.stderr
     assert shutil.which("bash")

@@ -10,7 +10,7 @@ from .conftest import Result
 
 
 @pytest.mark.parametrize("count", [1, 3])
-async def test_demo_round_trip(run_cli, count: int) -> None:  # type: ignore[no-untyped-def]
+async def test_demo_round_trip(run_cli, count: int) -> None:
     result: Result = await run_cli("demo", "--count", str(count))
     assert result.status == 0, result.stderr
     events = [json.loads(line) for line in result.out.splitlines()]
@@ -24,7 +24,7 @@ async def test_demo_round_trip(run_cli, count: int) -> None:  # type: ignore[no-
     assert f"returned the {count} stored events" in result.stderr
 
 
-async def test_demo_text_format_and_a_bad_count(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_demo_text_format_and_a_bad_count(run_cli) -> None:
     text = await run_cli("-f", "text", "demo", "--count", "2", "--name", "example.demo")
     assert text.status == 0, text.stderr
     rows = text.out.splitlines()

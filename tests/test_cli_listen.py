@@ -25,25 +25,25 @@ async def env(provider: RunningProvider) -> dict[str, str]:
 HISTORY = ["--name", "example.hist", "--replay"]
 
 
-async def test_count_stops_after_n_events(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_count_stops_after_n_events(run_cli, env) -> None:
     result = await run_cli("listen", *HISTORY, "--count", "2", env=env)
     assert result.status == 0, result.stderr
     assert [json.loads(x)["payload"] for x in result.stdout.splitlines()] == [{"n": 0}, {"n": 1}]
 
 
-async def test_count_not_reached_before_the_end_is_exit_1(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_count_not_reached_before_the_end_is_exit_1(run_cli, env) -> None:
     result = await run_cli("listen", *HISTORY, "--no-follow", "--count", "9", env=env)
     assert result.status == 1
     assert len(result.stdout.splitlines()) == 5
     assert "5 of the 9 events asked for arrived before the stream ended" in result.stderr
 
 
-async def test_count_not_reached_before_the_timeout_is_exit_1(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_count_not_reached_before_the_timeout_is_exit_1(run_cli, env) -> None:
     result = await run_cli("--timeout", "1s", "listen", *HISTORY, "--count", "9", env=env)
     assert result.status == 1 and len(result.stdout.splitlines()) == 5
 
 
-async def test_correlation_id_filter_keeps_the_original_line(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_correlation_id_filter_keeps_the_original_line(run_cli, env, provider) -> None:
     full = await run_cli("listen", *HISTORY, "--no-follow", env=env)
     wanted = [x for x in full.stdout.splitlines(keepends=True) if b'"c3"' in x]
     result = await run_cli("listen", *HISTORY, "--correlation-id", "c3", "--count", "1", env=env)
@@ -55,7 +55,7 @@ async def test_correlation_id_filter_keeps_the_original_line(run_cli, env, provi
     assert "c1" in row and '{"n":1}' in row
 
 
-async def test_waiting_for_a_reply_with_count_1(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_waiting_for_a_reply_with_count_1(run_cli, env, provider) -> None:
     async def reply_later() -> None:
         # Once the CLI's listener is subscribed, the replies cannot be missed.
         await wait_for(lambda: provider.backend.subscriber_count("example.reply") == 1)
@@ -81,13 +81,13 @@ async def test_waiting_for_a_reply_with_count_1(run_cli, env, provider) -> None:
     assert json.loads(result.stdout)["payload"] == {"done": True}
 
 
-async def test_idle_timeout_reads_what_is_there_then_stops(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_idle_timeout_reads_what_is_there_then_stops(run_cli, env) -> None:
     result = await run_cli("listen", *HISTORY, "--idle-timeout", "700ms", env=env)
     assert result.status == 0, result.stderr
     assert len(result.stdout.splitlines()) == 5
 
 
-async def test_stats_summary_on_stderr(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_stats_summary_on_stderr(run_cli, env) -> None:
     result = await run_cli("listen", *HISTORY, "--no-follow", "--stats", env=env)
     assert result.status == 0
     assert len(result.stdout.splitlines()) == 5
@@ -100,7 +100,7 @@ async def test_stats_summary_on_stderr(run_cli, env) -> None:  # type: ignore[no
     assert quiet.stdout == b"" and quiet.stderr == ""
 
 
-async def test_text_lines_are_aligned_and_uncolored(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_text_lines_are_aligned_and_uncolored(run_cli, env) -> None:
     result = await run_cli(
         "--color", "always", "-f", "text", "listen", *HISTORY, "--no-follow", env=env
     )
@@ -118,12 +118,12 @@ async def test_text_lines_are_aligned_and_uncolored(run_cli, env) -> None:  # ty
         (["--group", "g"], "--group needs --delivery unicast"),
     ],
 )
-async def test_bad_listen_options_are_usage_errors(run_cli, env, args, message) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_listen_options_are_usage_errors(run_cli, env, args, message) -> None:
     result = await run_cli("listen", "--name", "example.hist", *args, env=env)
     assert result.status == 2 and message in result.stderr
 
 
-async def test_listen_into_a_pipe_widens_the_pipe(env, cli_env) -> None:  # type: ignore[no-untyped-def]
+async def test_listen_into_a_pipe_widens_the_pipe(env, cli_env) -> None:
     """A stream into `| next-tool` gets a larger pipe buffer (fewer blocking writes)."""
     import fcntl
     import os

@@ -208,7 +208,7 @@ async def test_without_retry_a_dropped_connection_is_exit_1(
     assert cli.returncode == 1
 
 
-async def test_max_retries_gives_up_with_exit_1(run_cli, unused_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_max_retries_gives_up_with_exit_1(run_cli, unused_url: str, tmp_path: Path) -> None:
     """Nothing listens: with --retry the listen keeps trying, --max-retries bounds it."""
     write_token(tmp_path / "token", token())
     result = await run_cli(

@@ -50,7 +50,7 @@ async def stored_lines(provider: RunningProvider, name: str) -> list[bytes]:
             ]
 
 
-async def test_request_prints_the_response_as_received_and_exits_0(  # type: ignore[no-untyped-def]
+async def test_request_prints_the_response_as_received_and_exits_0(
     run_cli, env, provider, echo_worker
 ) -> None:
     result = await run_cli("-f", "json", "request", *REQUEST, "--payload", '{"n": 1}', env=env)
@@ -72,16 +72,14 @@ async def test_request_prints_the_response_as_received_and_exits_0(  # type: ign
     assert when.endswith("Z") and event_id and correlation_id != "-"
 
 
-async def test_an_error_response_exits_1_and_still_prints_it(  # type: ignore[no-untyped-def]
-    run_cli, env, echo_worker
-) -> None:
+async def test_an_error_response_exits_1_and_still_prints_it(run_cli, env, echo_worker) -> None:
     result = await run_cli("request", *REQUEST, "--payload", '"fail"', "-f", "json", env=env)
     assert result.status == 1
     assert json.loads(result.out)["payload"] == {"error": "bad_request", "message": "no thanks"}
     assert "error response bad_request" in result.stderr and "no thanks" in result.stderr
 
 
-async def test_no_response_in_time_exits_1(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_no_response_in_time_exits_1(run_cli, env) -> None:
     started = trio.current_time()
     before = await run_cli("--timeout", "300ms", "request", *REQUEST, env=env)
     after = await run_cli("request", *REQUEST, "--timeout", "300ms", env=env)  # still global
@@ -93,9 +91,7 @@ async def test_no_response_in_time_exits_1(run_cli, env) -> None:  # type: ignor
     assert elapsed < 20
 
 
-async def test_invalid_usage_exits_2_and_sends_nothing(  # type: ignore[no-untyped-def]
-    run_cli, env, provider
-) -> None:
+async def test_invalid_usage_exits_2_and_sends_nothing(run_cli, env, provider) -> None:
     bad_json = await run_cli("request", *REQUEST, "--payload", "{nope", env=env)
     assert bad_json.status == 2
     assert "--payload is not valid JSON" in bad_json.stderr

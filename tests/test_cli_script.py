@@ -27,7 +27,7 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-async def test_a_script_runs_its_lines_in_order(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_script_runs_its_lines_in_order(run_cli, env, provider, tmp_path: Path) -> None:
     write(
         tmp_path / "ping.bus",
         """#!/usr/bin/env -S bus-events run
@@ -58,7 +58,7 @@ events listen --name example.script --replay --no-follow --count 1
 
 async def test_an_error_on_the_last_line_stops_everything(
     run_cli, env, provider, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(
         tmp_path / "broken.bus",
         'events send --name example.never --payload 1\nevents send --name example.never --payload \'{"open": 1}\n',
@@ -91,7 +91,7 @@ async def test_an_error_on_the_last_line_stops_everything(
 )
 async def test_preflight_errors_name_file_and_line(
     run_cli, env, provider, tmp_path: Path, text: str, message: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(
         tmp_path / "broken.bus",
         "events send --name example.never\n" + text if "--format yaml" not in text else text,
@@ -102,7 +102,7 @@ async def test_preflight_errors_name_file_and_line(
     assert await stored(provider, "example.never") == []
 
 
-async def test_includes_and_cycles(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_includes_and_cycles(run_cli, env, provider, tmp_path: Path) -> None:
     (tmp_path / "lib").mkdir()
     write(tmp_path / "main.bus", "events send --name example.inc --payload 1\nlib/more.bus\n")
     write(tmp_path / "lib" / "more.bus", "events send --name example.inc --payload 2\n")
@@ -119,7 +119,7 @@ async def test_includes_and_cycles(run_cli, env, provider, tmp_path: Path) -> No
 
 async def test_first_failure_stops_the_run_with_its_status(
     run_cli, env, provider, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(
         tmp_path / "stop.bus",
         "events send --name example.stop --payload 1\nevents listen --name 'bad*name'\nevents send --name example.stop --payload 2\n",
@@ -129,7 +129,7 @@ async def test_first_failure_stops_the_run_with_its_status(
     assert [e["payload"] for e in await stored(provider, "example.stop")] == [1]
 
 
-async def test_sticky_chdir_quiet_and_outer_output(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_sticky_chdir_quiet_and_outer_output(run_cli, env, provider, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     write(tmp_path / "data" / "p.json", '{"from": "data dir"}')
     write(
@@ -149,7 +149,7 @@ async def test_sticky_chdir_quiet_and_outer_output(run_cli, env, provider, tmp_p
     ]
 
 
-async def test_shebang_makes_a_script_executable(cli_env, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_shebang_makes_a_script_executable(cli_env, env, provider, tmp_path: Path) -> None:
     script = write(
         tmp_path / "hello.bus",
         "#!/usr/bin/env -S bus-events run\nevents send --name example.shebang\n",
@@ -174,7 +174,7 @@ def test_logical_lines_join_continuations_and_keep_line_numbers() -> None:
 
 async def test_a_lines_timeout_does_not_stick_to_the_next_line(
     run_cli, env, provider, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Only flags-only lines are sticky; a --timeout given on one command is that command's."""
     write(
         tmp_path / "timeouts.bus",

@@ -48,7 +48,7 @@ def write(path: Path, text: str) -> Path:
 )
 async def test_one_bad_line_means_nothing_runs(
     run_cli, env, provider, tmp_path: Path, text: str, message: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(tmp_path / "bad.bus", FIRST + text)
     result = await run_cli("run", "bad.bus", env=env)
     assert result.status == 2, result.stderr
@@ -68,7 +68,7 @@ async def test_one_bad_line_means_nothing_runs(
 )
 async def test_syntax_errors_exit_65(
     run_cli, env, provider, tmp_path: Path, text: str, line: int, message: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(tmp_path / "s.bus", FIRST + text)
     result = await run_cli("run", "s.bus", env=env)
     assert result.status == 65
@@ -78,7 +78,7 @@ async def test_syntax_errors_exit_65(
 
 async def test_a_syntax_error_in_a_later_file_stops_the_first(
     run_cli, env, provider, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(tmp_path / "one.bus", FIRST)
     write(tmp_path / "two.bus", '# a comment\nevents send --name "x\n')
     result = await run_cli("run", "one.bus", "two.bus", env=env)
@@ -88,7 +88,7 @@ async def test_a_syntax_error_in_a_later_file_stops_the_first(
 
 async def test_a_failing_command_is_named_with_its_line(
     run_cli, env, provider, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(
         tmp_path / "stop.bus",
         "events send --name example.stop --payload 1\n\n"
@@ -103,7 +103,7 @@ async def test_a_failing_command_is_named_with_its_line(
     assert [e["payload"] for e in await stored(provider, "example.stop")] == [1]
 
 
-async def test_sticky_resets_and_perf(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_sticky_resets_and_perf(run_cli, env, provider, tmp_path: Path) -> None:
     write(
         tmp_path / "flags.bus",
         "--perf\n--format json --verbose\nevents send --name example.sticky --payload 1\n"
@@ -120,7 +120,7 @@ async def test_sticky_resets_and_perf(run_cli, env, provider, tmp_path: Path) ->
     assert [e["payload"] for e in await stored(provider, "example.sticky")] == [1, 2, 3]
 
 
-async def test_the_runs_own_flags_reach_every_command(run_cli, env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_the_runs_own_flags_reach_every_command(run_cli, env, tmp_path: Path) -> None:
     """``--color`` given to run was dropped on the way to the commands before."""
     write(tmp_path / "c.bus", "events listen --name 'bad*name'\n")
     colored = await run_cli("--color", "always", "run", "c.bus", env=env)
@@ -134,7 +134,7 @@ async def test_the_runs_own_flags_reach_every_command(run_cli, env, tmp_path: Pa
 
 async def test_include_errors_name_the_including_line(
     run_cli, env, provider, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     write(tmp_path / "main.bus", FIRST + "# two\nmissing.bus\n")
     result = await run_cli("run", "main.bus", env=env)
     assert result.status == 2
@@ -149,7 +149,7 @@ async def test_include_errors_name_the_including_line(
     assert await stored(provider, "example.never") == []
 
 
-async def test_include_graphs_are_bounded(run_cli, env, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_include_graphs_are_bounded(run_cli, env, provider, tmp_path: Path) -> None:
     # Each level includes the next twice: 2^24 commands if nothing stopped it.
     for level in range(24):
         write(tmp_path / f"l{level}.bus", f"l{level + 1}.bus\nl{level + 1}.bus\n")

@@ -20,7 +20,7 @@ def env(provider: RunningProvider) -> dict[str, str]:
 
 async def test_payload_from_file_stdin_and_payload_file(
     run_cli, env, provider, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     (tmp_path / "p.json").write_text('{\n  "from": "file"\n}\n')
     assert (
         await run_cli("send", "--name", "example.src", "--payload", "@p.json", env=env)
@@ -49,14 +49,14 @@ async def test_payload_from_file_stdin_and_payload_file(
 )
 async def test_bad_payload_sources_send_nothing(
     run_cli, env, provider, tmp_path: Path, args, stdin, message
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     (tmp_path / "bad.json").write_text("{'single': 'quotes'}")
     result = await run_cli("send", "--name", "example.bad", *args, env=env, stdin=stdin)
     assert result.status == 2 and message in result.stderr
     assert await stored(provider, "example.bad") == []
 
 
-async def test_metadata_is_repeatable(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_metadata_is_repeatable(run_cli, env, provider) -> None:
     result = await run_cli(
         "send",
         "--name",
@@ -72,7 +72,7 @@ async def test_metadata_is_repeatable(run_cli, env, provider) -> None:  # type: 
     assert event["metadata"] == {"team": "ops", "ticket": "A-1=2"}
 
 
-async def test_ndjson_batch_reports_bad_lines_and_sends_the_rest(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_ndjson_batch_reports_bad_lines_and_sends_the_rest(run_cli, env, provider) -> None:
     lines = [
         b'{"name":"example.batch","payload":{"n":1},"correlationId":"a"}',
         b"",
@@ -108,7 +108,7 @@ async def test_ndjson_batch_reports_bad_lines_and_sends_the_rest(run_cli, env, p
     assert with_default.status == 0 and json.loads(with_default.out) == {"accepted": 1, "failed": 0}
 
 
-async def test_ndjson_fail_fast_stops_at_the_first_failure(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_ndjson_fail_fast_stops_at_the_first_failure(run_cli, env, provider) -> None:
     lines = [b"{broken"] + [b'{"name":"example.ff","payload":%d}' % i for i in range(50)]
     result = await run_cli(
         "send",
@@ -124,7 +124,7 @@ async def test_ndjson_fail_fast_stops_at_the_first_failure(run_cli, env, provide
     assert await stored(provider, "example.ff") == []
 
 
-async def test_history_copies_between_two_deployments(cli_env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_history_copies_between_two_deployments(cli_env, provider) -> None:
     import sys
 
     import trio

@@ -32,7 +32,7 @@ def batch(bad: int, total: int, bad_line: bytes) -> bytes:
 @pytest.mark.parametrize("concurrency", ["1", "16"])
 async def test_a_bad_line_stops_after_every_line_before_it_was_sent(
     run_cli, env, provider, concurrency: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """Bad line 30 of 40: lines 1-29 are stored and counted, 31-40 never read."""
     result = await run_cli(
         "send",
@@ -54,7 +54,7 @@ async def test_a_bad_line_stops_after_every_line_before_it_was_sent(
 @pytest.mark.parametrize("concurrency", ["1", "16"])
 async def test_a_refused_publish_counts_every_stored_event(
     run_cli, env, provider, concurrency: str
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """A line the provider refuses (403, a reserved name): the lines before it are all
     stored; lines after it that were already in flight may be too, and are counted."""
     refused = b'{"name": "bus.reserved.x", "payload": 1}'
@@ -76,7 +76,7 @@ async def test_a_refused_publish_counts_every_stored_event(
     assert len(numbers) <= 29 + int(concurrency)
 
 
-async def test_without_fail_fast_every_good_line_is_sent(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_without_fail_fast_every_good_line_is_sent(run_cli, env, provider) -> None:
     result = await run_cli("send", "--ndjson", "-", env=env, stdin=batch(30, 40, b"{not json"))
     assert (result.status, result.out) == (1, "accepted 39 failed 1\n")
     assert len(await stored(provider, "example.ff")) == 39

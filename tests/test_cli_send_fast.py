@@ -24,7 +24,7 @@ CASES = [
 @pytest.mark.parametrize("args", CASES, ids=[" ".join(c) for c in CASES])
 async def test_fast_send_matches_the_full_command(
     run_cli, provider: RunningProvider, args: tuple[str, ...]
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     env = {"BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token()}
     fast = await run_cli(*args, env=env)
     full = await run_cli("-C", ".", *args, env=env)
@@ -34,14 +34,14 @@ async def test_fast_send_matches_the_full_command(
     assert re.sub(rb"\d", b"0", fast.stdout) == re.sub(rb"\d", b"0", full.stdout)
 
 
-async def test_missing_url_matches(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_missing_url_matches(run_cli) -> None:
     fast = await run_cli("send", "--name", "example.fast")
     full = await run_cli("-C", ".", "send", "--name", "example.fast")
     assert (fast.status, fast.stderr) == (full.status, full.stderr) == (2, full.stderr)
     assert "BUS_EVENTS_API_URL" in fast.stderr
 
 
-async def test_fast_send_does_not_load_cyclopts_or_httpx(run_cli, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_fast_send_does_not_load_cyclopts_or_httpx(run_cli, provider) -> None:
     env = {"BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token()}
     result = await run_cli(
         "send", "--name", "example.fast", env={**env, "PYTHONPROFILEIMPORTTIME": "1"}

@@ -67,7 +67,7 @@ async def test_batch_send_shows_progress_on_a_terminal(env: dict[str, str]) -> N
     assert b"\r\x1b[Kbus-events: accepted " in screen
 
 
-async def test_no_live_lines_when_stderr_is_not_a_terminal(run_cli, env: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
+async def test_no_live_lines_when_stderr_is_not_a_terminal(run_cli, env: dict[str, str]) -> None:
     result = await run_cli(
         "listen", "--name", "example.tty", "--replay", "--no-follow", "--stats", env=env
     )

@@ -53,7 +53,7 @@ def env(provider: RunningProvider) -> dict[str, str]:
         (["dev-token"], "BUS_API_JWT_SECRET"),
     ],
 )
-async def test_usage_errors_speak_with_one_voice(run_cli, env, args, message) -> None:  # type: ignore[no-untyped-def]
+async def test_usage_errors_speak_with_one_voice(run_cli, env, args, message) -> None:
     result = await run_cli(*args, env=env)
     assert result.status == 2, result.stderr
     assert result.stdout == b""
@@ -64,14 +64,14 @@ async def test_usage_errors_speak_with_one_voice(run_cli, env, args, message) ->
     assert "abc" not in text and "Unused Tokens" not in text and "parameter --" not in text
 
 
-async def test_a_lone_double_dash_ends_the_global_flags(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_a_lone_double_dash_ends_the_global_flags(run_cli, env, provider) -> None:
     result = await run_cli("-f", "json", "--", "send", "--name", "example.dash", env=env)
     assert result.status == 0, result.stderr
     assert json.loads(result.out)["name"] == "example.dash"
     assert len(await stored(provider, "example.dash")) == 1
 
 
-async def test_metadata_takes_several_values_or_repeats(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_metadata_takes_several_values_or_repeats(run_cli, env, provider) -> None:
     args = ["send", "--name", "example.meta", "--metadata", "a=1", "b=2", "--metadata", "c=3"]
     result = await run_cli(*args, env=env)
     assert result.status == 0, result.stderr
@@ -79,7 +79,7 @@ async def test_metadata_takes_several_values_or_repeats(run_cli, env, provider) 
     assert event["metadata"] == {"a": "1", "b": "2", "c": "3"}
 
 
-async def test_perf_prints_the_duration_on_stderr(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_perf_prints_the_duration_on_stderr(run_cli, env) -> None:
     result = await run_cli("--perf", "send", "--name", "example.perf", env=env)
     assert result.status == 0, result.stderr
     assert re.fullmatch(r"INFO perf bus-events send \d+\.\d{3}\n", result.stderr), result.stderr
@@ -88,7 +88,7 @@ async def test_perf_prints_the_duration_on_stderr(run_cli, env) -> None:  # type
 
 
 @pytest.mark.parametrize("args", [["send", "-h"], ["-h"], ["bench", "--help"], ["-V"]])
-async def test_help_into_a_closed_pipe_exits_0_quietly(cli_env, args) -> None:  # type: ignore[no-untyped-def]
+async def test_help_into_a_closed_pipe_exits_0_quietly(cli_env, args) -> None:
     command = " ".join([sys.executable, "-m", "busevents", *args])
     # `true` exits without reading: every write of the help meets a closed pipe.
     proc = await trio.run_process(
@@ -102,14 +102,14 @@ async def test_help_into_a_closed_pipe_exits_0_quietly(cli_env, args) -> None:  
     assert proc.stderr == b""
 
 
-async def test_no_token_points_to_both_ways_of_getting_one(run_cli, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_no_token_points_to_both_ways_of_getting_one(run_cli, provider) -> None:
     result = await run_cli("send", "--name", "x", env={"BUS_EVENTS_API_URL": provider.url})
     assert result.status == 2
     assert "bus auth token" in result.stderr and "bus-events dev-token --write" in result.stderr
     assert "bus auth login" not in result.stderr
 
 
-async def test_a_fifo_token_file_is_refused_at_once(run_cli, env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_fifo_token_file_is_refused_at_once(run_cli, env, tmp_path: Path) -> None:
     fifo = tmp_path / "token.fifo"
     os.mkfifo(fifo)
     (tmp_path / "link").symlink_to(fifo)
@@ -121,14 +121,14 @@ async def test_a_fifo_token_file_is_refused_at_once(run_cli, env, tmp_path: Path
         assert "is not a regular file" in result.stderr and result.stderr.count("\n") == 1
 
 
-async def test_a_token_file_over_64_kib_is_an_error(run_cli, env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_token_file_over_64_kib_is_an_error(run_cli, env, tmp_path: Path) -> None:
     (tmp_path / "big").write_text(env["BUS_API_TOKEN"] + " " * (64 * 1024))
     url = {"BUS_EVENTS_API_URL": env["BUS_EVENTS_API_URL"]}
     result = await run_cli("--token-file", "big", "send", "--name", "x", env=url)
     assert result.status == 2 and "larger than 64 KiB" in result.stderr
 
 
-async def test_oversized_payloads_are_refused(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_oversized_payloads_are_refused(run_cli, env, provider) -> None:
     with trio.fail_after(30):
         result = await run_cli("send", "--name", "example.huge", "--payload", "@/dev/zero", env=env)
     assert result.status == 2
@@ -137,7 +137,7 @@ async def test_oversized_payloads_are_refused(run_cli, env, provider) -> None:  
     assert await stored(provider, "example.huge") == []
 
 
-async def test_a_too_long_ndjson_line_is_reported_and_skipped(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_a_too_long_ndjson_line_is_reported_and_skipped(run_cli, env, provider) -> None:
     long_line = b'{"payload": "' + b"x" * (16 * 1024 * 1024) + b'"}\n'
     good = b'{"name": "example.long", "payload": 2}\n'
     for stdin, expected_line in [(long_line + good, 1), (good + long_line.rstrip(b"\n"), 2)]:
@@ -150,7 +150,7 @@ async def test_a_too_long_ndjson_line_is_reported_and_skipped(run_cli, env, prov
     assert [e["payload"] for e in await stored(provider, "example.long")] == [2, 2]
 
 
-async def test_text_output_escapes_control_characters(run_cli, env, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_text_output_escapes_control_characters(run_cli, env, provider) -> None:
     hostile = "\x1b]0;pwned\x07\r\x1b[2J\u202e"
     async with EventsClient(provider.url, env["BUS_API_TOKEN"]) as client:
         await client.send("example.evil", {"t": 1}, correlation_id=hostile)
@@ -165,7 +165,7 @@ async def test_text_output_escapes_control_characters(run_cli, env, provider) ->
     assert raw.stdout.count(b"\n") == 1 and b"\\u001b" in raw.stdout
 
 
-async def test_diagnostics_escape_control_characters(run_cli, env) -> None:  # type: ignore[no-untyped-def]
+async def test_diagnostics_escape_control_characters(run_cli, env) -> None:
     result = await run_cli("listen", "--name", "bad\x1b[2Jname", env=env)
     assert result.status == 1
     assert "\x1b" not in result.stderr and "\\x1b[2J" in result.stderr

@@ -56,7 +56,7 @@ async def test_unicast_group_splits_and_groups_are_independent(provider: Running
 
         async def consume(
             label: str, group: str, consumer: str, task_status=trio.TASK_STATUS_IGNORED
-        ) -> None:  # type: ignore[no-untyped-def]
+        ) -> None:
             async with client.listen(
                 "example.job", delivery=Delivery.UNICAST, group=group, consumer=consumer
             ) as stream:
@@ -160,7 +160,7 @@ async def test_timeout_is_a_cancel_scope_naming_the_limit() -> None:
     listener.close()
 
 
-async def test_from_env_resolves_like_the_cli(provider: RunningProvider, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_from_env_resolves_like_the_cli(provider: RunningProvider, tmp_path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(provider.token(subject="from-file") + "\n")
     token_file.chmod(0o600)

@@ -70,7 +70,7 @@ async def test_serve_answers_the_spec_curl_examples(cli_env: dict[str, str]) -> 
     assert server.returncode == 0  # Ctrl-C stops the provider cleanly
 
 
-async def test_serve_on_a_taken_port_is_one_clear_error(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_serve_on_a_taken_port_is_one_clear_error(run_cli) -> None:
     taken = trio.socket.socket()
     await taken.bind(("127.0.0.1", 0))
     taken.listen(1)

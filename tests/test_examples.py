@@ -47,9 +47,7 @@ async def run_example(
     )
 
 
-async def test_the_echo_worker_answers_the_requester(  # type: ignore[no-untyped-def]
-    provider: RunningProvider, cli_env
-) -> None:
+async def test_the_echo_worker_answers_the_requester(provider: RunningProvider, cli_env) -> None:
     env = {**cli_env, "BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token()}
     process = await trio.lowlevel.open_process(
         [sys.executable, str(EXAMPLES / "echo_worker.py")], env=env, stderr=subprocess.PIPE
@@ -76,7 +74,7 @@ async def test_the_echo_worker_answers_the_requester(  # type: ignore[no-untyped
     assert b"HTTP Request" not in worker.stderr  # no line per publish at the default level
 
 
-async def test_a_required_worker_that_cannot_connect_exits_1(cli_env) -> None:  # type: ignore[no-untyped-def]
+async def test_a_required_worker_that_cannot_connect_exits_1(cli_env) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/api/v1/events"

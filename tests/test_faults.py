@@ -199,7 +199,7 @@ def fault_env() -> dict[str, str]:
     return {"BUS_API_TOKEN": TOKEN}
 
 
-async def test_cli_delivers_complete_lines_then_exits_1(run_cli, fault_env) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_delivers_complete_lines_then_exits_1(run_cli, fault_env) -> None:
     async with serve_raw(answer(stream_head() + GOOD + b'{"id":"3","na')) as url:
         result = await run_cli("--api-url", url, "listen", "--name", "example.fault", env=fault_env)
     assert result.status == 1
@@ -211,7 +211,7 @@ async def test_cli_delivers_complete_lines_then_exits_1(run_cli, fault_env) -> N
 @pytest.mark.parametrize("option", [("--count", "2"), ("--correlation-id", "c"), ("--count", "1")])
 async def test_cli_count_and_correlation_split_lines_on_newline_only(
     run_cli, fault_env, option: tuple[str, str]
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """A bare CR is JSON whitespace: it must not cut an envelope in two."""
     lines = [
         b'{"id":"1-0",\r"name":"example.fault",\r"correlationId":"c","payload":1}\n',
@@ -226,7 +226,7 @@ async def test_cli_count_and_correlation_split_lines_on_newline_only(
     assert result.stdout == b"".join(wanted)
 
 
-async def test_cli_error_page_is_one_line_with_the_status(run_cli, fault_env) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_error_page_is_one_line_with_the_status(run_cli, fault_env) -> None:
     page = b"<html><body><h1>403 Forbidden</h1>" + b"<p>go away</p>" * 10000 + b"</body></html>"
     async with serve_raw(answer(response("403 Forbidden", page, "text/html"))) as url:
         result = await run_cli(
@@ -239,7 +239,7 @@ async def test_cli_error_page_is_one_line_with_the_status(run_cli, fault_env) ->
     assert TOKEN not in result.stderr
 
 
-async def test_cli_connection_refused_names_the_url(run_cli, fault_env) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_connection_refused_names_the_url(run_cli, fault_env) -> None:
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -251,7 +251,7 @@ async def test_cli_connection_refused_names_the_url(run_cli, fault_env) -> None:
     assert f"cannot connect to http://127.0.0.1:{port}/api/v1/events" in result.stderr
 
 
-async def test_cli_send_stall_times_out_with_exit_1(run_cli, fault_env) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_send_stall_times_out_with_exit_1(run_cli, fault_env) -> None:
     async def stall(stream: trio.SocketStream, head: bytes) -> None:
         await trio.sleep_forever()
 
@@ -263,7 +263,7 @@ async def test_cli_send_stall_times_out_with_exit_1(run_cli, fault_env) -> None:
     assert "within 300ms (the --timeout limit)" in result.stderr  # the CLI keeps its words
 
 
-async def test_cli_unwritable_output_is_exit_1(run_cli, fault_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_unwritable_output_is_exit_1(run_cli, fault_env, tmp_path) -> None:
     async with serve_raw(answer(stream_head() + GOOD)) as url:
         missing_dir = await run_cli(
             "-o",
@@ -288,7 +288,7 @@ def _many_lines(n: int) -> bytes:
     return b"".join(line(i) for i in range(n))
 
 
-async def test_cli_closed_stdout_ends_quietly(cli_env, fault_env) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_closed_stdout_ends_quietly(cli_env, fault_env) -> None:
     async def lots(stream: trio.SocketStream, head: bytes) -> None:
         await stream.send_all(stream_head())
         for _ in range(200):
@@ -312,7 +312,7 @@ async def test_cli_closed_stdout_ends_quietly(cli_env, fault_env) -> None:  # ty
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 async def test_cli_signal_writes_what_arrived_then_exits(
     cli_env, fault_env, signum: int, status: int
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     sent = trio.Event()
 
     async def some_then_quiet(stream: trio.SocketStream, head: bytes) -> None:
@@ -344,7 +344,7 @@ async def test_cli_signal_writes_what_arrived_then_exits(
     assert b"Traceback" not in (err or b"")
 
 
-def flaky(failures: list[bytes], bodies: list[bytes]):  # type: ignore[no-untyped-def]
+def flaky(failures: list[bytes], bodies: list[bytes]):
     """Answer with each of ``failures`` in turn, then accept; record request bodies."""
 
     async def handler(stream: trio.SocketStream, head: bytes) -> None:
@@ -365,7 +365,7 @@ async def _captured_bodies(bodies: list[bytes]) -> list[dict[str, object]]:
     return [json.loads(b.split(b"\r\n\r\n", 1)[1]) for b in bodies]
 
 
-async def test_send_is_not_retried_unless_asked(run_cli, fault_env) -> None:  # type: ignore[no-untyped-def]
+async def test_send_is_not_retried_unless_asked(run_cli, fault_env) -> None:
     bodies: list[bytes] = []
     failures = [response("503 Service Unavailable", b"down")]
     async with serve_raw(flaky(failures, bodies)) as url:
@@ -376,7 +376,7 @@ async def test_send_is_not_retried_unless_asked(run_cli, fault_env) -> None:  # 
 
 async def test_send_retry_keeps_one_correlation_id_and_honours_retry_after(
     run_cli, fault_env
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     bodies: list[bytes] = []
     failures = [
         response("503 Service Unavailable", b"down"),

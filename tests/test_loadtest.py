@@ -47,7 +47,7 @@ def assert_well_formed(report: BenchReport) -> None:
     assert sum(p.accepted for p in report.publish.publishers) == report.publish.accepted
 
 
-async def test_broadcast_bench_delivers_every_event_to_every_listener(provider) -> None:  # type: ignore[no-untyped-def]
+async def test_broadcast_bench_delivers_every_event_to_every_listener(provider) -> None:
     the_plan = plan(publishers=3, listeners=2, events=700, warmup=0.2)
     bench = Bench(the_plan, url=provider.url, token=provider.token(), timeout=10)
     report = await bench.run()
@@ -68,7 +68,7 @@ async def test_broadcast_bench_delivers_every_event_to_every_listener(provider) 
     assert_well_formed(report)
 
 
-async def test_unicast_bench_delivers_every_event_to_the_group_once(provider) -> None:  # type: ignore[no-untyped-def]
+async def test_unicast_bench_delivers_every_event_to_the_group_once(provider) -> None:
     the_plan = plan(publishers=3, listeners=3, delivery="unicast", group="g1", events=700)
     report = await run(provider, the_plan)
     dlv = report.delivery
@@ -79,7 +79,7 @@ async def test_unicast_bench_delivers_every_event_to_the_group_once(provider) ->
     assert_well_formed(report)
 
 
-async def test_events_it_did_not_publish_are_ignored(provider) -> None:  # type: ignore[no-untyped-def]
+async def test_events_it_did_not_publish_are_ignored(provider) -> None:
     bench = Bench(plan(listeners=2, events=100), url=provider.url, token=provider.token())
 
     async def intrude() -> None:
@@ -155,7 +155,7 @@ async def test_reordering_duplicates_and_loss_are_told_apart() -> None:
     assert not report.verdict.ok
 
 
-async def test_cancelled_run_gives_a_partial_report(provider) -> None:  # type: ignore[no-untyped-def]
+async def test_cancelled_run_gives_a_partial_report(provider) -> None:
     the_plan = plan(publishers=2, listeners=2, duration=60.0, rate=300.0)
     bench = Bench(the_plan, url=provider.url, token=provider.token())
     with trio.move_on_after(60):
@@ -173,7 +173,7 @@ async def test_cancelled_run_gives_a_partial_report(provider) -> None:  # type: 
     assert_well_formed(report)
 
 
-async def test_rate_limit_spaces_the_sends(provider) -> None:  # type: ignore[no-untyped-def]
+async def test_rate_limit_spaces_the_sends(provider) -> None:
     report = await run(provider, plan(publishers=2, listeners=0, events=100, rate=200.0))
     # Scheduled sends never go early: the 100th event is due 99/200 s after the start.
     assert report.publish.accepted == 100 and report.publish.window_s >= 0.49
@@ -187,13 +187,13 @@ async def test_rate_limit_spaces_the_sends(provider) -> None:  # type: ignore[no
 )
 async def test_a_refusal_ends_the_run_with_that_error(
     provider, scopes: str, listeners: int
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     with pytest.raises(Forbidden) as caught:
         await run(provider, plan(publishers=3, listeners=listeners, events=100), scopes=scopes)
     assert caught.value.status == 403
 
 
-async def test_worker_processes_split_the_work_and_merge(provider) -> None:  # type: ignore[no-untyped-def]
+async def test_worker_processes_split_the_work_and_merge(provider) -> None:
     report = await run(provider, plan(publishers=2, listeners=2, events=200, processes=2))
     assert [p.id for p in report.publish.publishers] == [0, 1]
     assert [(li.id, li.received, li.lost) for li in report.delivery.listeners] == [

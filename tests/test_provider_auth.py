@@ -443,7 +443,7 @@ def test_a_remembered_token_still_expires() -> None:
         verifier.verify_header(header)
 
 
-async def test_the_cli_names_the_scope_an_upstream_namespace_needs(run_cli, provider) -> None:  # type: ignore[no-untyped-def]
+async def test_the_cli_names_the_scope_an_upstream_namespace_needs(run_cli, provider) -> None:
     env = {
         "BUS_EVENTS_API_URL": provider.url,
         "BUS_API_TOKEN": provider.token(scopes="events:send"),

@@ -28,7 +28,7 @@ async def test_many_listeners_four_publishers_exactly_once_in_order() -> None:
             provider.url, token, max_connections=LISTENERS + PUBLISHERS + 5
         ) as client:
 
-            async def listen(index: int, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+            async def listen(index: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
                 async with client.listen("example.load") as stream:
                     task_status.started()
                     async for batch in stream.batches():

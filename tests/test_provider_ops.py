@@ -213,7 +213,7 @@ def test_prefix_labels_are_bounded() -> None:
 # -- OpenAPI ---------------------------------------------------------------------
 
 
-async def test_openapi_document_is_valid_and_served(served: tuple[str, str], run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_openapi_document_is_valid_and_served(served: tuple[str, str], run_cli) -> None:
     document = openapi_document()
     validate(document)  # raises on any violation of OpenAPI 3.1
     url, _ = served

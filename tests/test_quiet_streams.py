@@ -18,7 +18,7 @@ from .helpers import serve_subprocess as serve
 SECRET = "quiet-stream-test-secret-0123456789abcdef"
 
 
-def serve_subprocess(*args: str):  # type: ignore[no-untyped-def]
+def serve_subprocess(*args: str):
     return serve(dict(os.environ, BUS_API_JWT_SECRET=SECRET), *args)
 
 
@@ -45,7 +45,7 @@ async def test_keepalive_lines_keep_a_quiet_stream_alive_and_a_frozen_one_stalls
                 assert got == [{"n": 1}]
 
 
-async def test_cli_deadline_ends_a_listen_on_a_frozen_provider(cli_env) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_deadline_ends_a_listen_on_a_frozen_provider(cli_env) -> None:
     async with serve_subprocess("--keepalive", "0") as (url, server):
         env = {**cli_env, "BUS_EVENTS_API_URL": url, "BUS_API_TOKEN": token()}
         async with EventsClient(url, env["BUS_API_TOKEN"]) as client:

@@ -90,7 +90,7 @@ def test_refresh_variable_takes_only_0_or_1(value: str) -> None:
     assert token_refresh_from_env({}) is False
 
 
-async def test_cli_rejects_an_invalid_refresh_value(run_cli, provider, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_rejects_an_invalid_refresh_value(run_cli, provider, tmp_path) -> None:
     token_file = tmp_path / "token"
     write_token(token_file, provider.token())
     result = await run_cli(

@@ -59,7 +59,7 @@ def ndjson_head(encoding: str | None) -> bytes:
 EVENTS = b"".join(line(i) for i in range(200))
 
 
-def gzipping_stream(*, always: bool, encoding: str = "gzip", wbits: int = 31):  # type: ignore[no-untyped-def]
+def gzipping_stream(*, always: bool, encoding: str = "gzip", wbits: int = 31):
     """A stream server that gzips when the request allows it (or ``always``), in
     many small compressed chunks, as a proxy that compresses on the fly does."""
 
@@ -159,7 +159,7 @@ async def test_the_configured_query_string_is_kept_on_the_stream_request() -> No
 # -- a cancelled read (defect 3) -----------------------------------------------
 
 
-def _paused_stream(resume: trio.Event):  # type: ignore[no-untyped-def]
+def _paused_stream(resume: trio.Event):
     """Three events, a pause until ``resume``, three more, then a clean end."""
 
     async def handler(stream: trio.SocketStream, head: bytes) -> None:

@@ -105,7 +105,7 @@ async def test_sdk_failures_never_carry_a_valid_token(unused_url: str) -> None:
         assert "c2VjcmV0LXBhcnQ" not in everything_shown(exc)
 
 
-async def test_cli_refuses_a_token_with_a_newline_without_printing_it(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_refuses_a_token_with_a_newline_without_printing_it(run_cli) -> None:
     async with serve_raw(_accepting) as url:
         result = await run_cli(
             "-vv",
@@ -121,7 +121,7 @@ async def test_cli_refuses_a_token_with_a_newline_without_printing_it(run_cli) -
     assert "DO-NOT-PRINT" not in result.stderr + result.out and "Traceback" not in result.stderr
 
 
-async def test_cli_refuses_a_non_ascii_token_without_a_traceback(run_cli) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_refuses_a_non_ascii_token_without_a_traceback(run_cli) -> None:
     async with serve_raw(_accepting) as url:
         result = await run_cli(
             "--api-url",
@@ -167,7 +167,7 @@ async def test_a_url_with_credentials_is_refused_without_showing_them(template: 
 
 
 @pytest.mark.parametrize("where", ["flag", "env"])
-async def test_cli_refuses_credentials_in_the_url_as_a_usage_error(run_cli, where: str) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_refuses_credentials_in_the_url_as_a_usage_error(run_cli, where: str) -> None:
     url = "http://operator:hunter2-DO-NOT-PRINT@127.0.0.1:9/api/v1/events"
     args = ["-vv", *(["--api-url", url] if where == "flag" else []), "send", "--name", "a.b"]
     env = {"BUS_API_TOKEN": SECRET, **({"BUS_EVENTS_API_URL": url} if where == "env" else {})}
@@ -199,7 +199,7 @@ async def test_sdk_timeout_names_the_timeout_argument() -> None:
             await client.send("a.b", 1)
 
 
-async def test_cli_keeps_its_option_names(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_cli_keeps_its_option_names(run_cli, tmp_path: Path) -> None:
     no_url = await run_cli("send", "--name", "a.b", env={"BUS_API_TOKEN": SECRET})
     assert no_url.status == 2
     assert "no Events API URL: pass --api-url or set BUS_EVENTS_API_URL" in no_url.stderr

@@ -48,7 +48,7 @@ def _files(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
 @pytest.mark.parametrize(
     "path", ["--token-file", "BUS_API_TOKEN", "BUS_EVENTS_TOKEN_FILE", "config root"]
 )
-async def test_canary_never_printed_at_any_verbosity(run_cli, tmp_path: Path, path: str) -> None:  # type: ignore[no-untyped-def]
+async def test_canary_never_printed_at_any_verbosity(run_cli, tmp_path: Path, path: str) -> None:
     flags, env = _files(tmp_path)[path]
     async with serve_raw(echo_authorization("401 Unauthorized")) as url:  # type: ignore[arg-type]
         for verbosity in ([], ["-v"], ["-vv"], ["-vvv"]):
@@ -77,7 +77,7 @@ async def test_canary_not_in_exceptions_or_reprs() -> None:
         assert CANARY not in str(exc) and CANARY not in repr(exc) and CANARY not in exc.message
 
 
-async def test_token_file_problems_through_the_cli(run_cli, provider, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_token_file_problems_through_the_cli(run_cli, provider, tmp_path: Path) -> None:
     env = {"BUS_EVENTS_API_URL": provider.url}
     empty = tmp_path / "empty"
     empty.write_text("\n")
