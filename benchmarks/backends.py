@@ -280,7 +280,7 @@ def _postgres_alone(schema: str, seconds: int) -> str:
     if shutil.which("pgbench") is None:
         return "pgbench not installed"
     sys.path.insert(0, str(ROOT / "src"))
-    from busevents.provider._postgres import _INSERT, _LOCK_PUBLISH
+    from busevents.provider.backends._postgres import _INSERT, _LOCK_PUBLISH
 
     sql = _INSERT.replace("%s, %s, %s", "'bench.backend', 'bench', '\\x00'::bytea")
     script = (

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from busevents import Delivery
 from busevents.provider import ProviderConfig, RunningProvider, open_provider
-from busevents.provider._backend import BackendLimit, Draft, Selector
-from busevents.provider._memory import MemoryBackend
+from busevents.provider.backends._base import BackendLimit, Draft, Selector
+from busevents.provider.backends._memory import MemoryBackend
 
 SECRET = b"memory-bounds-secret-0123456789abcdef"
 WAIT = 5.0

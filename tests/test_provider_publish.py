@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from busevents.provider import ProviderConfig, RunningProvider, open_provider
-from busevents.provider._memory import MemoryBackend
+from busevents.provider.backends._memory import MemoryBackend
 
 SECRET = b"publish-tests-secret-0123456789abcdef"
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")

@@ -20,8 +20,8 @@ from busevents.provider import (
     mint_token,
     open_provider,
 )
-from busevents.provider._backend import Draft
-from busevents.provider._memory import MemoryBackend
+from busevents.provider.backends._base import Draft
+from busevents.provider.backends._memory import MemoryBackend
 
 SECRET = b"stream-tests-secret-0123456789abcdef"
 #: Upper bound for anything a test waits for; the provider answers in milliseconds.

@@ -79,7 +79,6 @@ from ._app import make_backend as make_backend
 from ._auth import API_AUDIENCE as API_AUDIENCE
 from ._auth import INTERNAL_AUDIENCE as INTERNAL_AUDIENCE
 from ._auth import mint_token as mint_token
-from ._backend import BackendUnavailable as BackendUnavailable
 from ._config import PostgresOptions as PostgresOptions
 from ._config import ProviderConfig as ProviderConfig
 from ._config import RedisOptions as RedisOptions
@@ -90,6 +89,7 @@ from ._policy import ScopeRule as ScopeRule
 from ._server import RunningProvider as RunningProvider
 from ._server import open_provider as open_provider
 from ._server import serve as serve
+from .backends._base import BackendUnavailable as BackendUnavailable
 
 __all__ = [
     "API_AUDIENCE",

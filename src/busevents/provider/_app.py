@@ -30,17 +30,7 @@ import trio
 from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec, single_error
 
 from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
-from ._backend import (
-    Backend,
-    BackendLimit,
-    BackendUnavailable,
-    Draft,
-    Selector,
-    StoredEvent,
-    Subscription,
-)
 from ._config import ProviderConfig
-from ._memory import MemoryBackend
 from ._metrics import CONTENT_TYPE, ProviderMetrics
 from ._names import (
     InvalidParameter,
@@ -52,6 +42,16 @@ from ._names import (
 )
 from ._openapi import openapi_json
 from ._policy import Action
+from .backends import make_backend as make_backend
+from .backends._base import (
+    Backend,
+    BackendLimit,
+    BackendUnavailable,
+    Draft,
+    Selector,
+    StoredEvent,
+    Subscription,
+)
 
 __all__ = ["EventsApp", "HTTPError", "MetricsApp", "create_app"]
 
@@ -756,35 +756,3 @@ def create_app(config: ProviderConfig) -> EventsApp:
     >>> app = create_app(ProviderConfig(secret=b"s" * 32))
     """
     return EventsApp(config, make_backend(config))
-
-
-def make_backend(config: ProviderConfig) -> Backend:
-    """The backend named by ``config.backend``, not yet connected (see ``Backend.running``).
-
-    Raises :class:`ValueError` for an unknown name or a setting the backend refuses.
-    """
-    if config.backend == "memory":
-        return MemoryBackend(
-            listener_queue=config.listener_queue,
-            history_limit=config.history_limit,
-            listener_queue_bytes=config.listener_queue_bytes,
-            history_bytes=config.history_bytes,
-            max_groups=config.max_groups,
-            max_groups_per_identity=config.max_groups_per_identity,
-            group_idle=config.group_idle,
-        )
-    if config.backend not in ("redis", "postgres"):
-        raise ValueError(
-            f"unknown provider backend {config.backend!r}: known backends: memory, redis, postgres"
-        )
-    if config.allow_wildcards:
-        raise ValueError(
-            f"wildcard streams are supported by the memory backend only, not {config.backend}"
-        )
-    if config.backend == "redis":
-        from ._redis import RedisBackend
-
-        return RedisBackend(config.redis, history_limit=config.history_limit)
-    from ._postgres import PostgresBackend
-
-    return PostgresBackend(config.postgres, history_limit=config.history_limit)

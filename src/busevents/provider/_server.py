@@ -23,8 +23,8 @@ from busevents import single_error
 
 from ._app import EventsApp, MetricsApp, create_app
 from ._auth import API_AUDIENCE, mint_token
-from ._backend import Backend
 from ._config import ProviderConfig
+from .backends._base import Backend
 
 __all__ = ["RunningProvider", "open_provider", "serve"]
 

@@ -54,7 +54,8 @@ from coredis.tokens import PureToken
 
 from busevents import Delivery
 
-from ._backend import (
+from .._config import RedisOptions
+from ._base import (
     BackendUnavailable,
     Draft,
     IdClock,
@@ -64,7 +65,6 @@ from ._backend import (
     encode_envelope_tail,
     splice_id,
 )
-from ._config import RedisOptions
 
 __all__ = ["RedisBackend", "redis_location"]
 

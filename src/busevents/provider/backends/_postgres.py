@@ -51,7 +51,8 @@ from psycopg import sql
 
 from busevents import Delivery
 
-from ._backend import (
+from .._config import PostgresOptions
+from ._base import (
     BackendUnavailable,
     Draft,
     IdClock,
@@ -61,7 +62,6 @@ from ._backend import (
     encode_envelope_tail,
     splice_id,
 )
-from ._config import PostgresOptions
 
 __all__ = ["PostgresBackend", "postgres_location"]
 

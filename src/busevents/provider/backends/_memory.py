@@ -38,7 +38,8 @@ import trio
 
 from busevents import Delivery
 
-from ._backend import (
+from .._names import compile_pattern
+from ._base import (
     BackendLimit,
     Draft,
     IdClock,
@@ -47,7 +48,6 @@ from ._backend import (
     Subscription,
     encode_envelope,
 )
-from ._names import compile_pattern
 
 __all__ = ["MemoryBackend", "MemoryStats"]
 
