@@ -5,14 +5,19 @@ by hypercorn's trio worker inside the host's nursery, so it answers exactly
 while the host runs:
 
 * ``GET /healthz`` — ``200 {"ok": true, "service": "busevents-worker"}`` while
-  the host runs (liveness: the server is part of the host's nursery).
+  the host runs, through the drain of a stop (liveness: the server is part of
+  the host's nursery and closes once the last handler finished).
 * ``GET /readyz`` — ``200`` (the same body) while every stream is established
   (the host's :class:`Readiness`), else ``503`` with ``"error": "not_ready"``
-  and ``"not_ready": [{"worker": ..., "name": ...}, ...]``; ``503`` with
-  ``"error": "shutting_down"`` once a signal has begun the stop.
+  and ``"not_ready": [{"worker", "name", "state", "since", ...}, ...]``: per
+  stream its ``state`` (``connecting``, ``backoff`` with ``next_attempt``,
+  ``down``), since when, and ``last_error``, the text of what ended the
+  previous attempt (never a token); ``503`` with ``"error": "shutting_down"``
+  from the first signal of a stop.
+* ``GET /metrics`` — the host's registry, rendered by ``prometheus_client``
+  (``handlers_in_flight`` counts down through the drain).
 
 The bodies mirror the provider's probes (``ok``, ``service``, ``error``).
-* ``GET /metrics`` — the host's registry, rendered by ``prometheus_client``.
 
 hypercorn and prometheus_client are the ``health`` extra; they are imported
 only when the server starts.

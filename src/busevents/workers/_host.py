@@ -26,7 +26,7 @@ from ._health import HEALTH_ADDR_ENV, health_addr_from_env, parse_health_addr
 from ._listener import Readiness
 from ._logs import check_log_format, log_format_from_env
 from ._logs import configure_logging as _configure_logging
-from ._worker import Worker, run_observed_worker
+from ._worker import Drain, Worker, run_observed_worker
 
 if TYPE_CHECKING:
     from .._client import EventsClient
@@ -52,7 +52,11 @@ class WorkerHost:
     when unset; ``""`` turns it off) serves ``GET /healthz``, ``/readyz`` and
     ``/metrics`` while the host runs (the ``health`` extra); ``health_url`` is
     then its base URL and ``metrics`` the host's ``WorkerMetrics``, whose
-    ``registry`` takes your own metrics too.
+    ``registry`` takes your own metrics too.  A signal stops the workers, not
+    the server: ``/readyz`` answers ``503 shutting_down`` at once while
+    ``/healthz`` and ``/metrics`` answer until the last in-flight handler
+    finished (or its grace period ended); then one log line says how many
+    finished and how many were cancelled, and the server closes.
 
     Example::
 
@@ -121,12 +125,15 @@ class WorkerHost:
         parts = [self.readiness.child() for _ in workers]
         running = len(workers)
         start_scope = trio.CancelScope()
+        # A signal stops the workers only: the health server answers through the drain.
+        workers_scope = trio.CancelScope()
+        drain = Drain()
 
         async def one(worker: Worker, part: Readiness) -> None:
             nonlocal running
             try:
                 await run_observed_worker(
-                    self.client, worker, readiness=part, observer=self.metrics
+                    self.client, worker, readiness=part, observer=self.metrics, drain=drain
                 )
             finally:
                 running -= 1
@@ -136,7 +143,7 @@ class WorkerHost:
         with single_error():
             async with trio.open_nursery() as outer:
                 if self.handle_signals:
-                    await outer.start(self._watch_signals, outer.cancel_scope)
+                    await outer.start(self._watch_signals, workers_scope)
                 if addr is not None:
                     from ._health import HealthApp, serve_health
 
@@ -144,15 +151,26 @@ class WorkerHost:
                     app = HealthApp(self.readiness, self.metrics, lambda: self._stopping)
                     self.health_url = await outer.start(serve_health, app, addr)
                 outer.start_soon(self._log_readiness)
-                async with trio.open_nursery() as nursery:
-                    for worker, part in zip(workers, parts, strict=True):
-                        nursery.start_soon(
-                            partial(one, worker, part), name=f"worker {worker.label}"
-                        )
-                    with start_scope:
-                        await self.readiness.wait()
-                        task_status.started(self.readiness)
-                outer.cancel_scope.cancel()  # every worker ended: stop watching
+                try:
+                    with workers_scope:
+                        async with trio.open_nursery() as nursery:
+                            for worker, part in zip(workers, parts, strict=True):
+                                nursery.start_soon(
+                                    partial(one, worker, part), name=f"worker {worker.label}"
+                                )
+                            with start_scope:
+                                await self.readiness.wait()
+                                task_status.started(self.readiness)
+                finally:
+                    self._stopping = True
+                    log.info(
+                        "stopped: %d handler(s) finished during the drain, "
+                        "%d cancelled at the end of the grace period",
+                        drain.finished,
+                        drain.cancelled,
+                    )
+                # Every worker ended and every handler finished: stop the health server.
+                outer.cancel_scope.cancel()
 
     async def _watch_signals(
         self,
@@ -175,7 +193,8 @@ class WorkerHost:
             await self.readiness.wait()
             log.info("ready: %s", names)
             await self.readiness.wait_not_ready()
-            log.warning("not ready: a stream is reconnecting")
+            if not self._stopping:
+                log.warning("not ready: a stream is reconnecting")
 
 
 def run_host(

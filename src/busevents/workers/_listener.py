@@ -233,6 +233,8 @@ async def listen_with_retry(
             "reconnecting" if connected_once else "not connected yet, retrying",
             delay,
         )
+        if observer is not None:
+            observer.backing_off(label, name, error, delay)
         await trio.sleep(delay)
         if observer is not None:
             observer.reconnecting(label, name, error)

@@ -34,7 +34,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from .._errors import APIError, TransportError
-from ._observe import RECONNECT_REASONS, WorkerObserver, reconnect_reason
+from ._observe import RECONNECT_REASONS, StreamStates, WorkerObserver, reconnect_reason
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -91,6 +91,7 @@ class WorkerMetrics(WorkerObserver):
         "_received",
         "_reconnects",
         "registry",
+        "states",
         "streams",
     )
 
@@ -163,6 +164,8 @@ class WorkerMetrics(WorkerObserver):
             r.register(_TokenRefreshes(client))
         #: Whether each declared stream is up: ``(worker, name) -> bool``.
         self.streams: dict[tuple[str, str], bool] = {}
+        #: What each stream that is not up is doing, and why (``/readyz``).
+        self.states = StreamStates()
         # Labelled children, looked up once: ``labels()`` takes a lock per call.
         self._children: dict[tuple[object, ...], Any] = {}
         # Per stream, the children an event touches: one dict look-up per hook.
@@ -191,9 +194,9 @@ class WorkerMetrics(WorkerObserver):
         """The registry in the Prometheus text format (``prometheus_client``'s own)."""
         return generate_latest(self.registry)
 
-    def not_ready(self) -> list[dict[str, str]]:
-        """The declared streams that are not established now."""
-        return [{"worker": w, "name": n} for (w, n), up in self.streams.items() if not up]
+    def not_ready(self) -> list[dict[str, object]]:
+        """The declared streams that are not established now, with their state and reason."""
+        return self.states.not_ready()
 
     # -- WorkerObserver ----------------------------------------------------
 
@@ -201,6 +204,7 @@ class WorkerMetrics(WorkerObserver):
         self._child(self._in_flight, worker).set(0)
         for name in names:
             self.streams[worker, name] = False
+            self.states.set(worker, name, "connecting")
             self._child(self._ready, worker, name).set(0)
             # Present from the start (at 0), so that rate() sees the first event.
             self._stream(worker, name)
@@ -208,9 +212,16 @@ class WorkerMetrics(WorkerObserver):
 
     def stream_up(self, worker: str, name: str, up: bool) -> None:
         self.streams[worker, name] = up
+        self.states.set(worker, name, "ready" if up else "down")
         self._child(self._ready, worker, name).set(1 if up else 0)
 
+    def backing_off(
+        self, worker: str, name: str, error: BaseException | None, delay: float
+    ) -> None:
+        self.states.set(worker, name, "backoff", error=error, ended=error is None, delay=delay)
+
     def reconnecting(self, worker: str, name: str, error: BaseException | None) -> None:
+        self.states.set(worker, name, "connecting")
         self._child(self._reconnects, worker, name, reconnect_reason(error)).inc()
 
     def received(self, worker: str, name: str) -> None:

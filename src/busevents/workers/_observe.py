@@ -14,7 +14,9 @@ handler's own log records carry them too (the JSON log format prints them).
 
 from __future__ import annotations
 
+import time
 from contextvars import ContextVar, Token
+from datetime import UTC, datetime
 
 from .._errors import (
     APIError,
@@ -22,9 +24,16 @@ from .._errors import (
     StreamError,
     StreamStalled,
     TransportError,
+    bounded_text,
 )
 
-__all__ = ["RECONNECT_REASONS", "WorkerObserver", "log_context", "reconnect_reason"]
+__all__ = [
+    "RECONNECT_REASONS",
+    "StreamStates",
+    "WorkerObserver",
+    "log_context",
+    "reconnect_reason",
+]
 
 #: The fields a worker's tasks log with (see :mod:`busevents.workers._logs`).
 log_context: ContextVar[dict[str, str]] = ContextVar("busevents_log_context", default={})  # noqa: B039
@@ -84,6 +93,11 @@ class WorkerObserver:
     def stream_up(self, worker: str, name: str, up: bool) -> None:
         """The stream of ``name`` was established (``True``) or ended (``False``)."""
 
+    def backing_off(
+        self, worker: str, name: str, error: BaseException | None, delay: float
+    ) -> None:
+        """The listener of ``name`` waits ``delay`` seconds after ``error`` (``None``: it ended)."""
+
     def reconnecting(self, worker: str, name: str, error: BaseException | None) -> None:
         """The listener of ``name`` reconnects now, after ``error`` (``None``: it ended)."""
 
@@ -104,3 +118,55 @@ class WorkerObserver:
 
     def publish_failed(self, worker: str, error: BaseException) -> None:
         """A handler's publisher failed to publish."""
+
+
+def _stamp(seconds: float) -> str:
+    """A wall-clock time as UTC ISO 8601 with milliseconds (``...Z``)."""
+    text = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+class StreamStates:
+    """What each declared stream is doing now: the reasons ``/readyz`` gives.
+
+    Per ``(worker, name)``: ``state`` is ``connecting`` (an attempt is under
+    way: declared, or reconnecting after the backoff), ``backoff`` (waiting
+    until ``next_attempt``), ``down`` (the stream ended and no reconnect began
+    yet, or none will: retrying off) or ``ready``; ``since`` when that state
+    began; ``last_error`` the text of what ended the previous attempt (the
+    SDK's messages, which never carry a token, bounded to 300 characters).
+    """
+
+    __slots__ = ("_states",)
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[str, str], dict[str, object]] = {}
+
+    def set(
+        self,
+        worker: str,
+        name: str,
+        state: str,
+        *,
+        error: BaseException | None = None,
+        ended: bool = False,
+        delay: float | None = None,
+    ) -> None:
+        """Enter ``state``; ``error`` (or ``ended``: the stream ended) is the new last error."""
+        now = time.time()
+        entry = self._states.setdefault((worker, name), {})
+        entry.pop("next_attempt", None)
+        entry.update(state=state, since=_stamp(now))
+        if error is not None or ended:
+            text = "the stream ended" if error is None else str(error) or type(error).__name__
+            entry["last_error"] = bounded_text(text, 300)
+        if delay is not None:
+            entry["next_attempt"] = _stamp(now + delay)
+
+    def not_ready(self) -> list[dict[str, object]]:
+        """Each declared stream that is not established, with its state and reasons."""
+        return [
+            {"worker": worker, "name": name, **entry}
+            for (worker, name), entry in self._states.items()
+            if entry.get("state") != "ready"
+        ]

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .._client import EventsClient
     from .._stream import EventStream
 
-__all__ = ["ClientPublisher", "Worker", "run_worker"]
+__all__ = ["ClientPublisher", "Drain", "Worker", "run_worker"]
 
 log = logging.getLogger("busevents.worker")
 
@@ -248,17 +248,30 @@ async def run_worker(
     await run_observed_worker(client, worker, readiness=readiness, task_status=task_status)
 
 
+class Drain:
+    """How a stop went: handlers in flight at the stop that ended by themselves
+    within the grace period (``finished``) and those cancelled at its end."""
+
+    __slots__ = ("cancelled", "finished")
+
+    def __init__(self) -> None:
+        self.finished = 0
+        self.cancelled = 0
+
+
 async def run_observed_worker(
     client: EventsClient,
     worker: Worker,
     *,
     readiness: Readiness | None = None,
     observer: WorkerObserver | None = None,
+    drain: Drain | None = None,
     task_status: trio.TaskStatus[Readiness] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """:func:`run_worker` reporting to ``observer`` (metrics, readiness per stream)."""
+    """:func:`run_worker` reporting to ``observer`` (metrics, readiness per stream)
+    and counting the handlers of its stop in ``drain``."""
     loop = _WorkerLoop(
-        client, worker, readiness if readiness is not None else Readiness(), observer
+        client, worker, readiness if readiness is not None else Readiness(), observer, drain
     )
     with single_error():
         await loop.run(task_status)
@@ -302,9 +315,11 @@ class _WorkerLoop:
         worker: Worker,
         readiness: Readiness,
         observer: WorkerObserver | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.client = client
         self.worker = worker
+        self.drain = drain if drain is not None else Drain()
         self.readiness = readiness
         # Without an observer the hooks are the base class's no-ops.
         self.observer = observer or WorkerObserver()
@@ -430,6 +445,11 @@ class _WorkerLoop:
                     self._failed(event, exc)
                 finally:
                     self.in_flight.discard(scope)
+            if self.closing_deadline is not None:  # it ran into the stop
+                if scope.cancelled_caught:
+                    self.drain.cancelled += 1
+                else:
+                    self.drain.finished += 1
             if scope.cancelled_caught:
                 log.warning(
                     "%s: handler cancelled on %s event %s: the %gs grace period ended",

@@ -1,0 +1,184 @@
+"""A worker host through its stop, and the reasons its ``/readyz`` gives: real sockets."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import trio
+
+from busevents import EventsClient, RetryPolicy, Worker, WorkerHost
+from busevents.provider import RunningProvider, mint_token
+
+from .test_worker_health import Output, answers, key, samples, until
+
+SLOW_WORKERS = """
+import sys
+from pathlib import Path
+
+import trio
+
+from busevents import Worker, run_host
+
+GATE = Path(sys.argv[1])
+
+
+async def slow(event, publisher):
+    while not GATE.exists():  # finishes once the test lets it
+        await trio.sleep(0.02)
+
+
+async def stuck(event, publisher):
+    await trio.sleep_forever()  # only the end of its grace period stops it
+
+
+sys.exit(
+    run_host(
+        Worker("ops.slow", slow, label="slow", grace_period=120),
+        Worker("ops.stuck", stuck, label="stuck", grace_period=0.1),
+    )
+)
+"""
+
+
+async def test_the_health_server_answers_through_the_drain_of_a_stop(
+    provider: RunningProvider, cli_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    script = tmp_path / "slow_workers.py"
+    script.write_text(SLOW_WORKERS)
+    gate = tmp_path / "gate"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        health = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {
+        **cli_env,
+        "BUS_EVENTS_API_URL": provider.url,
+        "BUS_API_TOKEN": provider.token(),
+        "BUS_EVENTS_HEALTH_ADDR": health.removeprefix("http://"),
+    }
+    host = await trio.lowlevel.open_process(
+        [sys.executable, str(script), str(gate)], env=env, stderr=subprocess.PIPE
+    )
+    out = Output(host)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(out.collect)
+            await until(lambda: answers(http, f"{health}/readyz", 200))
+            async with EventsClient(provider.url, provider.token()) as client:
+                await client.send("ops.slow", {"n": 1})
+                await client.send("ops.stuck", {"n": 2})
+
+            async def in_flight() -> dict[str, float]:
+                got = samples((await http.get(f"{health}/metrics")).text)
+                return {
+                    w: got[key("busevents_worker_handlers_in_flight", worker=w)]
+                    for w in ("slow", "stuck")
+                }
+
+            async def both_running() -> bool:
+                return await in_flight() == {"slow": 1, "stuck": 1}
+
+            await until(both_running)
+            host.send_signal(signal.SIGTERM)
+
+            async def shutting_down() -> bool:
+                response = await http.get(f"{health}/readyz")
+                return response.status_code == 503 and response.json()["error"] == "shutting_down"
+
+            await until(shutting_down)
+
+            async def stuck_cancelled() -> bool:
+                return await in_flight() == {"slow": 1, "stuck": 0}
+
+            # The drain: alive, scraped, the slow handler still counted in flight.
+            await until(stuck_cancelled)
+            healthz = await http.get(f"{health}/healthz")
+            assert healthz.status_code == 200
+            assert healthz.json() == {"ok": True, "service": "busevents-worker"}
+            assert (await http.get(f"{health}/readyz")).json() == {
+                "ok": False,
+                "service": "busevents-worker",
+                "error": "shutting_down",
+            }
+            assert host.returncode is None
+            assert b"stopped:" not in out.data
+            gate.touch()
+            with trio.fail_after(20):
+                assert await host.wait() == 0
+    finally:
+        if host.returncode is None:
+            host.kill()
+    # The server closed with the host; one line told how the drain went.
+    assert await answers(http, f"{health}/healthz", None)
+    lines = [line for line in out.data.decode().splitlines() if "stopped:" in line]
+    assert len(lines) == 1, out.data.decode()
+    assert lines[0].endswith(
+        "stopped: 1 handler(s) finished during the drain, "
+        "1 cancelled at the end of the grace period"
+    )
+
+
+async def _readyz_stream(http: httpx.AsyncClient, url: str) -> dict[str, object]:
+    response = await http.get(f"{url}/readyz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["error"] == "not_ready"
+    [stream] = body["not_ready"]
+    assert isinstance(stream, dict)
+    return stream
+
+
+async def test_readyz_says_why_each_stream_is_not_ready(http: httpx.AsyncClient) -> None:
+    token = mint_token(b"readyz-reasons-secret-0123456789abcdef", subject="reasons")
+
+    async def never(event: object, publisher: object) -> None:
+        raise AssertionError("no event comes")
+
+    # A provider that takes the connection and never answers: the attempt hangs.
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api/v1/events"
+    async with EventsClient(url, token, timeout=60) as client:
+        host = WorkerHost(
+            client,
+            [Worker("ops.reasons", never, label="reasons")],
+            retry=RetryPolicy(min_delay=30, max_delay=60),
+            handle_signals=False,
+            health_addr="127.0.0.1:0",
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(host.run)
+
+            async def serving() -> bool:
+                return host.health_url is not None
+
+            await until(serving)
+            assert host.health_url is not None
+            first = await _readyz_stream(http, host.health_url)
+            assert first["worker"] == "reasons" and first["name"] == "ops.reasons"
+            assert first["state"] == "connecting"
+            assert "last_error" not in first and "next_attempt" not in first
+            datetime.fromisoformat(str(first["since"]))
+
+            listener.close()  # resets the connection waiting in its queue
+
+            async def backing_off() -> bool:
+                return (await _readyz_stream(http, host.health_url or ""))["state"] == "backoff"
+
+            await until(backing_off)
+            stream = await _readyz_stream(http, host.health_url)
+            since = datetime.fromisoformat(str(stream["since"]))
+            assert datetime.fromisoformat(str(stream["next_attempt"])) > since
+            error = str(stream["last_error"])
+            assert f"127.0.0.1:{port}" in error, error
+            response = await http.get(f"{host.health_url}/readyz")
+            assert token not in response.text
+            assert token.split(".")[2] not in response.text
+            nursery.cancel_scope.cancel()
