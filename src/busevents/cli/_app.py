@@ -397,6 +397,7 @@ def load_commands() -> None:
         _script,
         _send,
         _serve,
+        _worker,
     )
 
 
