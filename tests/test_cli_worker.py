@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-import trio
 
 from busevents import EventsClient, open_requester
 from busevents.provider import RunningProvider
 
-from .test_worker_health import Output, answers, key, samples, until
+from .test_worker_health import answers, key, samples, until
+from .test_worker_stop import host_process, stop
 
 WORKERS = """
 import os
@@ -73,33 +71,22 @@ async def test_worker_runs_the_workers_of_modules_in_one_host(
     }
     command = [sys.executable, "-m", "busevents", "worker", "my_workers:make"]
     command += ["my_workers:echo_worker", "--health-addr", addr, "--concurrency", "1"]
-    host = await trio.lowlevel.open_process(
-        command, env=env, cwd=str(tmp_path), stderr=subprocess.PIPE
-    )
-    out = Output(host)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(out.collect)
-            await until(lambda: answers(http, f"{health}/readyz", 200))
-            async with EventsClient(provider.url, provider.token()) as client:
-                for i in range(3):
-                    await client.send("cli.slow", {"n": i})
-                async with open_requester(client, "cli.echo.reply") as requester:
-                    response = await requester.request("cli.echo", {"n": 7}, timeout=10)
-            assert response.payload_obj() == {"echo": {"n": 7}}
+    async with host_process(command, env, tmp_path) as out:
+        await until(lambda: answers(http, f"{health}/readyz", 200))
+        async with EventsClient(provider.url, provider.token()) as client:
+            for i in range(3):
+                await client.send("cli.slow", {"n": i})
+            async with open_requester(client, "cli.echo.reply") as requester:
+                response = await requester.request("cli.echo", {"n": 7}, timeout=10)
+        assert response.payload_obj() == {"echo": {"n": 7}}
 
-            async def handled() -> bool:
-                got = samples((await http.get(f"{health}/metrics")).text)
-                name = key("busevents_worker_events_handled_total", worker="slow", name="cli.slow")
-                return got.get(name) == 3
+        async def handled() -> bool:
+            got = samples((await http.get(f"{health}/metrics")).text)
+            name = key("busevents_worker_events_handled_total", worker="slow", name="cli.slow")
+            return got.get(name) == 3
 
-            await until(handled)
-            host.send_signal(signal.SIGTERM)
-            with trio.fail_after(20):
-                assert await host.wait() == 0
-    finally:
-        if host.returncode is None:
-            host.kill()
+        await until(handled)
+        await stop(out.process)
     # --concurrency 1: never two handlers of a worker at once.
     assert starts.read_text().split() == ["1", "1", "1"]
     records = [json.loads(line) for line in out.data.decode().splitlines()]

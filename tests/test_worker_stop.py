@@ -6,6 +6,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -16,6 +18,32 @@ from busevents import EventsClient, RetryPolicy, Worker, WorkerHost
 from busevents.provider import RunningProvider, mint_token
 
 from .test_worker_health import Output, answers, key, samples, until
+
+
+@asynccontextmanager
+async def host_process(
+    command: list[str], env: dict[str, str], cwd: Path | None = None
+) -> AsyncIterator[Output]:
+    """A worker host subprocess, its stderr collected; killed if still running at the end."""
+    host = await trio.lowlevel.open_process(
+        command, env=env, cwd=None if cwd is None else str(cwd), stderr=subprocess.PIPE
+    )
+    out = Output(host)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(out.collect)
+        try:
+            yield out
+        finally:
+            if host.returncode is None:
+                host.kill()
+
+
+async def stop(host: trio.Process) -> None:
+    """SIGTERM, then the exit status a supervisor expects: 0."""
+    host.send_signal(signal.SIGTERM)
+    with trio.fail_after(20):
+        assert await host.wait() == 0
+
 
 SLOW_WORKERS = """
 import sys
@@ -61,58 +89,50 @@ async def test_the_health_server_answers_through_the_drain_of_a_stop(
         "BUS_API_TOKEN": provider.token(),
         "BUS_EVENTS_HEALTH_ADDR": health.removeprefix("http://"),
     }
-    host = await trio.lowlevel.open_process(
-        [sys.executable, str(script), str(gate)], env=env, stderr=subprocess.PIPE
-    )
-    out = Output(host)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(out.collect)
-            await until(lambda: answers(http, f"{health}/readyz", 200))
-            async with EventsClient(provider.url, provider.token()) as client:
-                await client.send("ops.slow", {"n": 1})
-                await client.send("ops.stuck", {"n": 2})
+    async with host_process([sys.executable, str(script), str(gate)], env) as out:
+        host = out.process
+        await until(lambda: answers(http, f"{health}/readyz", 200))
+        async with EventsClient(provider.url, provider.token()) as client:
+            await client.send("ops.slow", {"n": 1})
+            await client.send("ops.stuck", {"n": 2})
 
-            async def in_flight() -> dict[str, float]:
-                got = samples((await http.get(f"{health}/metrics")).text)
-                return {
-                    w: got[key("busevents_worker_handlers_in_flight", worker=w)]
-                    for w in ("slow", "stuck")
-                }
-
-            async def both_running() -> bool:
-                return await in_flight() == {"slow": 1, "stuck": 1}
-
-            await until(both_running)
-            host.send_signal(signal.SIGTERM)
-
-            async def shutting_down() -> bool:
-                response = await http.get(f"{health}/readyz")
-                return response.status_code == 503 and response.json()["error"] == "shutting_down"
-
-            await until(shutting_down)
-
-            async def stuck_cancelled() -> bool:
-                return await in_flight() == {"slow": 1, "stuck": 0}
-
-            # The drain: alive, scraped, the slow handler still counted in flight.
-            await until(stuck_cancelled)
-            healthz = await http.get(f"{health}/healthz")
-            assert healthz.status_code == 200
-            assert healthz.json() == {"ok": True, "service": "busevents-worker"}
-            assert (await http.get(f"{health}/readyz")).json() == {
-                "ok": False,
-                "service": "busevents-worker",
-                "error": "shutting_down",
+        async def in_flight() -> dict[str, float]:
+            got = samples((await http.get(f"{health}/metrics")).text)
+            return {
+                w: got[key("busevents_worker_handlers_in_flight", worker=w)]
+                for w in ("slow", "stuck")
             }
-            assert host.returncode is None
-            assert b"stopped:" not in out.data
-            gate.touch()
-            with trio.fail_after(20):
-                assert await host.wait() == 0
-    finally:
-        if host.returncode is None:
-            host.kill()
+
+        async def both_running() -> bool:
+            return await in_flight() == {"slow": 1, "stuck": 1}
+
+        await until(both_running)
+        host.send_signal(signal.SIGTERM)
+
+        async def shutting_down() -> bool:
+            response = await http.get(f"{health}/readyz")
+            return response.status_code == 503 and response.json()["error"] == "shutting_down"
+
+        await until(shutting_down)
+
+        async def stuck_cancelled() -> bool:
+            return await in_flight() == {"slow": 1, "stuck": 0}
+
+        # The drain: alive, scraped, the slow handler still counted in flight.
+        await until(stuck_cancelled)
+        healthz = await http.get(f"{health}/healthz")
+        assert healthz.status_code == 200
+        assert healthz.json() == {"ok": True, "service": "busevents-worker"}
+        assert (await http.get(f"{health}/readyz")).json() == {
+            "ok": False,
+            "service": "busevents-worker",
+            "error": "shutting_down",
+        }
+        assert host.returncode is None
+        assert b"stopped:" not in out.data
+        gate.touch()
+        with trio.fail_after(20):
+            assert await host.wait() == 0
     # The server closed with the host; one line told how the drain went.
     assert await answers(http, f"{health}/healthz", None)
     lines = [line for line in out.data.decode().splitlines() if "stopped:" in line]
