@@ -9,8 +9,13 @@ from pathlib import Path
 import trio
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+BIN = str(Path(sys.executable).parent)  # where `bus-events` is installed
 
 USER_TESTS = """
+import json
+import os
+import subprocess
+
 import pytest
 import trio
 
@@ -38,10 +43,39 @@ async def test_tokens_from_the_factory(bus_provider, bus_token_factory) -> None:
             await client.send("example.x")
 
 
-async def test_env_for_subprocesses(bus_env, bus_provider) -> None:
-    assert bus_env["BUS_EVENTS_API_URL"] == bus_provider.url
+def bus_events(*args, env):
+    return subprocess.run(
+        ["bus-events", *args], env={**os.environ, **env}, capture_output=True, timeout=60
+    )
+
+
+def test_a_sync_test_runs_the_cli(bus_env) -> None:
+    sent = bus_events("send", "--name", "user.sync", "--payload", '{"n": 1}', env=bus_env)
+    assert sent.returncode == 0, sent.stderr
+    got = bus_events(
+        "--timeout", "10s", "listen", "--name", "user.sync", "--replay", "--count", "1",
+        env=bus_env,
+    )
+    assert got.returncode == 0, got.stderr
+    assert json.loads(got.stdout)["payload"] == {"n": 1}
+
+
+async def test_a_trio_test_may_block_on_the_cli(bus_env) -> None:
+    sent = bus_events("send", "--name", "user.blocking", "--payload", "[2]", env=bus_env)
+    assert sent.returncode == 0, sent.stderr
     async with EventsClient.from_env(env=bus_env) as client:
-        assert (await client.send("example.x")).accepted
+        async with client.listen("user.blocking", replay=True) as stream:
+            async for event in stream:
+                assert event.payload_obj() == [2]
+                break
+
+
+def test_tokens_of_the_thread_provider(bus_provider_thread) -> None:
+    token = bus_provider_thread.token("carol", "events:listen")
+    env = {"BUS_EVENTS_API_URL": bus_provider_thread.url, "BUS_API_TOKEN": token}
+    refused = bus_events("send", "--name", "user.refused", env=env)
+    assert refused.returncode == 1
+    assert b"403 forbidden" in refused.stderr
 
 
 async def test_a_worker_that_is_refused_fails_open_worker(bus_client: EventsClient) -> None:
@@ -76,14 +110,14 @@ async def test_a_user_suite_uses_the_fixtures(tmp_path: Path) -> None:
     result = await trio.run_process(
         [*command, "-p", "no:cacheprovider", "-q", "test_user.py"],
         cwd=tmp_path,
-        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env={"PYTHONPATH": SRC, "PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path)},
         capture_stdout=True,
         capture_stderr=True,
         check=False,
     )
     output = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, output
-    assert "4 passed" in output, output
+    assert "6 passed" in output, output
 
 
 def test_the_plugin_module_imports_nothing_heavy() -> None:
