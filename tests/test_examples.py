@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from busevents.provider import RunningProvider
@@ -47,10 +48,17 @@ async def run_example(
     )
 
 
-async def test_the_echo_worker_answers_the_requester(provider: RunningProvider, cli_env) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["echo_worker.py"], ["-m", "busevents", "worker", "echo_worker:worker"]],
+    ids=["script", "bus-events worker"],
+)
+async def test_the_echo_worker_answers_the_requester(
+    provider: RunningProvider, cli_env, command: list[str]
+) -> None:
     env = {**cli_env, "BUS_EVENTS_API_URL": provider.url, "BUS_API_TOKEN": provider.token()}
     process = await trio.lowlevel.open_process(
-        [sys.executable, str(EXAMPLES / "echo_worker.py")], env=env, stderr=subprocess.PIPE
+        [sys.executable, *command], env=env, cwd=str(EXAMPLES), stderr=subprocess.PIPE
     )
     worker = Worker(process)
     try:
