@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from busevents import EventsClient, open_requester
 from busevents.provider import RunningProvider
 
 from .test_worker_health import answers, key, samples, until
-from .test_worker_stop import host_process, stop
+from .test_worker_stop import free_url, host_process, stop
 
 WORKERS = """
 import os
@@ -49,19 +48,13 @@ echo_worker = Worker("cli.echo", echo, label="echo")
 """
 
 
-def free_addr() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
-
-
 async def test_worker_runs_the_workers_of_modules_in_one_host(
     provider: RunningProvider, cli_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     (tmp_path / "my_workers.py").write_text(WORKERS)
     starts = tmp_path / "starts"
-    addr = free_addr()
-    health = f"http://{addr}"
+    health = free_url()
+    addr = health.removeprefix("http://")
     env = {
         **cli_env,
         "BUS_EVENTS_API_URL": provider.url,
@@ -169,3 +162,15 @@ async def test_worker_needs_a_target(run_cli) -> None:
     result = await run_cli("worker")
     assert result.status == 2
     assert "worker needs at least one MODULE:ATTR" in result.stderr
+
+
+async def test_a_bad_health_address_flag_is_exit_2(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "my_workers.py").write_text(WORKERS)
+    env = {"BUS_EVENTS_API_URL": "http://127.0.0.1:9/api/v1/events", "BUS_API_TOKEN": "x.y.z"}
+    env["TEST_WORKER_STARTS"] = "-"
+    result = await run_cli(
+        "worker", "my_workers:echo_worker", "--health-addr", "127.0.0.1", env=env, cwd=tmp_path
+    )
+    assert result.status == 2, result.stderr
+    assert "health_addr: '127.0.0.1' is not HOST:PORT" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -45,6 +45,13 @@ async def stop(host: trio.Process) -> None:
         assert await host.wait() == 0
 
 
+def free_url() -> str:
+    """``http://127.0.0.1:PORT`` with a port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 SLOW_WORKERS = """
 import sys
 from pathlib import Path
@@ -80,9 +87,7 @@ async def test_the_health_server_answers_through_the_drain_of_a_stop(
     script = tmp_path / "slow_workers.py"
     script.write_text(SLOW_WORKERS)
     gate = tmp_path / "gate"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        health = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    health = free_url()
     env = {
         **cli_env,
         "BUS_EVENTS_API_URL": provider.url,
@@ -141,6 +146,42 @@ async def test_the_health_server_answers_through_the_drain_of_a_stop(
         "stopped: 1 handler(s) finished during the drain, "
         "1 cancelled at the end of the grace period"
     )
+
+
+async def test_a_second_signal_cancels_the_handlers_still_running(
+    provider: RunningProvider, cli_env: dict[str, str], tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    script = tmp_path / "slow_workers.py"
+    script.write_text(SLOW_WORKERS)
+    health = free_url()
+    env = {
+        **cli_env,
+        "BUS_EVENTS_API_URL": provider.url,
+        "BUS_API_TOKEN": provider.token(),
+        "BUS_EVENTS_HEALTH_ADDR": health.removeprefix("http://"),
+    }
+    never = tmp_path / "never"  # the slow handler's gate stays shut
+    async with host_process([sys.executable, str(script), str(never)], env) as out:
+
+        async def said(text: bytes) -> bool:
+            return text in out.data
+
+        async def running() -> bool:
+            got = samples((await http.get(f"{health}/metrics")).text)
+            return got[key("busevents_worker_handlers_in_flight", worker="slow")] == 1
+
+        await until(lambda: answers(http, f"{health}/readyz", 200))
+        async with EventsClient(provider.url, provider.token()) as client:
+            await client.send("ops.slow", {"n": 1})
+        await until(running)
+        out.process.send_signal(signal.SIGTERM)
+        await until(lambda: said(b"handler(s) in flight get up to 120s"))
+        out.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await out.process.wait() == 0
+    text = out.data.decode()
+    assert "received SIGTERM again: cancelling the handlers still running" in text
+    assert "stopped: 0 handler(s) finished during the drain, 1 cancelled" in text
 
 
 async def _readyz_stream(http: httpx.AsyncClient, url: str) -> dict[str, object]:

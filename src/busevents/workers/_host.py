@@ -46,7 +46,9 @@ class WorkerHost:
     own (default: :meth:`RetryPolicy.from_env`, read when the host starts).
     ``readiness`` is ready while every stream of every worker is established.
     With ``handle_signals`` (the default; needs the main thread), SIGINT and
-    SIGTERM stop the host cleanly and ``stop_signal`` records which one came.
+    SIGTERM stop the host cleanly and ``stop_signal`` records which one came;
+    a second signal cancels the handlers still running without waiting for
+    their grace period.
 
     ``health_addr`` (``"HOST:PORT"``; default: ``BUS_EVENTS_HEALTH_ADDR``, off
     when unset; ``""`` turns it off) serves ``GET /healthz``, ``/readyz`` and
@@ -143,7 +145,7 @@ class WorkerHost:
         with single_error():
             async with trio.open_nursery() as outer:
                 if self.handle_signals:
-                    await outer.start(self._watch_signals, workers_scope)
+                    await outer.start(self._watch_signals, workers_scope, drain)
                 if addr is not None:
                     from ._health import HealthApp, serve_health
 
@@ -175,17 +177,22 @@ class WorkerHost:
     async def _watch_signals(
         self,
         scope: trio.CancelScope,
+        drain: Drain,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             task_status.started()
             async for signum in signals:
-                self.stop_signal = signum
-                self._stopping = True
-                log.info("received %s: stopping the workers", signal.Signals(signum).name)
-                scope.cancel()
-                return
+                name = signal.Signals(signum).name
+                if self.stop_signal is None:
+                    self.stop_signal = signum
+                    self._stopping = True
+                    log.info("received %s: stopping the workers", name)
+                    scope.cancel()
+                else:  # an impatient supervisor: the drain ends now
+                    log.warning("received %s again: cancelling the handlers still running", name)
+                    drain.cut()
 
     async def _log_readiness(self) -> None:
         names = ", ".join(w.label for w in self.workers)
@@ -233,10 +240,11 @@ def run_host(
             if log_format
             else log_format_from_env(environ)
         )
+        where = "health_addr"
         if health_addr is None:
-            health_addr = environ.get(HEALTH_ADDR_ENV, "").strip()
+            health_addr, where = environ.get(HEALTH_ADDR_ENV, "").strip(), HEALTH_ADDR_ENV
         if health_addr:
-            parse_health_addr(health_addr, HEALTH_ADDR_ENV)
+            parse_health_addr(health_addr, where)
     except ConfigError as exc:
         if configure_logging:
             _configure_logging("text")

@@ -250,13 +250,22 @@ async def run_worker(
 
 class Drain:
     """How a stop went: handlers in flight at the stop that ended by themselves
-    within the grace period (``finished``) and those cancelled at its end."""
+    within the grace period (``finished``) and those cancelled at its end.
 
-    __slots__ = ("cancelled", "finished")
+    :meth:`cut` ends the grace period of every worker counted here at once.
+    """
+
+    __slots__ = ("_loops", "cancelled", "finished")
 
     def __init__(self) -> None:
         self.finished = 0
         self.cancelled = 0
+        self._loops: list[_WorkerLoop] = []
+
+    def cut(self) -> None:
+        """Cancel every handler still running now, grace period or not."""
+        for loop in self._loops:
+            loop.cut()
 
 
 async def run_observed_worker(
@@ -320,6 +329,7 @@ class _WorkerLoop:
         self.client = client
         self.worker = worker
         self.drain = drain if drain is not None else Drain()
+        self.drain._loops.append(self)
         self.readiness = readiness
         # Without an observer the hooks are the base class's no-ops.
         self.observer = observer or WorkerObserver()
@@ -478,6 +488,12 @@ class _WorkerLoop:
             self.start_scope.cancel()
             if self.listeners is not None:
                 self.listeners.cancel_scope.cancel()
+
+    def cut(self) -> None:
+        """End the grace period now: every handler still running is cancelled."""
+        self.closing_deadline = now = trio.current_time()
+        for scope in self.in_flight:
+            scope.deadline = now
 
     def _close(self) -> None:
         """Stop taking events: in-flight handlers get the grace period, then are cancelled."""
