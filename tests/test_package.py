@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "busevents"
 CORE = [
     "_errors",
+    "_ids",
     "_contracts",
     "_config",
     "_retry",
@@ -194,6 +195,7 @@ def test_sdk_core_never_imports_workers_or_leaves() -> None:
         for imported in _imported_modules(SRC / f"{module}.py", f"busevents.{module}"):
             assert not imported.startswith(
                 ("busevents.workers", "busevents.cli", "busevents.provider", "busevents._bench")
+                + ("busevents.relay",)
             ), f"{module} imports {imported}"
 
 

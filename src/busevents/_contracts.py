@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol, TypeVar, overload
 import msgspec
 
 from ._errors import ConfigError, InvalidPayload, bounded_text
+from ._ids import event_id_key as event_id_key  # the bounded parser, one for all
 
 __all__ = [
     "Accepted",
@@ -220,18 +221,6 @@ class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
         if self.after is not None:
             params["after"] = self.after
         return params
-
-
-def event_id_key(event_id: str) -> tuple[int, int] | None:
-    """An id of the ``"<ms>-<seq>"`` form as the integer pair it is ordered by; else None.
-
-    Providers hand out such ids (Redis-stream style); they increase in publish
-    order when compared as pairs, never as strings (``"9-0" < "10-0"``).
-    """
-    ms, sep, seq = event_id.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit() or not ms.isascii() or not seq.isascii():
-        return None
-    return int(ms), int(seq)
 
 
 #: Request metadata keys with this prefix are copied onto replies.
