@@ -163,6 +163,11 @@ class _Counted:
             )
         return block
 
+    read = read1
+
+    def close(self) -> None:
+        self.raw.close()
+
 
 async def _read_envelopes(
     raw: BinaryIO, label: str

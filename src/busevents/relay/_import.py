@@ -35,7 +35,7 @@ from .._retry import is_retryable
 from ._engine import verify_origin_kept
 from ._origin import ORIGIN_ENVIRONMENT, ORIGIN_EVENT, check_service_token
 
-__all__ = ["ImportResult", "import_events", "summarise"]
+__all__ = ["ImportResult", "import_events"]
 
 #: Bad lines named one by one in an error; the rest are counted.
 SHOWN_ERRORS = 5
@@ -51,15 +51,6 @@ class ImportResult:
     #: Events whose origin is the destination itself.
     skipped: int = 0
     failed: int = 0
-
-
-def summarise(errors: Sequence[tuple[int, str]], what: str = "line") -> str:
-    """The first few ``(number, message)`` errors, one per line, then how many more."""
-    shown = [f"{what} {number}: {message}" for number, message in errors[:SHOWN_ERRORS]]
-    more = len(errors) - SHOWN_ERRORS
-    if more > 0:
-        shown.append(f"… and {more} more {what}(s) with errors")
-    return "\n".join(shown)
 
 
 def _origin(event: Event, environment_id: str) -> tuple[str, str]:
@@ -135,8 +126,8 @@ async def import_events(
     from.  Before publishing anything, raises :class:`BusEventsError`: when
     ``token`` (the client's) is an end user's; or listing the first bad lines
     (``bad_lines``, found while reading, and envelopes with an invalid id or
-    origin) and how many more.  Without ``token``, the first published event is
-    checked to have kept its origin.  ``on_error(number, message)`` hears of each
+    origin) and how many more (``on_error`` hears of the first few).  Without
+    ``token``, the first published event is checked to have kept its origin.  ``on_error(number, message)`` hears of each
     envelope the destination refused; 401/403 and network failures stop the
     import (raised).
     """
@@ -146,9 +137,13 @@ async def import_events(
     planned, errors = plan(events, environment_id)
     errors = sorted([*bad_lines, *errors])
     if errors:
+        for number, message in errors[:SHOWN_ERRORS] if on_error is not None else ():
+            on_error(number, message)
+        more = len(errors) - SHOWN_ERRORS
         raise BusEventsError(
-            f"import: {len(errors)} line(s) cannot be imported; nothing was published:\n"
-            + summarise(errors)
+            f"import: {len(errors)} line(s) cannot be imported"
+            + (f" (the first {SHOWN_ERRORS} above, {more} more)" if more > 0 else "")
+            + "; nothing was published"
         )
     result = ImportResult()
     held: dict[str, _Destination] = {}
