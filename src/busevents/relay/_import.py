@@ -127,9 +127,9 @@ async def import_events(
     ``token`` (the client's) is an end user's; or listing the first bad lines
     (``bad_lines``, found while reading, and envelopes with an invalid id or
     origin) and how many more (``on_error`` hears of the first few).  Without
-    ``token``, the first published event is checked to have kept its origin.  ``on_error(number, message)`` hears of each
-    envelope the destination refused; 401/403 and network failures stop the
-    import (raised).
+    ``token``, the first published event is checked to have kept its origin.
+    ``on_error(number, message)`` hears of each envelope the destination refused;
+    401/403 and network failures stop the import (raised).
     """
     if not environment_id.strip():
         raise BusEventsError("import needs an environment id for envelopes without an origin")
