@@ -153,3 +153,23 @@ async def test_once_ends_with_a_summary_line_and_status_counts_add_up(
         status = await run_cli("-f", "json", "relay", "--state-file", str(state), "--status")
         counters = json.loads(status.stdout)["counters"]
         assert counters == {"received": 8, "forwarded": 6, "skipped": 2, "pending": 0}
+
+
+async def test_a_reply_to_a_relayed_request_is_not_marked_as_relayed(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A request forwarded from A carries A's origin; the reply a worker at B publishes
+    is B's own event (else a route B->A would skip it as A's, and never bring it back),
+    while the other bus.origin.* keys still travel with it."""
+    from busevents import ClientPublisher, Event
+
+    async with open_pair(cli_env, tmp_path) as (_a, b):
+        metadata = {ORIGIN: "a", ORIGIN_ID: "5-0", "bus.origin.session.id": "s1"}
+        async with b.client() as client:
+            accepted = await client.send("t.req", {"q": 1}, metadata=metadata)
+            (request,) = await b.history("t.req")
+            assert isinstance(request, Event) and request.id == accepted.id
+            await ClientPublisher(client).reply(request, "t.res", {"a": 1})
+        (reply,) = await b.history("t.res")
+        assert reply.metadata == {"bus.origin.session.id": "s1"}
+        assert reply.correlation_id == accepted.id

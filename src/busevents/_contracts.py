@@ -225,13 +225,17 @@ class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
 
 #: Request metadata keys with this prefix are copied onto replies.
 ORIGIN_PREFIX: Final = "bus.origin."
+#: ...except these: where the request itself came from (the relay's and import's record).
+#: A reply is a new event of the deployment that publishes it.
+EVENT_ORIGIN_KEYS: Final = frozenset({"bus.origin.environment.id", "bus.origin.event.id"})
 
 
 class Publisher(Protocol):
     """What a worker handler may do: publish events and reply to a request.
 
     A reply carries the request's ``correlationId`` (the request's event id when
-    it has none), its ``bus.origin.*`` metadata, and its ``identity_id`` (both
+    it has none), its ``bus.origin.*`` metadata (not :data:`EVENT_ORIGIN_KEYS`: a
+    reply is not the relayed request), and its ``identity_id`` (both
     honoured by providers for service tokens only; the identity is what lets
     the reply reach an end user's requester).
 
