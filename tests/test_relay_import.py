@@ -98,7 +98,8 @@ async def test_nothing_is_published_when_a_check_fails(
         bad += [json.dumps({"id": "9" * 5000 + "-0", "name": "k.x"})]
         bad += ['{"id":"1-0","name":"k.x","payload":' + "[" * 5000 + "]" * 5000 + "}"]
         bad += [
-            json.dumps({"id": f"{n}-1", "name": "k.x", "metadata": {ORIGIN: "z"}}) for n in range(8)
+            json.dumps({"id": f"{n}-1", "name": "k.x", "metadata": {ORIGIN: "z", ORIGIN_ID: "x"}})
+            for n in range(8)
         ]
         (tmp_path / "bad.ndjson").write_text("\n".join([*bad, *good[100:]]) + "\n")
         lines = await run_cli(*_dest(b), "import", "--environment-id", "a", "bad.ndjson")
@@ -111,7 +112,7 @@ async def test_nothing_is_published_when_a_check_fails(
         assert "line 102: not an event envelope" in lines.stderr  # no id
         assert "line 103: not an event id: '99999" in lines.stderr
         assert "line 104: not an event envelope" in lines.stderr  # 5,000 deep
-        assert f"line 105: {ORIGIN} without {ORIGIN_ID}" in lines.stderr
+        assert f"line 105: {ORIGIN_ID}: not an event id: 'x'" in lines.stderr
         assert "line 106" not in lines.stderr
         assert len(lines.stderr.splitlines()) == 6
 

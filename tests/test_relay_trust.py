@@ -158,9 +158,9 @@ async def test_once_ends_with_a_summary_line_and_status_counts_add_up(
 async def test_a_reply_to_a_relayed_request_is_not_marked_as_relayed(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """A request forwarded from A carries A's origin; the reply a worker at B publishes
-    is B's own event (else a route B->A would skip it as A's, and never bring it back),
-    while the other bus.origin.* keys still travel with it."""
+    """A request forwarded from A carries its id at A; the reply a worker at B publishes
+    is another event and must not carry that id (an import would take it for the
+    request and drop it as a duplicate); the other bus.origin.* keys travel with it."""
     from busevents import ClientPublisher, Event
 
     async with open_pair(cli_env, tmp_path) as (_a, b):
@@ -171,5 +171,5 @@ async def test_a_reply_to_a_relayed_request_is_not_marked_as_relayed(
             assert isinstance(request, Event) and request.id == accepted.id
             await ClientPublisher(client).reply(request, "t.res", {"a": 1})
         (reply,) = await b.history("t.res")
-        assert reply.metadata == {"bus.origin.session.id": "s1"}
+        assert reply.metadata == {ORIGIN: "a", "bus.origin.session.id": "s1"}
         assert reply.correlation_id == accepted.id

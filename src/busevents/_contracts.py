@@ -225,9 +225,9 @@ class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
 
 #: Request metadata keys with this prefix are copied onto replies.
 ORIGIN_PREFIX: Final = "bus.origin."
-#: ...except these: where the request itself came from (the relay's and import's record).
-#: A reply is a new event of the deployment that publishes it.
-EVENT_ORIGIN_KEYS: Final = frozenset({"bus.origin.environment.id", "bus.origin.event.id"})
+#: ...except these: the relay's and import's record of which event the request itself
+#: was at its origin (a reply is another event; carrying it would make it the request's twin).
+EVENT_ORIGIN_KEYS: Final = frozenset({"bus.origin.event.id"})
 
 
 class Publisher(Protocol):

@@ -56,15 +56,15 @@ class ImportResult:
 def _origin(event: Event, environment_id: str) -> tuple[str, str]:
     """The envelope's origin; ValueError naming what is wrong with it."""
     metadata = event.metadata or {}
-    environment = metadata.get(ORIGIN_ENVIRONMENT, environment_id)
     origin_id = metadata.get(ORIGIN_EVENT)
-    if ORIGIN_ENVIRONMENT in metadata and origin_id is None:
-        raise ValueError(f"{ORIGIN_ENVIRONMENT} without {ORIGIN_EVENT}")
-    if not environment.strip() or len(environment) > 255:
-        raise ValueError(f"{ORIGIN_ENVIRONMENT} must be 1 to 255 characters")
     if origin_id is None:
+        # Published where it was exported (a reply may carry its request's
+        # environment id alone: it is still the exporting deployment's event).
         parse_event_id(event.id)
-        return environment, event.id
+        return environment_id, event.id
+    environment = metadata.get(ORIGIN_ENVIRONMENT, "")
+    if not environment.strip() or len(environment) > 255:
+        raise ValueError(f"{ORIGIN_ENVIRONMENT} must be 1 to 255 characters with {ORIGIN_EVENT}")
     try:
         parse_event_id(origin_id)
     except ValueError as exc:
