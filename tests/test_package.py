@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "busevents"
 CORE = [
     "_errors",
+    "_ids",
     "_contracts",
     "_config",
     "_retry",
@@ -190,6 +191,7 @@ def test_leaves_use_only_the_public_sdk(leaf: str) -> None:
 
 
 def test_sdk_core_never_imports_workers_or_leaves() -> None:
+    assert "relay" not in str([_imported_modules(SRC / f"{m}.py", f"busevents.{m}") for m in CORE])
     for module in CORE:
         for imported in _imported_modules(SRC / f"{module}.py", f"busevents.{module}"):
             assert not imported.startswith(

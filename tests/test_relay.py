@@ -316,20 +316,26 @@ async def test_a_missing_scope_exits_1_with_the_scope_hint(
         assert "the destination lacks a scope for the token" in result.stderr
 
 
-async def test_an_end_user_token_at_the_destination_is_refused(
+async def test_an_end_user_token_at_the_destination_is_refused_before_publishing(
     cli_env: dict[str, str], tmp_path: Path, run_cli
 ) -> None:
     """Without a service token the destination drops bus.* metadata: exactly-once could
-    not hold, so the relay stops after its first event instead of forwarding on."""
+    not hold, so the relay refuses it (read from the token's audience) before the
+    first publish; a rerun with a service token then forwards each event once."""
     async with open_pair(cli_env, tmp_path) as (a, b):
-        await a.publish("r.user", 4)
+        ids = await a.publish("r.user", 4)
         user = write_token(tmp_path / "user.token", b.mint(audience=API_AUDIENCE))
         args = route_args(a, b, tmp_path / "ab.json", "r.user")
         args[args.index("--to-token-file") + 1] = str(user)
         result = await run_cli(*args, "--once")
         assert result.status == 1
-        assert "dropped the bus.origin.* metadata" in result.stderr
-        assert len(await b.history("r.user")) == 1
+        assert f"{user} is an end user's" in result.stderr
+        assert "nothing was published" in result.stderr
+        assert result.stderr.count("\n") == 1
+        assert await b.history("r.user") == []
+        again = await run_cli(*route_args(a, b, tmp_path / "ab.json", "r.user"), "--once")
+        assert again.status == 0, again.stderr
+        _assert_exactly_once(ids, await b.history("r.user"), "a")
 
 
 @pytest.mark.parametrize("down", ["destination", "source"])

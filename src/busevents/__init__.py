@@ -67,19 +67,21 @@ if TYPE_CHECKING:
     from ._errors import Unauthorized as Unauthorized
     from ._errors import WorkerError as WorkerError
     from ._groups import single_error as single_error
+    from ._ids import event_id_key as event_id_key
+    from ._ids import parse_event_id as parse_event_id
     from ._ndjson import NDJSONDecoder as NDJSONDecoder
     from ._retry import Backoff as Backoff
     from ._retry import RetryPolicy as RetryPolicy
     from ._retry import is_retryable as is_retryable
     from ._stream import EventStream as EventStream
+    from .relay._config import load_relay_routes as load_relay_routes
+    from .relay._engine import RelayRoute as RelayRoute
+    from .relay._engine import run_relay as run_relay
+    from .relay._import import import_events as import_events
+    from .relay._state import relay_status as relay_status
     from .workers._host import WorkerHost as WorkerHost
     from .workers._host import run_host as run_host
     from .workers._listener import Readiness as Readiness
-    from .workers._relay import RelayRoute as RelayRoute
-    from .workers._relay import import_events as import_events
-    from .workers._relay import run_relay as run_relay
-    from .workers._relay_config import load_relay_routes as load_relay_routes
-    from .workers._relay_state import relay_status as relay_status
     from .workers._requester import Requester as Requester
     from .workers._requester import open_requester as open_requester
     from .workers._worker import ClientPublisher as ClientPublisher
@@ -155,13 +157,11 @@ _LOCATIONS = {
         "WorkerHost",
         "run_host",
     ),
-    "workers._relay": (
-        "RelayRoute",
-        "import_events",
-        "run_relay",
-    ),
-    "workers._relay_config": ("load_relay_routes",),
-    "workers._relay_state": ("relay_status",),
+    "relay._engine": ("RelayRoute", "run_relay"),
+    "relay._import": ("import_events",),
+    "relay._config": ("load_relay_routes",),
+    "relay._state": ("relay_status",),
+    "_ids": ("event_id_key", "parse_event_id"),
 }
 _MODULE_OF = {name: module for module, names in _LOCATIONS.items() for name in names}
 

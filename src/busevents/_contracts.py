@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol, TypeVar, overload
 import msgspec
 
 from ._errors import ConfigError, InvalidPayload, bounded_text
+from ._ids import event_id_key as event_id_key  # the bounded parser, one for all
 
 __all__ = [
     "Accepted",
@@ -222,27 +223,19 @@ class StreamSpec(msgspec.Struct, frozen=True, omit_defaults=True):
         return params
 
 
-def event_id_key(event_id: str) -> tuple[int, int] | None:
-    """An id of the ``"<ms>-<seq>"`` form as the integer pair it is ordered by; else None.
-
-    Providers hand out such ids (Redis-stream style); they increase in publish
-    order when compared as pairs, never as strings (``"9-0" < "10-0"``).
-    """
-    ms, sep, seq = event_id.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit() or not ms.isascii() or not seq.isascii():
-        return None
-    return int(ms), int(seq)
-
-
 #: Request metadata keys with this prefix are copied onto replies.
 ORIGIN_PREFIX: Final = "bus.origin."
+#: ...except these: the relay's and import's record of which event the request itself
+#: was at its origin (a reply is another event; carrying it would make it the request's twin).
+EVENT_ORIGIN_KEYS: Final = frozenset({"bus.origin.event.id"})
 
 
 class Publisher(Protocol):
     """What a worker handler may do: publish events and reply to a request.
 
     A reply carries the request's ``correlationId`` (the request's event id when
-    it has none), its ``bus.origin.*`` metadata, and its ``identity_id`` (both
+    it has none), its ``bus.origin.*`` metadata (not :data:`EVENT_ORIGIN_KEYS`: a
+    reply is not the relayed request), and its ``identity_id`` (both
     honoured by providers for service tokens only; the identity is what lets
     the reply reach an end user's requester).
 

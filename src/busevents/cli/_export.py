@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any, BinaryIO
 
 from cyclopts import Parameter
 
@@ -64,79 +64,139 @@ def import_(
     environment_id: Annotated[
         str | None,
         Parameter(
-            help="Id of the deployment the envelopes came from, for those without "
-            "bus.origin.environment.id metadata."
+            help="Id of the deployment the file was exported from, stamped as the origin "
+            "of envelopes without bus.origin.environment.id metadata. Required."
         ),
     ] = None,
 ) -> int:
-    """Publish each envelope with its origin recorded; a re-run publishes nothing twice.
+    """Restore envelopes into a deployment: every event of the file, each exactly once.
 
-    The origin (bus.origin.environment.id and bus.origin.event.id metadata) is
-    the envelope's own when it has one, else --environment-id and the
-    envelope's id; with --environment-id, envelopes of another origin are
-    skipped (as the relay does: no echo).  Envelopes whose origin the
-    destination already holds are counted as duplicates, not published.
-    Prints `published N duplicates D skipped S failed F`; each bad line is
-    reported with its number on stderr (exit 1).
-    The destination token must be a service token (origin metadata is kept
-    only from those).
+    Unlike a relay route (which forwards only what started at its source),
+    import brings every event of the file, whatever its origin: an export of A
+    holding events that came to A from B restores B's events too.  Each event
+    is keyed by its origin (bus.origin.environment.id and bus.origin.event.id:
+    the envelope's own, else --environment-id and the envelope's id); one the
+    destination already holds is a duplicate, not published again, and one
+    that the destination published itself is skipped.  Prints `published N
+    duplicates D skipped S failed F`.
 
-    Example: bus-events import --environment-id laptop history.ndjson
+    Checked before anything is published (one message, exit 1): a service
+    token at the destination (end-user tokens cannot keep the origin), every
+    line readable (at most 16 MiB, as `send --ndjson`) and each envelope's ids.
+    The envelope's identity_id is kept: the provider attributes the restored
+    event to it (service tokens may), so import only files you trust.
+
+    Example: bus-events --token-file c-service.token import --environment-id env-a a.ndjson
     """
-    data = _read_source(source)
+    if not environment_id or not environment_id.strip():
+        raise UsageError(
+            "import needs --environment-id ID: the id of the deployment the file was "
+            "exported from (the origin of envelopes without one), e.g. "
+            "bus-events import --environment-id laptop history.ndjson"
+        )
+    env: str = environment_id
+    label = "stdin" if source == "-" else source
+    try:
+        raw: BinaryIO = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"import: cannot read {source}: {exc.strerror}") from None
 
     async def body(g: Globals) -> int:
-        import msgspec
-
-        from busevents import Event, import_events
+        from busevents import find_token, import_events
 
         diag = g.diagnostics()
         client = _client(g)  # a missing URL or token is reported before any line
-        decode = msgspec.json.Decoder(Event).decode
-        events: list[tuple[int, Event]] = []
-        failed = 0
-        for number, line in enumerate(data.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                events.append((number, decode(line)))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                failed += 1
-                diag.error(f"line {number}: not an event envelope: {exc}")
+        token = find_token(g.token_file)
+        events, bad_lines = await _read_envelopes(raw, label)
 
         def on_error(number: int, message: str) -> None:
             diag.error(f"line {number}: {message}")
 
         async with client:
             result = await import_events(
-                client, events, environment_id=environment_id, on_error=on_error
+                client,
+                events,
+                environment_id=env,
+                token=token,
+                bad_lines=bad_lines,
+                on_error=on_error,
             )
-        failed += result.failed
         results = g.results()
         results.open()
+        counts = (result.published, result.duplicates, result.skipped, result.failed)
         try:
             if g.format == "json":
                 results.write(
-                    b'{"published":%d,"duplicates":%d,"skipped":%d,"failed":%d}\n'
-                    % (result.published, result.duplicates, result.skipped, failed)
+                    b'{"published":%d,"duplicates":%d,"skipped":%d,"failed":%d}\n' % counts
                 )
             else:
-                results.write(
-                    b"published %d duplicates %d skipped %d failed %d\n"
-                    % (result.published, result.duplicates, result.skipped, failed)
-                )
+                results.write(b"published %d duplicates %d skipped %d failed %d\n" % counts)
         finally:
             results.close()
-        return EXIT_FAILURE if failed else EXIT_OK
+        return EXIT_FAILURE if result.failed else EXIT_OK
 
-    return run_client_command(body)
-
-
-def _read_source(source: str) -> bytes:
-    if source == "-":
-        return sys.stdin.buffer.read()
     try:
-        with open(source, "rb") as fh:
-            return fh.read()
+        return run_client_command(body)
+    finally:
+        if raw is not sys.stdin.buffer:
+            raw.close()
+
+
+#: Most bytes ``import`` reads: every line is checked before the first publish, so
+#: the whole file is held; a bigger history is imported in parts (export --after).
+MAX_IMPORT = 1024 * 1024 * 1024
+
+
+class _Counted:
+    """A binary file whose reads stop with :class:`UsageError` past :data:`MAX_IMPORT`."""
+
+    def __init__(self, raw: Any, label: str) -> None:
+        self.raw, self.label, self.total = raw, label, 0
+
+    def read1(self, size: int = -1) -> bytes:
+        block: bytes = self.raw.read1(size)
+        self.total += len(block)
+        if self.total > MAX_IMPORT:
+            raise UsageError(
+                f"import: {self.label} is larger than {MAX_IMPORT >> 30} GiB: import it in "
+                "parts (export --after ID); nothing was published"
+            )
+        return block
+
+    read = read1
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+async def _read_envelopes(
+    raw: BinaryIO, label: str
+) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """The numbered envelopes of ``source``, and its bad lines ``(number, why)``: an
+    over-long line (reading stops there: ``/dev/zero`` is one), a line that is not
+    an envelope, or one nested too deep.  Raises :class:`UsageError` for a file
+    that cannot be read.
+    """
+    import msgspec
+
+    from busevents import Event
+
+    from ._send import MAX_LINE, _lines
+
+    decode = msgspec.json.Decoder(Event).decode
+    events: list[tuple[int, Any]] = []
+    errors: list[tuple[int, str]] = []
+    try:
+        async for number, line in _lines(_Counted(raw, label)):  # type: ignore[arg-type]
+            if line is None:
+                errors.append((number, f"longer than {MAX_LINE >> 20} MiB: not an envelope"))
+                break
+            try:
+                events.append((number, decode(line)))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                errors.append((number, f"not an event envelope: {str(exc)[:200]}"))
+            except RecursionError:
+                errors.append((number, "not an event envelope: nested too deep"))
     except OSError as exc:
-        raise UsageError(f"import: cannot read {source}: {exc.strerror}") from None
+        raise UsageError(f"import: cannot read {label}: {exc.strerror}") from None
+    return events, errors

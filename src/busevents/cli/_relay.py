@@ -47,7 +47,7 @@ def relay(
         str | None,
         Parameter(
             help="Id of the source deployment, stamped as bus.origin.environment.id "
-            "(give each deployment its own short id). [default: the source URL]"
+            "(give each deployment its own short id, and keep it)."
         ),
     ] = None,
     once: Annotated[
@@ -89,10 +89,13 @@ def relay(
 
     Events carry their origin (bus.origin.environment.id, bus.origin.event.id);
     events that came from another environment are not forwarded (no echo).
-    The state file keeps a cursor per name: a restart resumes after it, and
-    what a crash left unrecorded is found in the destination's history, never
-    sent twice.  A lock keeps a second relay off the same state file.  See
-    docs/relay.md.
+    The destination token must be a service token (an end user's is refused
+    before anything is published).  The state file keeps a cursor per name: a
+    restart resumes after it, and what a crash left unrecorded is found in the
+    destination's history (trusted only when the source holds the same event),
+    never sent twice.  A lock keeps a second relay off the same state file.
+    --once ends with a summary line (forwarded, skipped, pending per name; on
+    stdout with -f json).  See docs/relay.md.
 
     Example: bus-events relay --from-url http://127.0.0.1:8081 --to-url
     http://127.0.0.1:8082 --name example.ping --environment-id laptop
@@ -122,26 +125,47 @@ def relay(
     limit = retries if retries is not None else (5 if once else None)
 
     async def body(g: Globals) -> int:
-        from functools import partial
-
         import trio
 
         from busevents import run_relay
 
+        reports: list[Any] = [None] * len(routes)
+
+        async def one(index: int, route: RelayRoute, task_status: trio.TaskStatus[None]) -> None:
+            report = await run_relay(
+                route,
+                loop=loop,
+                interval=pause,
+                retries=limit,
+                http_timeout=g.timeout,
+                task_status=task_status,
+            )
+            reports[index] = report
+
         async with trio.open_nursery() as nursery:
-            for route in routes:
-                run = partial(
-                    run_relay,
-                    route,
-                    loop=loop,
-                    interval=pause,
-                    retries=limit,
-                    http_timeout=g.timeout,
-                )
-                await nursery.start(run)
+            for index, route in enumerate(routes):
+                await nursery.start(one, index, route)
+        if once:
+            _summary(g, reports)
         return EXIT_OK
 
     return _run_service(body, routes)
+
+
+def _summary(g: Globals, reports: list[Any]) -> None:
+    """The one line a ``--once`` run ends with (stderr), or its JSON (stdout, ``-f json``)."""
+    if g.format == "json":
+        import json
+
+        results = g.results()
+        results.open()
+        try:
+            for report in reports:
+                results.write(json.dumps(report.to_builtins()).encode() + b"\n")
+        finally:
+            results.close()
+    else:
+        g.diagnostics().note("relay: " + "; ".join(report.line() for report in reports))
 
 
 def _routes(
@@ -182,15 +206,21 @@ def _routes(
             raise UsageError(str(exc)) from None
     missing = [
         flag
-        for flag, value in (("--to-url", to_url), ("--name", names), ("--state-file", state_file))
+        for flag, value in (
+            ("--to-url", to_url),
+            ("--name", names),
+            ("--state-file", state_file),
+            ("--environment-id", environment_id),
+        )
         if not value
     ]
     if missing:
         raise UsageError(
             f"relay needs {', '.join(missing)} (or --config FILE); e.g. relay --to-url "
-            "http://127.0.0.1:8082 --name example.ping --state-file a-to-b.json --once"
+            "http://127.0.0.1:8082 --name example.ping --state-file a-to-b.json "
+            "--environment-id laptop --to-token-file b-service.token --once"
         )
-    assert to_url is not None and names and state_file is not None
+    assert to_url is not None and names and state_file is not None and environment_id
     try:
         source = resolve_url(from_url or g.api_url)
         return [
@@ -199,20 +229,13 @@ def _routes(
                 to_url=to_url,
                 names=tuple(dict.fromkeys(names)),
                 state_file=Path(state_file),
-                environment_id=environment_id or _default_environment(source),
+                environment_id=environment_id,
                 from_token_file=from_token_file or g.token_file,
                 to_token_file=to_token_file or g.token_file,
             )
         ]
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-
-
-def _default_environment(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
 
 def _run_service(body: Callable[[Globals], Awaitable[int]], routes: list[RelayRoute]) -> int:

@@ -28,6 +28,7 @@ import msgspec
 import trio
 
 from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec, single_error
+from busevents import event_id_key as _event_key
 
 from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
 from ._config import ProviderConfig
@@ -709,16 +710,6 @@ class MetricsApp:
                 raise HTTPError(404, "not_found", "no such endpoint: use GET /metrics")
         except HTTPError as error:
             await _send_error(send, error)
-
-
-def _event_key(event_id: str) -> tuple[int, int] | None:
-    """``"<ms>-<seq>"`` as an integer pair (ids compare that way), or ``None``."""
-    ms, sep, seq = event_id.partition("-")
-    if not sep or not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
-        return None
-    if len(ms) > 20 or len(seq) > 20:
-        return None
-    return int(ms), int(seq)
 
 
 def _after(history: list[StoredEvent], after: tuple[int, int] | None) -> list[StoredEvent]:

@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._contracts import ORIGIN_PREFIX, Accepted, Delivery, Event, Handler, Publisher
+from .._contracts import (
+    EVENT_ORIGIN_KEYS,
+    ORIGIN_PREFIX,
+    Accepted,
+    Delivery,
+    Event,
+    Handler,
+    Publisher,
+)
 from .._errors import BusEventsError, ConfigError, HandlerError, bounded_text
 from .._groups import single_error
 from .._retry import RetryPolicy
@@ -181,7 +189,11 @@ class ClientPublisher:
         metadata: dict[str, str] | None = None,
     ) -> Accepted:
         """Publish the response ``name`` to ``request``; ``metadata`` adds to the origin keys."""
-        origin = {k: v for k, v in (request.metadata or {}).items() if k.startswith(ORIGIN_PREFIX)}
+        origin = {
+            k: v
+            for k, v in (request.metadata or {}).items()
+            if k.startswith(ORIGIN_PREFIX) and k not in EVENT_ORIGIN_KEYS
+        }
         merged = {**origin, **(metadata or {})}
         return await self.client.send(
             name,

@@ -6,28 +6,32 @@ environment where it was first published: the route's ``environment_id``) and
 ``bus.origin.event.id`` (its id there).  A route forwards only events that
 originated at its source: those without ``bus.origin.environment.id`` or with
 the route's own id.  An event that arrived from elsewhere is *skipped* — so
-routes A→B and B→A can run together without echo.  Providers keep ``bus.*``
-metadata only from service tokens: the destination token must be one (the
-relay checks that the metadata survived its first publish).
+routes A→B and B→A can run together without echo.  (``import`` differs: it
+restores every event of a file, whatever its origin; see :mod:`._import`.)
+Providers keep ``bus.*`` metadata only from service tokens: a destination token
+whose audience says it is an end user's is refused before anything is published
+(an opaque token: the metadata of the first publish is checked).
 
 **Cursors.**  Per name, the state file holds the id of the last source event
 handled and the destination id of the last event forwarded.  The source is read
 with ``after=<cursor>`` (the stream resumes, it does not restart).
 
-**Exactly once.**  Events of a name are published one at a time, in source
-order, and the state file is saved (atomically) only after the destination
-acknowledged them — not after each one.  So after a crash the destination may
-hold events the state does not know of: before forwarding, the relay reads the
-destination's history of the name *after its destination cursor* and moves the
-source cursor past every event with its origin found there
-(:meth:`_Relay._reconcile`).  It does so on start and after every failure,
-because a publish whose answer was lost may have landed.
+**Exactly once, on evidence.**  Events of a name are published one at a time,
+in source order, and the state file is saved (atomically) only after the
+destination acknowledged them — not after each one.  So after a crash the
+destination may hold events the state does not know of.  On start and after
+every failure, the relay reads the destination's history of the name after its
+destination cursor and notes the events of its origin there (:meth:`_Relay._held`).
+An event found there is *trusted* only when the source holds the same id with
+the same payload: then it is counted as forwarded, not sent again.  Anything
+else claiming the route's origin (an id the source never had, or another
+payload) moves no cursor: the route stops with one line naming it
+(:class:`UntrustedOrigin`), before publishing anything.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -36,11 +40,13 @@ import trio
 
 from .._client import EventsClient
 from .._config import find_token, normalize_events_url
-from .._contracts import Event, PublishRequest, event_id_key
-from .._errors import APIError, BusEventsError, Forbidden, TransportError, Unauthorized
+from .._contracts import Event, PublishRequest
+from .._errors import APIError, BusEventsError, Forbidden, Unauthorized
 from .._groups import single_error
+from .._ids import event_id_key
 from .._retry import Backoff, RetryPolicy, is_retryable
-from ._relay_state import (
+from ._origin import ORIGIN_ENVIRONMENT, ORIGIN_EVENT, SERVICE_AUDIENCE, check_service_token
+from ._state import (
     Cursor,
     RelayLock,
     RouteInfo,
@@ -51,23 +57,52 @@ from ._relay_state import (
     write_state,
 )
 
-__all__ = [
-    "ORIGIN_ENVIRONMENT",
-    "ORIGIN_EVENT",
-    "RelayRoute",
-    "import_events",
-    "run_relay",
-]
+__all__ = ["NameReport", "RelayReport", "RelayRoute", "UntrustedOrigin", "run_relay"]
 
 log = logging.getLogger("busevents.relay")
 
-#: Metadata key: the environment where the event was first published (upstream's name).
-ORIGIN_ENVIRONMENT: Final = "bus.origin.environment.id"
-#: Metadata key: the event's id in its origin environment.
-ORIGIN_EVENT: Final = "bus.origin.event.id"
-
 #: Save the state at least this often (seconds) while a long backlog is forwarded.
 _SAVE_EVERY = 0.5
+#: At most this many untrusted ids are named in an error.
+_SHOWN: Final = 3
+
+
+class UntrustedOrigin(BusEventsError):
+    """The destination holds events claiming the route's origin that the source never had."""
+
+
+@dataclass
+class NameReport:
+    """What one run did for one name."""
+
+    forwarded: int = 0
+    skipped: int = 0
+    pending: int = 0
+
+
+@dataclass
+class RelayReport:
+    """What :func:`run_relay` did (per name, in this run), for its summary line."""
+
+    label: str
+    names: dict[str, NameReport] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """``label: NAME forwarded N skipped M pending K, …``"""
+        parts = [
+            f"{name} forwarded {r.forwarded} skipped {r.skipped} pending {r.pending}"
+            for name, r in self.names.items()
+        ]
+        return f"{self.label}: {', '.join(parts)}"
+
+    def to_builtins(self) -> dict[str, object]:
+        return {
+            "route": self.label,
+            "names": {
+                name: {"forwarded": r.forwarded, "skipped": r.skipped, "pending": r.pending}
+                for name, r in self.names.items()
+            },
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,16 +155,28 @@ class RelayRoute:
 
 
 @dataclass
+class _Held:
+    """An event of the route's origin found at the destination."""
+
+    destination_id: str
+    payload: bytes
+
+
+@dataclass
 class _Relay:
     route: RelayRoute
     timeout: float | None
     state: RouteState = field(init=False)
+    report: RelayReport = field(init=False)
     #: The destination may hold events the state does not know of (start, after a failure).
     unsure: bool = True
+    #: Whether the destination token is known to keep the origin metadata.
     verified: bool = False
     last_save: float = 0.0
     source: EventsClient | None = None
     dest: EventsClient | None = None
+    #: Per name: trusted events of ours the destination holds, by source id.
+    held: dict[str, dict[str, _Held]] = field(default_factory=dict)
 
     # -- state ---------------------------------------------------------------
 
@@ -156,6 +203,7 @@ class _Relay:
             state.route = info
         state.names = sorted({*state.names, *route.names})
         self.state = state
+        self.report = RelayReport(route.label, {name: NameReport() for name in route.names})
 
     def save(self) -> None:
         write_state(self.route.state_file, self.state)
@@ -167,8 +215,11 @@ class _Relay:
 
     # -- one pass ------------------------------------------------------------
 
-    def _client(self, url: str, token_file: str | None) -> EventsClient:
-        return EventsClient(url, find_token(token_file), timeout=self.timeout)
+    def _client(self, url: str, token_file: str | None, side: str) -> EventsClient:
+        token = find_token(token_file)
+        if side == "destination" and not self.verified:
+            self.verified = check_service_token(token, f"{self.route.label}: the destination")
+        return EventsClient(url, token, timeout=self.timeout)
 
     async def close_clients(self) -> None:
         """Drop the connections (after a failure: the next pass connects, and reads the
@@ -183,14 +234,16 @@ class _Relay:
         route = self.route
         self.state.last_attempt = utc_now()
         self.state.counters.pending = 0  # what a failed pass left is read again
-        if self.source is None:
-            self.source = self._client(route.from_url, route.from_token_file)
+        for each in self.report.names.values():
+            each.pending = 0
         if self.dest is None:
-            self.dest = self._client(route.to_url, route.to_token_file)
+            self.dest = self._client(route.to_url, route.to_token_file, "destination")
+        if self.source is None:
+            self.source = self._client(route.from_url, route.from_token_file, "source")
         source, dest = self.source, self.dest
-        for name in route.names:
-            if self.unsure:
-                await self._reconcile(dest, name)
+        if self.unsure:
+            for name in route.names:
+                self.held[name] = await self._held(source, dest, name)
         self.unsure = False
         # Names are independent (a cursor each, order kept within a name): forward
         # them side by side, so that one long backlog does not hold up the others.
@@ -201,62 +254,117 @@ class _Relay:
         self.state.last_success = utc_now()
         self.save()
 
-    async def _reconcile(self, dest: EventsClient, name: str) -> None:
-        """Move the cursor of ``name`` past events of ours the destination already holds."""
+    async def _held(self, source: EventsClient, dest: EventsClient, name: str) -> dict[str, _Held]:
+        """The events of ours the destination holds after the cursor, checked against the
+        source: only those the source holds (same id, same payload) are trusted.
+
+        Raises :class:`UntrustedOrigin` when another claims the route's origin with an
+        id after the source cursor that the source does not hold (forged, or another
+        deployment with the same environment id).
+        """
         cursor = self.state.cursor(name)
-        best = event_id_key(cursor.source) if cursor.source else None
-        found: str | None = None
-        recovered = 0
-        last: str | None = None
         env = self.route.environment_id
+        found: dict[str, _Held] = {}
         async with dest.listen(name, replay=True, follow=False, after=cursor.destination) as stream:
             async for batch in stream.batches():
                 for event in batch:
-                    last = event.id
                     metadata = event.metadata
-                    if not metadata or metadata.get(ORIGIN_ENVIRONMENT) != env:
-                        continue
-                    key = event_id_key(metadata.get(ORIGIN_EVENT, ""))
-                    if key is not None and (best is None or key > best):
-                        best, found = key, metadata[ORIGIN_EVENT]
-                        recovered += 1
-        if found is not None:
+                    if metadata and metadata.get(ORIGIN_ENVIRONMENT) == env:
+                        origin = metadata.get(ORIGIN_EVENT, "")
+                        found.setdefault(origin, _Held(event.id, bytes(event.payload)))
+        mark = event_id_key(cursor.source) if cursor.source else None
+        # What the relay recorded is settled; the rest needs the source's word.
+        open_ = {
+            origin: held
+            for origin, held in found.items()
+            if mark is None or (key := event_id_key(origin)) is None or key > mark
+        }
+        if not open_:
+            return {}
+        trusted: dict[str, _Held] = {}
+        first: tuple[int, int] | None = None
+        last = mark
+        async with source.listen(name, replay=True, follow=False, after=cursor.source) as stream:
+            async for batch in stream.batches():
+                for event in batch:
+                    key = event_id_key(event.id)
+                    if key is not None:
+                        first = first or key
+                        last = key
+                    held = open_.get(event.id)
+                    if held is not None and held.payload == bytes(event.payload):
+                        trusted[event.id] = open_.pop(event.id)
+        # Left: ids the source does not hold.  Those below its first retained event
+        # may have been trimmed since they were forwarded; the others it never had.
+        never = [
+            (origin, held)
+            for origin, held in open_.items()
+            if (key := event_id_key(origin)) is None
+            or (last is not None and (first is None or key >= first))
+        ]
+        if never:
+            shown = ", ".join(
+                f"{origin[:40]!r} (destination id {held.destination_id})"
+                for origin, held in never[:_SHOWN]
+            )
+            raise UntrustedOrigin(
+                f"{self.route.label}: {name}: the destination holds {len(never)} event(s) "
+                f"claiming origin {env!r} that the source never had: {shown}; not trusting "
+                "them, the relay stopped before publishing: find who published them (a "
+                f"service token at the destination), then set cursors.{name}.destination "
+                f"in {self.route.state_file} to the last of them to go on"
+            )
+        if trusted:
             log.info(
-                "%s: %s: the destination already holds %d event(s) up to source id %s; "
-                "resuming after it",
+                "%s: %s: the destination already holds %d event(s) of this route that the "
+                "state does not record (an interrupted run); they are not sent again",
                 self.route.label,
                 name,
-                recovered,
-                found,
+                len(trusted),
             )
-            cursor.source = found
-            self.state.counters.forwarded += recovered
-        if last is not None:
-            cursor.destination = last
+        return trusted
 
     async def _forward(self, source: EventsClient, dest: EventsClient, name: str) -> None:
         cursor = self.state.cursor(name)
         counters = self.state.counters
+        report = self.report.names[name]
         async with source.listen(name, replay=True, follow=False, after=cursor.source) as stream:
             async for batch in stream.batches():
-                counters.received += len(batch)
                 counters.pending += len(batch)
+                report.pending += len(batch)
                 for event in batch:
-                    await self._forward_one(dest, event, cursor)
+                    await self._forward_one(dest, event, cursor, report)
                     counters.pending -= 1
+                    report.pending -= 1
+                    counters.received += 1
                     if trio.current_time() - self.last_save >= _SAVE_EVERY:
                         self.save()
 
-    async def _forward_one(self, dest: EventsClient, event: Event, cursor: Cursor) -> None:
+    async def _forward_one(
+        self, dest: EventsClient, event: Event, cursor: Cursor, report: NameReport
+    ) -> None:
         env = self.route.environment_id
         metadata = dict(event.metadata or {})
         origin = metadata.get(ORIGIN_ENVIRONMENT)
         if origin is not None and origin != env:
             # It came from elsewhere: forwarding it could send it back there (echo).
             self.state.counters.skipped += 1
+            report.skipped += 1
             cursor.source = event.id
             return
-        metadata[ORIGIN_ENVIRONMENT] = env
+        held = self.held.get(event.name, {}).pop(event.id, None)
+        if held is not None:
+            # Sent by an interrupted run: the destination acknowledged it already.
+            accepted_id = held.destination_id
+        else:
+            accepted_id = await self._publish(dest, event, metadata)
+        cursor.source = event.id
+        cursor.destination = accepted_id
+        self.state.counters.forwarded += 1
+        report.forwarded += 1
+
+    async def _publish(self, dest: EventsClient, event: Event, metadata: dict[str, str]) -> str:
+        metadata[ORIGIN_ENVIRONMENT] = self.route.environment_id
         metadata[ORIGIN_EVENT] = event.id
         request = PublishRequest(
             name=event.name,
@@ -265,7 +373,7 @@ class _Relay:
             metadata=metadata,
             identity_id=event.identity_id,
         )
-        before = cursor.destination
+        before = self.state.cursor(event.name).destination
         try:
             accepted, _ = await dest.publish(request)
         except APIError as exc:
@@ -275,18 +383,17 @@ class _Relay:
                 f"the destination refused event {event.id} ({event.name}): {exc}; "
                 "the relay stopped before it (nothing after it was forwarded)"
             ) from exc
-        cursor.source = event.id
-        cursor.destination = accepted.id
-        self.state.counters.forwarded += 1
         if not self.verified:
             await verify_origin_kept(dest, event.name, before, accepted.id)
             self.verified = True
+        return accepted.id
 
 
 async def verify_origin_kept(
     dest: EventsClient, name: str, after: str | None, event_id: str
 ) -> None:
-    """Check that the destination kept the origin metadata of event ``event_id``.
+    """Check that the destination kept the origin metadata of event ``event_id``
+    (for a token whose audience could not be read before publishing).
 
     Providers drop ``bus.*`` keys from end-user tokens; without them a restart
     could not recognise what was forwarded, so this is an error.
@@ -297,8 +404,8 @@ async def verify_origin_kept(
                 if (event.metadata or {}).get(ORIGIN_EVENT) is None:
                     raise BusEventsError(
                         f"the destination {public_url(dest.url)} dropped the bus.origin.* "
-                        "metadata of the forwarded events: use a service token (audience "
-                        "ai.hg.fi/internal) for the destination, or events could be "
+                        f"metadata of the forwarded events: use a service token (audience "
+                        f"{SERVICE_AUDIENCE}) for the destination, or events could be "
                         "forwarded twice"
                     )
                 return
@@ -313,7 +420,7 @@ async def run_relay(
     retries: int | None = None,
     http_timeout: float | None = 30.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
+) -> RelayReport:
     """Forward the route's events; with ``loop``, every ``interval`` seconds until cancelled.
 
     Takes the route's lock (:class:`BusEventsError` when another relay holds
@@ -323,8 +430,9 @@ async def run_relay(
     (default :meth:`RetryPolicy.from_env`) — ``retries`` consecutive times
     (``None``: without limit), never skipping an event.  A 401 makes the relay
     read the token files again and retry once (a refreshed token); then it,
-    403 and other refusals are raised.  ``http_timeout`` bounds each HTTP exchange.
-    ``task_status.started()`` is called once the lock is held.
+    403, other refusals and :class:`UntrustedOrigin` are raised.  ``http_timeout``
+    bounds each HTTP exchange.  ``task_status.started()`` is called once the lock
+    is held.  Returns what this run did per name (after one pass, without ``loop``).
     """
     retry = retry or RetryPolicy.from_env()
     relay = _Relay(route, http_timeout)
@@ -362,107 +470,8 @@ async def run_relay(
                 backoff.reset()
                 reread = False
                 if not loop:
-                    return
+                    return relay.report
                 await trio.sleep(interval)
         finally:
             relay.save()  # synchronous: a cancellation cannot interrupt it
             await relay.close_clients()  # shielded inside
-
-
-# -- import --------------------------------------------------------------------
-
-
-@dataclass
-class ImportResult:
-    """What :func:`import_events` did."""
-
-    published: int = 0
-    duplicates: int = 0
-    #: Envelopes from another origin than ``environment_id`` (as the relay: no echo).
-    skipped: int = 0
-    failed: int = 0
-
-
-async def import_events(
-    client: EventsClient,
-    events: Sequence[tuple[int, Event]],
-    *,
-    environment_id: str | None = None,
-    on_error: Callable[[int, str], None] | None = None,
-) -> ImportResult:
-    """Publish ``events`` (numbered envelopes, in order) with their origin recorded.
-
-    The origin is the envelope's ``bus.origin.*`` metadata when it has it, else
-    ``environment_id`` and the envelope's id.  With ``environment_id``, an
-    envelope of another origin is skipped, as the relay does (it arrived at the
-    exporting deployment from elsewhere, perhaps from this one).  An event whose
-    origin the destination already holds (an earlier import or relay) is not
-    published again.  ``on_error(number, message)`` hears of each envelope that failed;
-    401/403 and network failures stop the import (raised).
-    """
-    result = ImportResult()
-    seen: dict[str, set[tuple[str, str]]] = {}
-    newest: dict[str, str | None] = {}
-    verified = False
-    for number, event in events:
-        metadata = dict(event.metadata or {})
-        origin = metadata.get(ORIGIN_ENVIRONMENT) or environment_id
-        if environment_id and origin != environment_id:
-            result.skipped += 1
-            continue
-        if not origin:
-            result.failed += 1
-            if on_error is not None:
-                on_error(
-                    number,
-                    f"no origin: the envelope has no {ORIGIN_ENVIRONMENT} metadata; "
-                    "pass --environment-id naming the deployment it came from",
-                )
-            continue
-        key = (origin, metadata.get(ORIGIN_EVENT) or event.id)
-        if event.name not in seen:
-            seen[event.name], newest[event.name] = await _origins_at(client, event.name)
-        known = seen[event.name]
-        if key in known:
-            result.duplicates += 1
-            continue
-        metadata[ORIGIN_ENVIRONMENT], metadata[ORIGIN_EVENT] = key
-        request = PublishRequest(
-            name=event.name,
-            payload=event.payload,
-            correlation_id=event.correlation_id,
-            metadata=metadata,
-            identity_id=event.identity_id,
-        )
-        try:
-            accepted, _ = await client.publish(request)
-        except (Unauthorized, Forbidden, TransportError):
-            raise
-        except BusEventsError as exc:
-            if is_retryable(exc):
-                raise
-            result.failed += 1
-            if on_error is not None:
-                on_error(number, str(exc))
-            continue
-        known.add(key)
-        result.published += 1
-        if not verified:
-            await verify_origin_kept(client, event.name, newest[event.name], accepted.id)
-            verified = True
-    return result
-
-
-async def _origins_at(client: EventsClient, name: str) -> tuple[set[tuple[str, str]], str | None]:
-    """The origins ``(environment, event id)`` of the events named ``name`` that
-    ``client``'s deployment holds, and the id of the newest one."""
-    found: set[tuple[str, str]] = set()
-    newest: str | None = None
-    async with client.listen(name, replay=True, follow=False) as stream:
-        async for batch in stream.batches():
-            for event in batch:
-                newest = event.id
-                metadata = event.metadata
-                if metadata and ORIGIN_ENVIRONMENT in metadata and ORIGIN_EVENT in metadata:
-                    found.add((metadata[ORIGIN_ENVIRONMENT], metadata[ORIGIN_EVENT]))
-    return found, newest

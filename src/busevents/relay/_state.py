@@ -2,10 +2,15 @@
 
 The state file is replaced atomically (a temporary file beside it, fsync, rename,
 fsync of the directory), so a crash at any moment leaves either the old or the
-new state, never a torn one.  A lock file beside it (``F.lock``, an ``flock``
-held for the process lifetime, released by the kernel even on SIGKILL) keeps
-a second relay off the same state.  A state file that cannot be read is an
-error naming the file: the relay never silently starts again from zero.
+new state, never a torn one.  The files are handled like a careful daemon's: the
+state and lock files are opened without following a symbolic link
+(``O_NOFOLLOW``) and without waiting (``O_NONBLOCK``: a FIFO would block the
+open); anything but a regular file there is refused at once.  The temporary file
+has a random name and is created exclusively (``O_EXCL``), mode 600.  A lock
+file beside it (``F.lock``, an ``flock`` held for the process lifetime,
+released by the kernel even on SIGKILL) keeps a second relay off the same
+state.  A state file that cannot be read is an error naming the file: the relay
+never silently starts again from zero.
 
 The state holds no secret: URLs without credentials, names, ids, counters and
 error messages (the client already redacts tokens from those).
@@ -15,8 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import os
+import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -25,6 +33,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 
 from .._errors import BusEventsError
+from .._ids import parse_event_id
 
 __all__ = ["RelayLock", "RouteState", "public_url", "read_state", "relay_status", "utc_now"]
 
@@ -55,13 +64,16 @@ class Cursor(msgspec.Struct, omit_defaults=True):
 
 
 class Counters(msgspec.Struct):
-    #: Events read from the source (after the cursor, so a resumed run counts only new ones).
+    """Cumulative over the route's life, saved with the cursors (so never counted twice):
+    ``received == forwarded + skipped``."""
+
+    #: Source events handled (after the cursor: a resumed run counts only new ones).
     received: int = 0
     #: Events the destination acknowledged (including those found there after a crash).
     forwarded: int = 0
     #: Events not forwarded because they came from another environment (no echo).
     skipped: int = 0
-    #: Events read but not yet forwarded when the state was saved.
+    #: Events read from the source but not yet handled when the state was saved.
     pending: int = 0
 
 
@@ -98,23 +110,68 @@ class RouteState(msgspec.Struct, kw_only=True):
 _encode = msgspec.json.Encoder(order="deterministic").encode
 
 
+#: Largest state file read: cursors and counters of a route take a few KiB.
+MAX_STATE_FILE = 16 * 1024 * 1024
+
+
+def open_regular(path: Path, flags: int, what: str, mode: int = 0o600) -> int:
+    """``os.open`` of a regular file, never through a symbolic link, never blocking.
+
+    Raises :class:`FileNotFoundError` when missing (and not created), else
+    :class:`BusEventsError` naming ``what`` and ``path`` for a symbolic link, a
+    FIFO, socket, device or directory, or another failure.
+    """
+    extra = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BusEventsError(
+                f"the {what} {path} is a symbolic link; it is never followed: "
+                "remove it, or give a path to a regular file"
+            ) from None
+        raise BusEventsError(f"cannot open the {what} {path}: {exc.strerror}") from None
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise BusEventsError(
+            f"the {what} {path} is not a regular file (a directory, FIFO, socket or "
+            "device); give a path to a regular file"
+        )
+    return fd
+
+
 def read_state(path: Path) -> RouteState | None:
     """The state in ``path``; None when the file does not exist.
 
-    Raises :class:`BusEventsError` naming the file when it cannot be read or is
-    not a relay state (it is never overwritten then).
+    Raises :class:`BusEventsError` naming the file when it cannot be read, is
+    not a regular file, or is not a relay state (it is never overwritten then).
     """
     try:
-        data = path.read_bytes()
+        fd = open_regular(path, os.O_RDONLY, "relay state file")
     except FileNotFoundError:
         return None
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(MAX_STATE_FILE + 1)
     except OSError as exc:
         raise BusEventsError(f"cannot read the relay state file {path}: {exc.strerror}") from None
     try:
+        if len(data) > MAX_STATE_FILE:
+            raise ValueError(f"larger than {MAX_STATE_FILE // (1024 * 1024)} MiB")
         state = msgspec.json.decode(data, type=RouteState)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        for name, cursor in state.cursors.items():
+            for value in (cursor.source, cursor.destination):
+                if value is not None:
+                    try:
+                        parse_event_id(value)
+                    except ValueError as exc:
+                        raise ValueError(f"cursor of {name[:100]!r}: {exc}") from None
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
         raise BusEventsError(
-            f"the relay state file {path} is corrupt ({exc}); it was left as it is: "
+            f"the relay state file {path} is corrupt ({str(exc)[:200]}); it was left as it is: "
             "restore it from a backup, or move it away to start the route from scratch "
             "(the destination's history then decides what was already forwarded)"
         ) from None
@@ -127,10 +184,16 @@ def read_state(path: Path) -> RouteState | None:
 
 
 def write_state(path: Path, state: RouteState) -> None:
-    """Replace ``path`` with ``state`` atomically and durably (temp file, fsync, rename)."""
+    """Replace ``path`` with ``state`` atomically and durably (temp file, fsync, rename).
+
+    The temporary file beside it has a random name and is created exclusively
+    (``O_EXCL``: never an existing file, never through a symbolic link), mode 600.
+    """
     data = msgspec.json.format(_encode(state), indent=2) + b"\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise BusEventsError(f"cannot write the relay state file {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -142,7 +205,7 @@ def write_state(path: Path, state: RouteState) -> None:
             os.unlink(tmp)
         raise
     # The rename itself is durable only once the directory is synced.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
     finally:
@@ -165,11 +228,8 @@ class RelayLock:
     _fd: int | None = field(default=None, repr=False)
 
     def acquire(self) -> None:
+        fd = open_regular(lock_path(self.path), os.O_RDWR | os.O_CREAT, "relay lock file")
         lock = lock_path(self.path)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise BusEventsError(f"cannot create the relay lock {lock}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -199,10 +259,9 @@ class RelayLock:
 
 def lock_owner(path: Path) -> int | None:
     """The pid of the relay running on ``path``, or None when none is."""
-    lock = lock_path(path)
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
+        fd = open_regular(lock_path(path), os.O_RDONLY, "relay lock file")
+    except (OSError, BusEventsError):
         return None
     try:
         try:

@@ -17,17 +17,21 @@ Tokens never go in this file, only the paths of token files.
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Final
 
 from .._errors import ConfigError
-from ._relay import RelayRoute
+from ._engine import RelayRoute
 
 __all__ = ["load_relay_routes"]
 
 _REQUIRED: Final = ("from_url", "to_url", "names", "environment_id", "state_file")
 _OPTIONAL: Final = ("id", "from_token_file", "to_token_file")
+#: Largest config read (a route takes a few hundred bytes).
+_MAX_CONFIG = 4 * 1024 * 1024
 
 
 def load_relay_routes(path: str | Path) -> list[RelayRoute]:
@@ -39,8 +43,15 @@ def load_relay_routes(path: str | Path) -> list[RelayRoute]:
     """
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        # O_NONBLOCK: a FIFO must not block the open (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(
+                    f"the relay config {path} is not a regular file (a directory, FIFO, "
+                    "socket or device)"
+                )
+            data = tomllib.loads(fh.read(_MAX_CONFIG + 1).decode("utf-8", "replace"))
     except OSError as exc:
         raise ConfigError(f"cannot read the relay config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
