@@ -119,7 +119,10 @@ def _silence_stdout() -> None:
 def _client(g: Globals) -> EventsClient:
     from busevents import EventsClient
 
-    return EventsClient.from_env(api_url=g.api_url, token_file=g.token_file, timeout=g.timeout)
+    ca: dict[str, Any] = {"ca_file": g.ca_file} if g.ca_file else {}  # else BUS_EVENTS_CA_FILE
+    return EventsClient.from_env(
+        api_url=g.api_url, token_file=g.token_file, timeout=g.timeout, **ca
+    )
 
 
 def _parse_payload(text: str, option: str = "--payload") -> Any:
