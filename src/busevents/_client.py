@@ -106,11 +106,12 @@ class EventsClient:
 
     Networks: ``proxy`` sends every request through this ``http://`` proxy;
     without it, ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``
-    (any case) decide per request URL, as curl and httpx read them
-    (``trust_env=False`` ignores them).  ``ca_file``: a PEM file of the CAs to
-    trust instead of the default ones (which honour ``SSL_CERT_FILE`` and
+    (any case) decide per request URL, as curl and httpx read them.  ``ca_file``:
+    a PEM file of the CAs to trust instead of the default ones (default:
+    ``BUS_EVENTS_CA_FILE``; the default trust honours ``SSL_CERT_FILE`` and
     ``SSL_CERT_DIR`` as set when the client is built); ``verify=False`` checks
-    no certificate at all (tests only).
+    no certificate at all (tests only).  ``trust_env=False`` ignores the proxy
+    variables and ``BUS_EVENTS_CA_FILE``.
     """
 
     def __init__(
@@ -145,6 +146,8 @@ class EventsClient:
         self._proxies = (
             Proxies.explicit(proxy) if proxy else Proxies.from_env() if trust_env else Proxies()
         )
+        if ca_file is None and trust_env:
+            ca_file = ca_file_from_env()
         self._trust = TLSTrust(ca_file, verify=verify)
         self._http_client: httpx.AsyncClient | None = None
         self._stream_proxy: str | None = None
