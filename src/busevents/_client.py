@@ -17,16 +17,14 @@ How long a stream is read is the caller's business: wrap the ``async for`` in
 from __future__ import annotations
 
 import logging
-import secrets
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-import msgspec
 import trio
 
+from ._attempts import Attempts, acceptance, as_raw, error_for
 from ._config import (
     Proxies,
     Token,
@@ -37,11 +35,10 @@ from ._config import (
     resolve_url,
     token_refresh_from_env,
 )
-from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec, raw_json
-from ._errors import APIError, Timeout, TransportError, bounded_text
+from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
+from ._errors import APIError, Timeout, TransportError
 from ._http import (
     DEFAULT_TIMEOUT,
-    MAX_BODY,
     MAX_CONNECTIONS,
     HttpxTransport,
     RequestHeaders,
@@ -54,8 +51,7 @@ from ._http import (
 )
 from ._ndjson import DEFAULT_MAX_LINE
 from ._publish import LeanTransport
-from ._responses import api_error, format_seconds, read_bounded
-from ._retry import Backoff, RetryPolicy, is_retryable
+from ._responses import format_seconds, read_bounded
 from ._tokens import TokenKeeper, TokenProvider
 
 if TYPE_CHECKING:
@@ -68,21 +64,6 @@ if TYPE_CHECKING:
 __all__ = ["EventsClient"]
 
 log = logging.getLogger("busevents")
-
-#: The backoff of :meth:`EventsClient.publish` retries.
-PUBLISH_RETRY: Final = RetryPolicy(min_delay=0.5, max_delay=10.0)
-
-_encode = msgspec.json.Encoder().encode
-_decode_accepted = msgspec.json.Decoder(Accepted).decode
-
-
-def _as_raw(payload: Any) -> msgspec.Raw:
-    """A payload as JSON: bytes are JSON already (checked), anything else is encoded."""
-    if isinstance(payload, msgspec.Raw):
-        return payload
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return raw_json(payload)
-    return msgspec.Raw(_encode(payload))
 
 
 class EventsClient:
@@ -277,7 +258,7 @@ class EventsClient:
         accepted, _ = await self.publish(
             PublishRequest(
                 name=name,
-                payload=_as_raw(payload),
+                payload=as_raw(payload),
                 correlation_id=correlation_id,
                 metadata=metadata,
                 identity_id=identity_id,
@@ -305,34 +286,12 @@ class EventsClient:
         twice, and the event always carries a correlation id (one is generated
         when ``request`` has none) for consumers to de-duplicate by.
         """
-        if idempotency_key is not None:
-            _check_idempotency_key(idempotency_key)
-        if retries:
-            if request.correlation_id is None:
-                request = msgspec.structs.replace(request, correlation_id=uuid.uuid4().hex)
-            if idempotency_key is None:
-                idempotency_key = secrets.token_hex(16)
-        body = _encode(request)
-        backoff = Backoff(PUBLISH_RETRY)
+        attempts = Attempts(request, retries, idempotency_key)
         while True:
             try:
-                return await self._publish_once(body, idempotency_key)
-            except APIError as exc:
-                if backoff.failures == retries or not is_retryable(exc):
-                    raise
-                error: APIError | TransportError = exc
-            except TransportError as exc:
-                if backoff.failures == retries:
-                    raise
-                error = exc
-            wait = backoff.next_delay(error)
-            log.info(
-                "publish failed (%s); retry %d of %d in %.2fs",
-                error,
-                backoff.failures,
-                retries,
-                wait,
-            )
+                return await self._publish_once(attempts.body, attempts.key)
+            except (APIError, TransportError) as exc:
+                wait = attempts.wait_after(exc)
             await trio.sleep(wait)
 
     async def _publish_once(self, body: bytes, key: str | None) -> tuple[Accepted, bytes]:
@@ -342,37 +301,13 @@ class EventsClient:
             with self._deadline(self.url):
                 response = await self._publisher.post(self.url, headers, body)
             if response.status_code in (200, 201, 202):
-                break
+                return acceptance(response, self.url, self._token.values)
             error = self._api_error(response, response.content, self.url)
             if response.status_code != 401 or not await self._unauthorized(used, error):
                 raise error
-        content = response.content
-        try:
-            if response.more:
-                raise ValueError(f"longer than {MAX_BODY // 1024} KiB")
-            return _decode_accepted(content), content
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            raise APIError(
-                response.status_code,
-                None,
-                f"the provider accepted the event but its reply is not an acceptance ({exc}): "
-                + self._redact(bounded_text(content, 120)),
-                url=self.url,
-            ) from None
-
-    def _redact(self, text: str) -> str:
-        """Remove the tokens from text a server sent (a hostile server may echo them)."""
-        for token in self._token.values:
-            if token in text:
-                text = text.replace(token, "<redacted>")
-        return text
 
     def _api_error(self, response: httpx.Response | Response, body: bytes, url: str) -> APIError:
-        error = api_error(response.status_code, response.headers, body, url)
-        if any(token in error.message for token in self._token.values):
-            error.message = self._redact(error.message)
-            error.args = (error._describe(),)
-        return error
+        return error_for(response.status_code, response.headers, body, url, self._token.values)
 
     # -- stream ------------------------------------------------------------
 
@@ -470,14 +405,6 @@ class EventsClient:
 
     def _deadline(self, url: str) -> _Deadline:
         return _Deadline(self.timeout, url)
-
-
-def _check_idempotency_key(key: str) -> None:
-    if not (0 < len(key) <= 255 and key.isascii() and key.isprintable()):
-        raise ValueError(
-            "idempotency_key must be 1 to 255 printable ASCII characters "
-            f"(got {len(key)} characters)"
-        )
 
 
 class _Deadline:
