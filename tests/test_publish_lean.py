@@ -7,6 +7,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -14,7 +15,6 @@ import trio
 import trustme
 
 from busevents import ConnectError, EventsClient, ServerError, Timeout, TransportError
-from busevents._publish import LeanPublisher
 from busevents.provider import RunningProvider
 
 ACCEPT = b'{"accepted":true,"id":"1-0","name":"example.ping"}'
@@ -216,28 +216,23 @@ async def test_redirect_is_not_followed() -> None:
     assert len(server.requests) == 1
 
 
-async def test_tls_with_the_given_context() -> None:
+async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_context)
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
     server = Server(always_ok)
     async with serving(server, server_context) as url:
-        publisher = LeanPublisher(url, user_agent="t", ssl_context=lambda: client_context)
-        try:
+        async with EventsClient(url, "tok", ca_file=str(ca_file)) as client:
             for _ in range(3):
-                response = await publisher.post(b'{"name":"example.ping"}', "tok")
-                assert response.status_code == 202 and response.content == ACCEPT
-        finally:
-            await publisher.aclose()
-        # a context that does not trust the server's CA refuses it
-        untrusting = LeanPublisher(url, user_agent="t", ssl_context=ssl.create_default_context)
-        try:
-            with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-                await untrusting.post(b"{}", "tok")
-        finally:
-            await untrusting.aclose()
+                assert (await client.send("example.ping")).id == "1-0"
+        # without the CA, the server's certificate is refused, and the error says what to do
+        async with EventsClient(url, "tok") as untrusting:
+            with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED") as info:
+                await untrusting.send("example.ping")
+    assert "--ca-file" in str(info.value) and "BUS_EVENTS_CA_FILE" in str(info.value)
+    assert server.connections == 2  # keep-alive over TLS, then the refused handshake
     assert len(server.requests) == 3  # nothing was sent over the refused connection
 
 

@@ -16,42 +16,43 @@ How long a stream is read is the caller's business: wrap the ``async for`` in
 
 from __future__ import annotations
 
-import functools
 import logging
-import socket
-import ssl
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-import msgspec
 import trio
 
+from ._attempts import Attempts, acceptance, as_raw, error_for
 from ._config import (
+    Proxies,
     Token,
+    ca_file_from_env,
     check_token,
     find_token,
     normalize_events_url,
     resolve_url,
     token_refresh_from_env,
 )
-from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec, raw_json
-from ._errors import APIError, Timeout, TransportError, bounded_text
-from ._ndjson import DEFAULT_MAX_LINE
-from ._publish import LeanPublisher, LeanResponse, proxy_configured
-from ._responses import (
-    MAX_BODY,
-    api_error,
-    format_seconds,
-    raise_transport,
-    read_body,
-    read_bounded,
+from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
+from ._errors import APIError, Timeout, TransportError
+from ._http import (
+    DEFAULT_TIMEOUT,
+    MAX_CONNECTIONS,
+    HttpxTransport,
+    RequestHeaders,
+    Response,
+    TLSTrust,
+    Transport,
+    httpx_client,
+    httpx_error,
+    keepalive_options,
 )
-from ._retry import Backoff, RetryPolicy, is_retryable
+from ._ndjson import DEFAULT_MAX_LINE
+from ._publish import LeanTransport
+from ._responses import format_seconds, read_bounded
 from ._tokens import TokenKeeper, TokenProvider
-from ._version import __version__
 
 if TYPE_CHECKING:
     # httpx (and _stream, which needs it) are imported when first used: a client
@@ -63,46 +64,6 @@ if TYPE_CHECKING:
 __all__ = ["EventsClient"]
 
 log = logging.getLogger("busevents")
-
-#: Default bound of connecting plus one HTTP exchange, in seconds (spec §5).
-DEFAULT_TIMEOUT: Final = 30.0
-#: The backoff of :meth:`EventsClient.publish` retries.
-PUBLISH_RETRY: Final = RetryPolicy(min_delay=0.5, max_delay=10.0)
-
-_encode = msgspec.json.Encoder().encode
-_decode_accepted = msgspec.json.Decoder(Accepted).decode
-
-
-def _as_raw(payload: Any) -> msgspec.Raw:
-    """A payload as JSON: bytes are JSON already (checked), anything else is encoded."""
-    if isinstance(payload, msgspec.Raw):
-        return payload
-    if isinstance(payload, bytes | bytearray | memoryview):
-        return raw_json(payload)
-    return msgspec.Raw(_encode(payload))
-
-
-def _keepalive_options() -> list[tuple[int, int, int]]:
-    """TCP keep-alive, so that a peer that vanished is noticed on a quiet stream."""
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    return options
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """httpx's default verifying context, built once per process: loading the CA
-    bundle costs tens of milliseconds, which every new client would pay again."""
-    import httpx
-
-    return httpx.create_ssl_context()
-
-
-# For http:// URLs no TLS is ever used (redirects are not followed), so no CA bundle
-# is loaded; should TLS happen anyway, this context verifies against nothing and fails.
-_NO_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 class EventsClient:
@@ -121,8 +82,17 @@ class EventsClient:
     every later request; :attr:`token_refreshes` counts the renewals.
 
     ``max_line`` bounds the length of one streamed line (memory stays bounded
-    whatever the server sends).  ``transport`` replaces httpx's default
-    transport (tests, proxies).
+    whatever the server sends).  ``transport`` replaces the HTTP transport with
+    an httpx one (tests); then no proxy or TLS setting of ours applies.
+
+    Networks: ``proxy`` sends every request through this ``http://`` proxy;
+    without it, ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY``
+    (any case) decide per request URL, as curl and httpx read them.  ``ca_file``:
+    a PEM file of the CAs to trust instead of the default ones (default:
+    ``BUS_EVENTS_CA_FILE``; the default trust honours ``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR`` as set when the client is built); ``verify=False`` checks
+    no certificate at all (tests only).  ``trust_env=False`` ignores the proxy
+    variables and ``BUS_EVENTS_CA_FILE``.
     """
 
     def __init__(
@@ -135,7 +105,11 @@ class EventsClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         max_line: int = DEFAULT_MAX_LINE,
         transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 100,
+        max_connections: int = MAX_CONNECTIONS,
+        proxy: str | None = None,
+        trust_env: bool = True,
+        ca_file: str | None = None,
+        verify: bool = True,
     ) -> None:
         self.url = normalize_events_url(url)
         parts = urlsplit(self.url)
@@ -146,48 +120,46 @@ class EventsClient:
         self.max_line = max_line
         if isinstance(token, str) and token:
             check_token(token, "the token argument")
-        # identity: a stream is read raw, and no body may inflate beyond what is read.
-        headers = {"User-Agent": f"bus-events/{__version__}", "Accept-Encoding": "identity"}
-        self._headers = headers
+        self._request_headers = RequestHeaders()
+        self._headers = self._request_headers.as_dict()
         self._transport = transport
         self._max_connections = max_connections
+        self._proxies = (
+            Proxies.explicit(proxy) if proxy else Proxies.from_env() if trust_env else Proxies()
+        )
+        if ca_file is None and trust_env:
+            ca_file = ca_file_from_env()
+        self._trust = TLSTrust(ca_file, verify=verify)
         self._http_client: httpx.AsyncClient | None = None
+        self._stream_proxy: str | None = None
         self._token = TokenKeeper(
             token, provider=token_provider, refresh=token_refresh, on_change=self._set_token
         )
-        # Publishing goes over the lean h11 path unless the caller chose the transport
-        # or a proxy applies (httpx knows proxies); see _publish.py for why.
-        self._lean: LeanPublisher | None = None
-        if transport is None and not proxy_configured():
-            self._lean = LeanPublisher(
-                self.url,
-                user_agent=headers["User-Agent"],
-                ssl_context=_tls_context,
-                socket_options=_keepalive_options(),
+        # Publishing goes over the lean h11 transport unless the caller chose an httpx
+        # one (see _http.py, the seam, and _publish.py for why).
+        self._publisher: Transport = (
+            LeanTransport(
+                proxies=self._proxies,
+                ssl_context=self._trust.context,
+                socket_options=keepalive_options(),
                 max_connections=max_connections,
             )
+            if transport is None
+            else HttpxTransport(self._http, None)
+        )
 
     @property
     def _http(self) -> httpx.AsyncClient:
-        """The httpx client (streams, and publishing when the lean path does not
-        apply), built on first use."""
+        """The httpx client (streams, and publishing through a caller's transport),
+        built on first use."""
         if self._http_client is None:
-            import httpx
-
-            https = urlsplit(self.url).scheme == "https"
-            self._http_client = httpx.AsyncClient(
+            self._http_client, self._stream_proxy = httpx_client(
+                self.stream_url,
                 headers=self._headers,
-                timeout=None,  # deadlines are trio cancel scopes, see _deadline()
-                transport=self._transport
-                or httpx.AsyncHTTPTransport(
-                    verify=_tls_context() if https else _NO_TLS,
-                    socket_options=_keepalive_options(),
-                    limits=httpx.Limits(
-                        max_connections=self._max_connections,
-                        max_keepalive_connections=self._max_connections,
-                    ),
-                ),
-                follow_redirects=False,
+                transport=self._transport,
+                proxies=self._proxies,
+                trust=self._trust,
+                max_connections=self._max_connections,
             )
         return self._http_client
 
@@ -204,11 +176,13 @@ class EventsClient:
 
         URL: ``api_url``, else ``BUS_EVENTS_API_URL``.  Token: ``token_file``,
         else ``BUS_API_TOKEN``, else ``BUS_EVENTS_TOKEN_FILE``, else
-        ``auth/api-token`` under the Bus config root.  Raises
+        ``auth/api-token`` under the Bus config root.  CA file:
+        ``BUS_EVENTS_CA_FILE`` unless ``ca_file`` is given.  Raises
         :class:`ConfigError` / :class:`TokenError` naming what is missing.
         """
         url = resolve_url(api_url, env)
         options.setdefault("token_refresh", token_refresh_from_env(env))
+        options.setdefault("ca_file", ca_file_from_env(env))
         return cls(url, find_token(token_file, env), **options)
 
     def __repr__(self) -> str:
@@ -254,8 +228,7 @@ class EventsClient:
     async def aclose(self) -> None:
         """Close the connection pool."""
         with trio.CancelScope(shield=True):
-            if self._lean is not None:
-                await self._lean.aclose()
+            await self._publisher.aclose()
             if self._http_client is not None:
                 await self._http_client.aclose()
 
@@ -269,6 +242,7 @@ class EventsClient:
         correlation_id: str | None = None,
         metadata: dict[str, str] | None = None,
         identity_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Accepted:
         """Publish one event; return the provider's acceptance.
 
@@ -278,116 +252,62 @@ class EventsClient:
         ``identity_id`` is honoured by providers only for service tokens.
         Raises :class:`APIError` subclasses for error statuses,
         :class:`TransportError` subclasses for network failures.  Nothing is
-        retried: an event is never published twice.
+        retried: an event is never published twice.  ``idempotency_key``: see
+        :meth:`publish`.
         """
         accepted, _ = await self.publish(
             PublishRequest(
                 name=name,
-                payload=_as_raw(payload),
+                payload=as_raw(payload),
                 correlation_id=correlation_id,
                 metadata=metadata,
                 identity_id=identity_id,
-            )
+            ),
+            idempotency_key=idempotency_key,
         )
         return accepted
 
-    async def publish(self, request: PublishRequest, *, retries: int = 0) -> tuple[Accepted, bytes]:
+    async def publish(
+        self, request: PublishRequest, *, retries: int = 0, idempotency_key: str | None = None
+    ) -> tuple[Accepted, bytes]:
         """Publish ``request``; return the acceptance and the provider's JSON body.
+
+        ``idempotency_key`` (1 to 255 printable ASCII characters) is sent as the
+        ``Idempotency-Key`` header: a provider that knows it answers a repeat
+        with the original acceptance and publishes nothing more.
 
         Nothing is retried unless ``retries`` > 0: then a 5xx, a 408, a 429 or a
         network failure is retried up to that many times, with the shared backoff
         (:data:`PUBLISH_RETRY`: full jitter from 0.5 s up to 10 s, the provider's
-        ``Retry-After`` honoured up to 5 minutes).  An attempt
-        whose answer was lost may have been published, so a retried event can
-        arrive twice: it always carries a correlation id (one is generated when
-        ``request`` has none) for consumers to de-duplicate by.
+        ``Retry-After`` honoured up to 5 minutes).  Every attempt of the call
+        carries the same idempotency key (one of 128 random bits is generated
+        when none is given), so a provider that honours keys publishes the event
+        once even when an answer was lost; one that does not may publish it
+        twice, and the event always carries a correlation id (one is generated
+        when ``request`` has none) for consumers to de-duplicate by.
         """
-        if retries and request.correlation_id is None:
-            request = msgspec.structs.replace(request, correlation_id=uuid.uuid4().hex)
-        body = _encode(request)
-        backoff = Backoff(PUBLISH_RETRY)
+        attempts = Attempts(request, retries, idempotency_key)
         while True:
             try:
-                return await self._publish_once(body)
-            except APIError as exc:
-                if backoff.failures == retries or not is_retryable(exc):
-                    raise
-                error: APIError | TransportError = exc
-            except TransportError as exc:
-                if backoff.failures == retries:
-                    raise
-                error = exc
-            wait = backoff.next_delay(error)
-            log.info(
-                "publish failed (%s); retry %d of %d in %.2fs",
-                error,
-                backoff.failures,
-                retries,
-                wait,
-            )
+                return await self._publish_once(attempts.body, attempts.key)
+            except (APIError, TransportError) as exc:
+                wait = attempts.wait_after(exc)
             await trio.sleep(wait)
 
-    async def _publish_once(self, body: bytes) -> tuple[Accepted, bytes]:
-        response: httpx.Response | LeanResponse
+    async def _publish_once(self, body: bytes, key: str | None) -> tuple[Accepted, bytes]:
         while True:
             used = await self._token.current()
+            headers = self._request_headers.publish(used, key)
             with self._deadline(self.url):
-                if self._lean is not None:
-                    # The lean path reads at most 1 MiB and never inflates.
-                    response = await self._lean.post(body, used)
-                    content = response.content[:MAX_BODY]
-                    more = len(response.content) > MAX_BODY
-                else:
-                    import httpx
-
-                    request = self._http.build_request(
-                        "POST", self.url, content=body, headers={"Content-Type": "application/json"}
-                    )
-                    try:
-                        response = await self._http.send(request, stream=True)
-                    except httpx.HTTPError as exc:
-                        raise_transport(exc, self.url)
-                    try:
-                        # Bounded, and never inflated beyond the bound (a hostile or broken
-                        # server may send an endless body or a gzip bomb).
-                        ok = response.status_code in (200, 201, 202)
-                        content, more = await read_body(response, url=self.url if ok else None)
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await response.aclose()
+                response = await self._publisher.post(self.url, headers, body)
             if response.status_code in (200, 201, 202):
-                break
-            error = self._api_error(response, content, self.url)
+                return acceptance(response, self.url, self._token.values)
+            error = self._api_error(response, response.content, self.url)
             if response.status_code != 401 or not await self._unauthorized(used, error):
                 raise error
-        try:
-            if more:
-                raise ValueError(f"longer than {MAX_BODY // 1024} KiB")
-            return _decode_accepted(content), content
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            raise APIError(
-                response.status_code,
-                None,
-                f"the provider accepted the event but its reply is not an acceptance ({exc}): "
-                + self._redact(bounded_text(content, 120)),
-                url=self.url,
-            ) from None
 
-    def _redact(self, text: str) -> str:
-        """Remove the tokens from text a server sent (a hostile server may echo them)."""
-        for token in self._token.values:
-            if token in text:
-                text = text.replace(token, "<redacted>")
-        return text
-
-    def _api_error(
-        self, response: httpx.Response | LeanResponse, body: bytes, url: str
-    ) -> APIError:
-        error = api_error(response.status_code, response.headers, body, url)
-        if any(token in error.message for token in self._token.values):
-            error.message = self._redact(error.message)
-            error.args = (error._describe(),)
-        return error
+    def _api_error(self, response: httpx.Response | Response, body: bytes, url: str) -> APIError:
+        return error_for(response.status_code, response.headers, body, url, self._token.values)
 
     # -- stream ------------------------------------------------------------
 
@@ -450,7 +370,7 @@ class EventsClient:
                 try:
                     response = await self._http.send(request, stream=True)
                 except httpx.HTTPError as exc:
-                    raise_transport(exc, self.stream_url)
+                    raise httpx_error(exc, self.stream_url, self._stream_proxy) from exc
             if response.status_code != 401:
                 break
             try:

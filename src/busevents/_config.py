@@ -34,7 +34,10 @@ from urllib.parse import urlsplit, urlunsplit
 from ._errors import ConfigError, TokenError
 
 __all__ = [
+    "CA_FILE_ENV",
+    "Proxies",
     "Token",
+    "ca_file_from_env",
     "check_token",
     "config_root",
     "find_token",
@@ -43,6 +46,7 @@ __all__ = [
     "normalize_events_url",
     "parse_duration",
     "resolve_url",
+    "url_for_humans",
 ]
 
 log = logging.getLogger("busevents")
@@ -354,3 +358,142 @@ def find_token(
         f"for a Bus deployment get one with `bus auth token` (read from {default}), "
         "for the reference provider with `bus-events dev-token --write`"
     )
+
+
+# -- proxies and TLS trust (the network issue) ---------------------------------
+
+CA_FILE_ENV = "BUS_EVENTS_CA_FILE"
+_PROXY_NAMES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def _proxy_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    """The proxy variables by lower-case name, in any case; lower case wins (curl)."""
+    environ = os.environ if env is None else env
+    found: dict[str, str] = {}
+    for key, value in environ.items():
+        name = key.lower()
+        if name in _PROXY_NAMES and (key == name or name not in found):
+            found[name] = value.strip()
+    return found
+
+
+def _check_proxy(url: str, source: str) -> str:
+    """A proxy URL as used: ``host:port`` gets ``http://`` (curl); only http proxies."""
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{source} is not a proxy URL: {url_for_humans(url)!r}") from None
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(
+            f"{source} = {url_for_humans(url)!r}: busevents speaks to http:// proxies only "
+            "(CONNECT carries https through them); unset it or name an http:// proxy"
+        )
+    return url
+
+
+def url_for_humans(url: str) -> str:
+    """``url`` without its user name and password (for messages)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<an unparsable URL>"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+@dataclass(frozen=True)
+class Proxies:
+    """Which proxy carries a request, decided per request URL.
+
+    From the environment as curl and httpx read it: ``http_proxy`` for http://
+    URLs, ``https_proxy`` for https:// URLs, else ``all_proxy``; any case, the
+    lower-case name winning.  ``no_proxy`` is a comma-separated list of hosts
+    that go direct: ``*`` (all), a name (``example.com`` also matches
+    ``api.example.com``; a leading ``.`` or ``*.`` is the same), an IP address
+    or network (``10.0.0.0/8``, ``::1``), optionally with ``:port``.
+    """
+
+    http: str | None = None
+    https: str | None = None
+    no_proxy: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Proxies:
+        found = _proxy_env(env)
+        every = found.get("all_proxy") or None
+        every = _check_proxy(every, "ALL_PROXY") if every else None
+        http = found.get("http_proxy")
+        https = found.get("https_proxy")
+        return cls(
+            http=_check_proxy(http, "HTTP_PROXY") if http else every,
+            https=_check_proxy(https, "HTTPS_PROXY") if https else every,
+            no_proxy=tuple(
+                entry.strip().lower()
+                for entry in found.get("no_proxy", "").split(",")
+                if entry.strip()
+            ),
+        )
+
+    @classmethod
+    def explicit(cls, proxy: str) -> Proxies:
+        """Every request through ``proxy`` (the SDK's ``proxy=``)."""
+        url = _check_proxy(proxy, "proxy=")
+        return cls(http=url, https=url)
+
+    def for_url(self, scheme: str, host: str, port: int) -> str | None:
+        """The proxy URL for a request to ``scheme://host:port``; None to go direct."""
+        proxy = self.https if scheme == "https" else self.http
+        if proxy is None or self._bypass(host.lower().rstrip("."), port):
+            return None
+        return proxy
+
+    def _bypass(self, host: str, port: int) -> bool:
+        for entry in self.no_proxy:
+            if entry == "*":
+                return True
+            name, wanted = _split_port(entry)
+            if wanted is not None and wanted != port:
+                continue
+            if _host_matches(host, name):
+                return True
+        return False
+
+
+def _split_port(entry: str) -> tuple[str, int | None]:
+    if entry.startswith("["):  # [::1]:8080
+        name, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif entry.count(":") == 1:
+        name, _, port = entry.partition(":")
+    else:
+        name, port = entry, ""
+    return name, int(port) if port.isdigit() and len(port) <= 5 else None
+
+
+def _host_matches(host: str, entry: str) -> bool:
+    import ipaddress
+
+    if "/" in entry:
+        try:
+            return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network(
+                entry, strict=False
+            )
+        except ValueError:
+            return False
+    entry = entry.removeprefix("*").removeprefix(".").rstrip(".")
+    if not entry:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")) == ipaddress.ip_address(entry)
+    except ValueError:
+        return host == entry or host.endswith("." + entry)
+
+
+def ca_file_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """``BUS_EVENTS_CA_FILE``: a PEM file of the CAs to trust (None when unset)."""
+    value = (os.environ if env is None else env).get(CA_FILE_ENV, "").strip()
+    return value or None

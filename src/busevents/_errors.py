@@ -171,7 +171,24 @@ class BadRequest(APIError):
 
 
 class Unauthorized(APIError):
-    """401: the token is missing, invalid or expired."""
+    """401: the token is missing, invalid or expired; :attr:`hint` says what to do."""
+
+    @property
+    def hint(self) -> str | None:
+        """How to get a token that works, from the provider's reason (None when unknown)."""
+        reason = self.message.lower()
+        if "expired" in reason or "not valid yet" in reason:
+            return (
+                "get a new token: bus auth token (for the reference provider: "
+                "bus-events dev-token --write, with its BUS_API_JWT_SECRET)"
+            )
+        if any(word in reason for word in ("signature", "issuer", "audience")):
+            return (
+                "the token belongs to another deployment or was signed with another secret: "
+                "get one for this API URL (bus auth token; for the reference provider, "
+                "bus-events dev-token with the BUS_API_JWT_SECRET it serves with)"
+            )
+        return None
 
 
 class Forbidden(APIError):

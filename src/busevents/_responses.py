@@ -1,8 +1,8 @@
-"""From HTTP responses and httpx failures to busevents' exceptions.
+"""From HTTP responses to busevents' exceptions, and bounded bodies.
 
 Every error status becomes the :class:`APIError` subclass a caller catches,
-with the provider's diagnostic bounded and printable; every httpx failure a
-:class:`TransportError` naming the URL and the underlying reason.
+with the provider's diagnostic bounded and printable (failures below HTTP are
+mapped in ``_http.transport_error``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 import time
 import zlib
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, NoReturn, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
@@ -20,13 +20,11 @@ from ._contracts import ErrorBody
 from ._errors import (
     APIError,
     BadRequest,
-    ConnectError,
     Forbidden,
     NotFound,
     PayloadTooLarge,
     RateLimited,
     ServerError,
-    TransportError,
     Unauthorized,
     bounded_text,
 )
@@ -40,10 +38,10 @@ __all__ = [
     "STATUS_ERRORS",
     "Headers",
     "api_error",
+    "decode_body",
     "describe_cause",
     "format_seconds",
     "parse_retry_after",
-    "raise_transport",
     "read_body",
     "read_bounded",
 ]
@@ -80,16 +78,6 @@ class Headers(Protocol):
     def get(self, key: str, /) -> str | None: ...
 
 
-def raise_transport(exc: httpx.HTTPError, url: str) -> NoReturn:
-    """Raise the :class:`TransportError` for an httpx failure talking to ``url``."""
-    import httpx
-
-    reason = bounded_text(describe_cause(exc), 200)
-    if isinstance(exc, httpx.ConnectError | httpx.UnsupportedProtocol):
-        raise ConnectError(f"cannot connect to {url}: {reason}", url=url) from exc
-    raise TransportError(f"request to {url} failed: {reason}", url=url) from exc
-
-
 class Inflater:
     """Undo a response's ``Content-Encoding`` (gzip or deflate) with bounded output.
 
@@ -113,7 +101,12 @@ class Inflater:
 
         Raises :class:`ValueError` naming an encoding busevents does not decode.
         """
-        encoding = response.headers.get("content-encoding", "").strip().lower()
+        return cls.for_encoding(response.headers.get("content-encoding"))
+
+    @classmethod
+    def for_encoding(cls, header: str | None) -> Inflater | None:
+        """The inflater for a ``Content-Encoding`` value (see :meth:`of`)."""
+        encoding = (header or "").strip().lower()
         if encoding in ("", "identity"):
             return None
         if encoding in ("gzip", "x-gzip", "deflate"):
@@ -140,15 +133,30 @@ class Inflater:
         return out
 
 
+def decode_body(encoding: str | None, data: bytes, limit: int = MAX_BODY) -> tuple[bytes, bool]:
+    """A whole body as read (``Content-Encoding: encoding``), decoded and bounded
+    like :func:`read_body`."""
+    try:
+        inflater = Inflater.for_encoding(encoding)
+    except ValueError as exc:
+        return f"(a body with {exc}, not decoded)".encode(), False
+    if inflater is not None:
+        try:
+            data = inflater.inflate(data, limit + 1)
+        except zlib.error:
+            return f"(the {inflater.encoding} body is corrupt)".encode(), False
+    return data[:limit], len(data) > limit
+
+
 async def read_body(
-    response: httpx.Response, limit: int = MAX_BODY, *, url: str | None = None
+    response: httpx.Response, limit: int = MAX_BODY, *, raise_errors: bool = False
 ) -> tuple[bytes, bool]:
     """At most ``limit`` bytes of the body, decoded; and whether there was more.
 
     A gzip or deflate body is inflated up to ``limit`` and no further; a body
     in another encoding reads as a short note saying so.  A network failure
     ends the body where it broke (an error status already says what matters),
-    or, given the request's ``url``, raises its :class:`TransportError`.
+    or, with ``raise_errors``, is raised (an ``httpx.HTTPError``).
     """
     try:
         inflater = Inflater.of(response)
@@ -166,9 +174,9 @@ async def read_body(
             if len(body) > limit:
                 more = True
                 break
-    except httpx.HTTPError as exc:
-        if url is not None:
-            raise_transport(exc, url)
+    except httpx.HTTPError:
+        if raise_errors:
+            raise
     except zlib.error:
         assert inflater is not None
         body += f" (the {inflater.encoding} body is corrupt)".encode()

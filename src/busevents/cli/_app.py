@@ -77,6 +77,7 @@ class Globals:
     token_file: str | None = None
     timeout: float = 30.0
     timeout_given: bool = False
+    ca_file: str | None = None
     perf: bool = False
     command: str | None = None
     #: The global flags as given (parameter name → value), for ``run`` to hand on.
@@ -174,6 +175,13 @@ def _meta(
             "overall deadline. [default: 30s]"
         ),
     ] = None,
+    ca_file: Annotated[
+        str | None,
+        Parameter(
+            help="Trust the CAs in this PEM file for https:// URLs [env: BUS_EVENTS_CA_FILE] "
+            "(proxies: HTTP_PROXY, HTTPS_PROXY, NO_PROXY; see the README)."
+        ),
+    ] = None,
     perf: Annotated[
         bool,
         Parameter(
@@ -185,7 +193,7 @@ def _meta(
     given = {
         "verbose": verbose, "quiet": quiet, "chdir": chdir, "output": output, "format": format,
         "color": color, "no_color": no_color, "api_url": api_url, "token_file": token_file,
-        "timeout": timeout, "perf": perf,
+        "timeout": timeout, "perf": perf, "ca_file": ca_file,
     }  # fmt: skip
     return run_with({k: v for k, v in given.items() if v != _FLAG_DEFAULTS[k]}, tokens)
 
@@ -194,7 +202,7 @@ def _meta(
 _FLAG_DEFAULTS: dict[str, Any] = {
     "verbose": 0, "quiet": False, "chdir": None, "output": None, "format": None,
     "color": "auto", "no_color": False, "api_url": None, "token_file": None,
-    "timeout": None, "perf": False,
+    "timeout": None, "perf": False, "ca_file": None,
 }  # fmt: skip
 
 #: Commands whose every side effect starts in ``run_client_command``: a ``.bus``
@@ -235,6 +243,7 @@ def apply_globals(flags: Mapping[str, Any]) -> Globals:
     g.verbose, g.quiet, g.output, g.format = f["verbose"], f["quiet"], f["output"], f["format"]
     g.color = use_color("never" if f["no_color"] else f["color"], sys.stderr)
     g.api_url, g.token_file, g.perf = f["api_url"], f["token_file"], f["perf"]
+    g.ca_file = f["ca_file"]
     g.timeout_given = f["timeout"] is not None
     g.timeout = float(f["timeout"]) if g.timeout_given else Globals.timeout
     _setup_logging(g.verbose)

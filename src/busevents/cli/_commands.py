@@ -81,7 +81,7 @@ def _reserved(exc: Forbidden) -> bool:
 
 def _status_for(exc: BaseException, g: Globals) -> int | None:
     """Report ``exc`` on stderr and give its exit status; None for a bug (re-raised)."""
-    from busevents import BusEventsError, ConfigError, Forbidden
+    from busevents import BusEventsError, ConfigError, Forbidden, Unauthorized
 
     diag = g.diagnostics()
     if isinstance(exc, KeyboardInterrupt):
@@ -93,6 +93,8 @@ def _status_for(exc: BaseException, g: Globals) -> int | None:
         diag.error(str(exc))
         if isinstance(exc, Forbidden) and not _reserved(exc):
             diag.hint(f"get a token with the scope it needs: {exc.hint}")
+        if isinstance(exc, Unauthorized) and exc.hint:
+            diag.hint(exc.hint)
         return EXIT_FAILURE
     if isinstance(exc, BrokenPipeError):
         _silence_stdout()
@@ -117,7 +119,10 @@ def _silence_stdout() -> None:
 def _client(g: Globals) -> EventsClient:
     from busevents import EventsClient
 
-    return EventsClient.from_env(api_url=g.api_url, token_file=g.token_file, timeout=g.timeout)
+    ca: dict[str, Any] = {"ca_file": g.ca_file} if g.ca_file else {}  # else BUS_EVENTS_CA_FILE
+    return EventsClient.from_env(
+        api_url=g.api_url, token_file=g.token_file, timeout=g.timeout, **ca
+    )
 
 
 def _parse_payload(text: str, option: str = "--payload") -> Any:

@@ -5,7 +5,7 @@ is most of its cost; cyclopts and the command modules cost about as much again
 as trio itself (issue 14).  This module answers the plain form, and only it::
 
     bus-events [--api-url URL] [--token-file PATH] [--timeout DUR] [-f text|json]
-               [-q] [--color MODE | --no-color]
+               [-q] [--color MODE | --no-color] [--ca-file PATH]
                send --name NAME [--payload JSON] [--correlation-id ID] [--retry N]
 
 (``--opt value`` or ``--opt=value``, each at most once).  Anything else — another
@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["fast_send"]
 
-_GLOBAL_VALUES = {"--api-url", "--token-file", "--timeout", "--format", "-f", "--color"}
+_GLOBAL_VALUES = {
+    "--api-url", "--token-file", "--timeout", "--format", "-f", "--color", "--ca-file",
+}  # fmt: skip
 _GLOBAL_FLAGS = {"--quiet", "-q", "--no-color"}
 _SEND_VALUES = {"--name", "--payload", "--correlation-id", "--retry"}
 #: Inline payloads up to this many characters (far below the CLI's payload limit).
@@ -112,11 +114,13 @@ def fast_send(args: list[str]) -> int | None:
         from busevents import EventsClient, PublishRequest
 
         results.open()
+        ca: dict[str, Any] = {"ca_file": globals_["--ca-file"]} if "--ca-file" in globals_ else {}
         try:
             async with EventsClient.from_env(
                 api_url=globals_.get("--api-url"),
                 token_file=globals_.get("--token-file"),
                 timeout=timeout,
+                **ca,
             ) as client:
                 request = PublishRequest(
                     name=options["--name"],
