@@ -68,6 +68,9 @@ if TYPE_CHECKING:
     from ._errors import WorkerError as WorkerError
     from ._groups import single_error as single_error
     from ._ndjson import NDJSONDecoder as NDJSONDecoder
+    from ._reconnect import DEDUPE_WINDOW as DEDUPE_WINDOW
+    from ._reconnect import RecentIds as RecentIds
+    from ._reconnect import follow_stream as follow_stream
     from ._retry import Backoff as Backoff
     from ._retry import RetryPolicy as RetryPolicy
     from ._retry import is_retryable as is_retryable
@@ -140,6 +143,7 @@ _LOCATIONS = {
     ),
     "_groups": ("single_error",),
     "_ndjson": ("NDJSONDecoder",),
+    "_reconnect": ("DEDUPE_WINDOW", "RecentIds", "follow_stream"),
     "_retry": ("Backoff", "RetryPolicy", "is_retryable"),
     "workers._listener": ("Readiness",),
     "workers._worker": (
