@@ -70,6 +70,9 @@ if TYPE_CHECKING:
     from ._ids import event_id_key as event_id_key
     from ._ids import parse_event_id as parse_event_id
     from ._ndjson import NDJSONDecoder as NDJSONDecoder
+    from ._reconnect import DEDUPE_WINDOW as DEDUPE_WINDOW
+    from ._reconnect import RecentIds as RecentIds
+    from ._reconnect import follow_stream as follow_stream
     from ._retry import Backoff as Backoff
     from ._retry import RetryPolicy as RetryPolicy
     from ._retry import is_retryable as is_retryable
@@ -142,6 +145,7 @@ _LOCATIONS = {
     ),
     "_groups": ("single_error",),
     "_ndjson": ("NDJSONDecoder",),
+    "_reconnect": ("DEDUPE_WINDOW", "RecentIds", "follow_stream"),
     "_retry": ("Backoff", "RetryPolicy", "is_retryable"),
     "workers._listener": ("Readiness",),
     "workers._worker": (

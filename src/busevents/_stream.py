@@ -1,16 +1,21 @@
-"""EventStream: an open NDJSON stream of events, and its iterators.
+"""EventStream: an open NDJSON stream of events, its iterators and its filters.
 
 ``async for event in stream`` yields :class:`Event` values, ``stream.batches()``
 a list per network read (fastest), ``stream.raw_batches()`` the original bytes
 of validated envelope lines (for pass-through output).  Events received before
 a broken line or a dropped connection are always delivered before the error.
+
+The filters (the ``after`` cursor, a correlation id, a de-duplication window, a
+limit: :meth:`EventStream.filter`) run here, once, for every iterator: lines
+are cut at ``\n`` only, since a bare CR inside a line is JSON whitespace.
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
@@ -21,7 +26,12 @@ from ._errors import InvalidEvent, StreamError, StreamInterrupted, StreamStalled
 from ._ndjson import NDJSONDecoder
 from ._responses import Inflater, describe_cause, format_seconds
 
+if TYPE_CHECKING:
+    from ._reconnect import RecentIds
+
 __all__ = ["EventStream"]
+
+log = logging.getLogger("busevents")
 
 
 class _EnvelopeCheck(msgspec.Struct, gc=False):
@@ -31,16 +41,18 @@ class _EnvelopeCheck(msgspec.Struct, gc=False):
     name: str
 
 
-_decode_id = msgspec.json.Decoder(_EnvelopeCheck).decode
+class _Head(msgspec.Struct, gc=False, rename={"correlation_id": "correlationId"}):
+    """What the filters read of a validated line (the payload is skipped)."""
 
-
-class _Correlation(msgspec.Struct, gc=False, rename={"correlation_id": "correlationId"}):
-    """What the correlation filter reads of a validated line."""
-
+    id: str
     correlation_id: str | None = None
 
 
-_decode_correlations = msgspec.json.Decoder(_Correlation).decode_lines
+_decode_id = msgspec.json.Decoder(_Head).decode
+_decode_heads = msgspec.json.Decoder(_Head).decode_lines
+
+#: Said once per process: a following stream without chunked framing (an HTTP/1.0 hop).
+_UNFRAMED_WARNED = False
 
 
 class EventStream:
@@ -81,9 +93,65 @@ class EventStream:
         # Resuming after a cursor: skip up to it ourselves, in case the provider
         # ignores `after` (cleared at the first later event: ids only grow).
         self._skip_to = event_id_key(spec.after) if spec.after is not None else None
+        self._unseen: RecentIds | None = None
+        self._limit: int | None = None
+        self._dropped = 0  # events received but filtered out
+        self._last: Any = None  # the last event or raw block handed out
+        #: True once the stream ended cleanly (the provider finished it).
+        self.ended = False
         # Why reading cannot go on (a read was cancelled or failed): httpx closes the
         # connection then, and its iterator would just end, as if the stream had.
         self._broken: str | None = None
+        headers = response.headers
+        # Without chunks or a length, the end of the body is the end of the connection:
+        # a provider that crashed looks like one that finished (an HTTP/1.0 hop).
+        self._unframed = (
+            "chunked" not in headers.get("transfer-encoding", "").lower()
+            and "content-length" not in headers
+        )
+        if self._unframed and spec.follow:
+            _warn_unframed(url, response.http_version)
+
+    def filter(
+        self,
+        *,
+        correlation_id: str | None = None,
+        unseen: RecentIds | None = None,
+        limit: int | None = None,
+    ) -> EventStream:
+        """Narrow what every iterator yields; call before iterating.  Returns the stream.
+
+        ``correlation_id``: only events carrying it.  ``unseen``: skip the events
+        whose id is in this window of recent ids (and remember the others): the
+        de-duplication of a reconnecting listener.  ``limit``: hand out at most
+        this many events, then end (``ended`` stays False: the stream did not).
+        """
+        if self._decoder is not None:
+            raise RuntimeError("filter() must be called before the stream is read")
+        if correlation_id is not None:
+            self.correlation_id = correlation_id
+        if unseen is not None:
+            self._unseen = unseen
+        if limit is not None:
+            if limit < 1:
+                raise ValueError("limit must be at least 1")
+            self._limit = limit
+        return self
+
+    @property
+    def last_id(self) -> str | None:
+        """The id of the last event handed out (the cursor to resume after), or None."""
+        last = self._last
+        if last is None:
+            return None
+        if isinstance(last, bytes):  # a raw block: it ends with its last line's newline
+            return _decode_id(last[last.rfind(b"\n", 0, -1) + 1 :]).id
+        return last.id  # type: ignore[no-any-return]
+
+    @property
+    def events_delivered(self) -> int:
+        """Events handed out so far (received, less those the filters dropped)."""
+        return self.events_received - self._dropped
 
     @property
     def events_received(self) -> int:
@@ -145,6 +213,8 @@ class EventStream:
         decoder, chunks, feed = self._decoder, self._chunks, self._feed
         assert decoder is not None and chunks is not None
         while True:
+            if self._limit == 0:
+                return None  # the limit was reached: the stream is done for this reader
             decoder.check()  # an error found with the last batch, once it was consumed
             if self._broken is not None:
                 raise self._interrupted(self._broken)
@@ -154,7 +224,7 @@ class EventStream:
                 else:
                     chunk = await self._read_or_stall(chunks, self._stall_timeout)
             except StopAsyncIteration:
-                decoder.close()
+                self._end()
                 return None
             except httpx.HTTPError as exc:
                 self._broken = "failed"
@@ -172,49 +242,75 @@ class EventStream:
                 self._broken = "was cancelled" if isinstance(exc, trio.Cancelled) else "failed"
                 raise
             self.bytes_received += len(chunk)
-            batch = feed(chunk)
-            if batch and self._skip_to is not None:
-                batch = self._skip(batch)
-            if batch and self.correlation_id is not None:
-                batch = self._correlated(batch)
-            if batch:
-                return batch  # type: ignore[no-any-return]
+            batch: list[Any] = feed(chunk)
+            if not batch:
+                continue
+            if (
+                self._skip_to is not None
+                or self.correlation_id is not None
+                or self._unseen is not None
+                or self._limit is not None
+            ):
+                batch = self._select(batch)
+                if not batch:
+                    continue
+            self._last = batch[-1]
+            return batch
 
-    def _skip(self, batch: list[Any]) -> list[Any]:
-        """``batch`` without the events up to the ``after`` cursor (see :meth:`listen`)."""
-        cursor = self._skip_to
-        if isinstance(batch[0], bytes):  # raw blocks: look at each line's id
-            lines = [line for block in batch for line in block.splitlines(keepends=True)]
-            ids = [_decode_id(line).id for line in lines]
-        else:
-            lines, ids = batch, [event.id for event in batch]
-        for index, event_id in enumerate(ids):
-            key = event_id_key(event_id)
-            if key is None or cursor is None or key > cursor:
-                # An id of another form cannot be ordered: it is passed on.
-                self._skip_to = None
-                kept = lines[index:]
-                return [b"".join(kept)] if isinstance(batch[0], bytes) else kept
-        return []
-
-    def _correlated(self, batch: list[Any]) -> list[Any]:
-        """The part of ``batch`` (events, or raw blocks) with the wanted correlation id."""
-        wanted = self.correlation_id
-        if not self._raw:
-            return [event for event in batch if event.correlation_id == wanted]
-        blocks = []
-        for block in batch:
-            # The lines are validated and blank lines removed: one value per line.
-            ids = _decode_correlations(block)
-            lines = block.split(b"\n")  # never splitlines(): a CR inside a line is JSON space
-            kept = b"".join(
-                line + b"\n"
-                for line, value in zip(lines, ids, strict=False)
-                if value.correlation_id == wanted
+    def _end(self) -> None:
+        """The body ended: an error for a following stream that cannot be told from a crash."""
+        decoder = self._decoder
+        assert decoder is not None
+        decoder.close()
+        if self._unframed and self.spec.follow:
+            self._broken = "failed"
+            raise StreamInterrupted(
+                f"the stream from {self.url} ended after {decoder.events} events without an "
+                "end marker: the response was not chunked (an HTTP/1.0 hop?), so a "
+                "provider that crashed cannot be told from one that finished; " + _UNFRAMED_FIX,
+                url=self.url,
+                offset=decoder.offset,
+                event_number=decoder.events + 1,
             )
-            if kept:
-                blocks.append(kept)
-        return blocks
+        self.ended = True
+
+    def _select(self, batch: list[Any]) -> list[Any]:
+        """``batch`` (events, or raw blocks) through the filters: events up to the
+        ``after`` cursor, of another correlation id, already seen, beyond the limit."""
+        raw = self._raw
+        if raw:
+            # The lines are validated and blank lines removed: one value per line, and
+            # "\n" only ends a line (a bare CR inside one is JSON whitespace).
+            lines = [line for block in batch for line in block.split(b"\n")[:-1]]
+            heads = [head for block in batch for head in _decode_heads(block)]
+        else:
+            lines = heads = batch
+        cursor, wanted, unseen = self._skip_to, self.correlation_id, self._unseen
+        left = self._limit
+        kept = []
+        for line, head in zip(lines, heads, strict=True):
+            if cursor is not None:
+                key = event_id_key(head.id)
+                if key is not None and key <= cursor:
+                    continue
+                # A later id, or one of another form (which cannot be ordered): pass on.
+                cursor = self._skip_to = None
+            if wanted is not None and head.correlation_id != wanted:
+                continue
+            if unseen is not None and unseen.seen(head.id):
+                continue
+            kept.append(line)
+            if left is not None:
+                left -= 1
+                if not left:
+                    break
+        if left is not None:
+            self._limit = left
+        self._dropped += len(lines) - len(kept)
+        if not raw or not kept:
+            return kept
+        kept.append(b"")
+        return [b"\n".join(kept)]
 
     def _interrupted(self, why: str) -> StreamInterrupted:
         """The error for a read that cannot go on: ``why`` is "failed", "was
@@ -332,3 +428,23 @@ class _RawBlocks:
                 raise StopAsyncIteration
             self._blocks = blocks
         return self._blocks.pop(0)
+
+
+_UNFRAMED_FIX = (
+    'put HTTP/1.1 on every hop (nginx: proxy_http_version 1.1; and proxy_set_header Connection "";)'
+)
+
+
+def _warn_unframed(url: str, version: str) -> None:
+    """Say once per process that a following stream arrived without chunked framing."""
+    global _UNFRAMED_WARNED
+    if _UNFRAMED_WARNED:
+        return
+    _UNFRAMED_WARNED = True
+    log.warning(
+        "the stream from %s arrived as %s without chunked framing: its end cannot be told "
+        "from a crash of the provider or of a proxy, so an end is treated as a failure; %s",
+        url,
+        version,
+        _UNFRAMED_FIX,
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 import msgspec
@@ -27,6 +28,7 @@ import trio
 from .._client import EventsClient
 from .._contracts import Delivery, Event, PublishRequest
 from .._errors import APIError, StreamError, TransportError
+from .._reconnect import follow_stream
 from .._retry import Backoff, RetryPolicy, is_retryable
 from .._stream import EventStream
 from ._report import BenchPlan, ListenerResult, PartResult, PublisherResult
@@ -38,6 +40,8 @@ __all__ = ["Node", "Progress"]
 #: (a redirect, 400, 401, 403, 404, 413, …) would fail every time: the run stops.
 #: A load generator pauses briefly after a failure: it measures, it must not hammer.
 PUBLISH_BACKOFF: Final = RetryPolicy(min_delay=0.05, max_delay=1.0)
+#: A bench listener does not reconnect: a broken stream is a result of the run.
+NO_RECONNECT: Final = RetryPolicy(enabled=False)
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -157,18 +161,33 @@ class Node:
         self, client: EventsClient, listener: _Listener, opened: Callable[[], None]
     ) -> None:
         plan = self.plan
-        async with client.listen(
-            plan.name, delivery=plan.delivery, group=plan.group, consumer=f"bench-{listener.id}"
-        ) as stream:
+        up: list[bool] = []
+
+        def on_up(_stream: EventStream) -> None:
+            up.append(True)
             opened()
-            try:
-                await self._receive(stream, listener)
-            except (StreamError, TransportError) as exc:
-                listener.result.ended_early = f"its stream broke: {exc}"
-            else:
-                listener.result.ended_early = (
-                    "the provider ended its stream (a slow consumer disconnected?)"
-                )
+
+        try:
+            # The one listen loop of the SDK, with retrying off: a bench measures the
+            # stream it opened, and a stream that breaks ends the listener.
+            await follow_stream(
+                client,
+                plan.name,
+                partial(self._receive, listener=listener),
+                policy=NO_RECONNECT,
+                delivery=plan.delivery,
+                group=plan.group,
+                consumer=f"bench-{listener.id}",
+                on_up=on_up,
+            )
+        except (StreamError, TransportError) as exc:
+            if not up:
+                raise  # the stream could not be opened: the run cannot measure
+            listener.result.ended_early = f"its stream broke: {exc}"
+        else:
+            listener.result.ended_early = (
+                "the provider ended its stream (a slow consumer disconnected?)"
+            )
 
     async def _receive(self, stream: EventStream, listener: _Listener) -> None:
         decode, run_id, delay = self._decode_probe, self.run_id, self.plan.listener_delay

@@ -9,11 +9,10 @@ second even while the stream is quiet, as ``tail -f | head`` does.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -25,7 +24,7 @@ from ._commands import _client, run_client_command
 from ._output import TextFormatter
 
 if TYPE_CHECKING:
-    from busevents import Event, EventsClient, EventStream, RetryPolicy
+    from busevents import EventsClient, EventStream, RetryPolicy
 
     from ._output import Diagnostics, Results
 
@@ -122,20 +121,21 @@ def listen(
         policy = RetryPolicy.from_env()
         policy = RetryPolicy.from_env(enabled=policy.enabled and asked if retry is None else retry)
         meter = Meter(diag, live=stats and sys.stderr.isatty()) if stats else None
-        writer = EventWriter(results, g.format, count, correlation_id, idle, meter)
-        if policy.enabled and replay:
-            writer.seen = set()
+        writer = EventWriter(results, g.format, count, idle, meter)
         options = {
             "delivery": delivery,
             "group": group,
             "consumer": consumer,
             "replay": replay,
             "follow": follow,
+            "correlation_id": correlation_id,
         }
         try:
             async with _client(g) as client, _reader_watch(results) as gone:
-                with trio.move_on_after(g.timeout if g.timeout_given else float("inf")):
+                with trio.move_on_after(g.timeout if g.timeout_given else float("inf")) as scope:
                     await _listen(client, name, options, writer, policy, max_retries, diag)
+                if scope.cancelled_caught:
+                    writer.stopped_by = "--timeout deadline"
             if gone.is_set():
                 raise BrokenPipeError("the reader of the output went away")
         finally:
@@ -162,47 +162,35 @@ async def _listen(
     max_retries: int | None,
     diag: Diagnostics,
 ) -> None:
-    """Stream into ``writer``; with ``policy.enabled``, reconnect until a stop condition."""
-    import trio
+    """Stream into ``writer`` with the SDK's reconnect loop (``policy.enabled``: --retry).
 
-    from busevents import Backoff, BusEventsError, ListenerUnavailable, is_retryable
+    With --retry --replay a reconnect resumes after the last event written (the
+    ``after=`` cursor) and skips ids in a bounded window: each event is written
+    once, in constant memory however long the listen runs.
+    """
+    from busevents import DEDUPE_WINDOW, follow_stream
 
-    backoff = Backoff(policy)
-    while True:
-        error: BusEventsError | None = None
-        before = writer.written
-        try:
-            async with client.listen(name, **options) as stream:
-                writer.results.open()
-                writer.results.widen_pipe()
-                since = trio.current_time()
-                try:
-                    await writer.run(stream)
-                finally:
-                    if (
-                        writer.written > before
-                        or trio.current_time() - since > policy.healthy_after
-                    ):
-                        backoff.reset()
-        except BusEventsError as exc:
-            if not policy.enabled or not is_retryable(exc):
-                raise
-            error = exc
-        if writer.stopped_by != "stream ended" or not options["follow"] or not policy.enabled:
-            return  # count reached, idle timeout, or a --no-follow snapshot that ended cleanly
-        if max_retries is not None and backoff.failures >= max_retries:
-            raise ListenerUnavailable(
-                f"giving up after {max_retries} reconnect(s) in a row without an event: "
-                f"{error or 'the stream ended'}",
-                url=client.stream_url,
-                name=name,
-            ) from error
-        delay = backoff.next_delay(error)
+    def opened(stream: EventStream) -> None:
+        writer.results.open()
+        writer.results.widen_pipe()
+
+    def retrying(error: BaseException | None, delay: float) -> None:
         diag.note(
             f"{error or 'the stream ended'}; reconnecting in {delay:.1f}s "
             f"({writer.written} events written so far)"
         )
-        await trio.sleep(delay)
+
+    await follow_stream(
+        client,
+        name,
+        writer.run,
+        policy=policy,
+        dedupe=DEDUPE_WINDOW if policy.enabled and options["replay"] else 0,
+        max_retries=max_retries,
+        on_up=opened,
+        on_retry=retrying,
+        **options,
+    )
 
 
 @asynccontextmanager
@@ -246,77 +234,69 @@ async def _reader_watch(results: Results) -> AsyncIterator[Any]:
             nursery.cancel_scope.cancel()
 
 
-@functools.cache
-def _id_decoder() -> Callable[[bytes], Any]:
-    """Decodes only the id of a line (de-duplication keeps the original bytes)."""
-    import msgspec
-
-    Line = msgspec.defstruct("Line", [("id", str)])
-    return msgspec.json.Decoder(Line).decode
-
-
-@functools.cache
-def _correlation_decoder() -> Callable[[bytes], Any]:
-    """Decodes only the correlation id of a line (filtering keeps the original bytes)."""
-    import msgspec
-
-    Line = msgspec.defstruct(
-        "Line", [("correlation_id", str | None, None)], rename={"correlation_id": "correlationId"}
-    )
-    return msgspec.json.Decoder(Line).decode
-
-
 @dataclass
 class EventWriter:
-    """Write a stream's events until it ends, ``count`` is reached or it goes idle."""
+    """Write a stream's events until it ends, ``count`` is reached or it goes idle.
+
+    The stream's own filters do the selecting (``EventStream.filter``: the count
+    as a limit; correlation id and de-duplication are set by whoever opened it):
+    blocks are written as they come, never split again here.
+    """
 
     results: Results
     format: str | None
     count: int | None = None
-    correlation_id: str | None = None
     idle_timeout: float | None = None
     meter: Meter | None = None
     written: int = 0
     stopped_by: str = "stream ended"
-    #: Ids written so far, when events already written must be skipped (replay on reconnect).
-    seen: set[str] | None = None
     _text: TextFormatter | None = field(default=None, repr=False)
 
     async def run(self, stream: EventStream) -> int:
         """Write events until the stream ends; return how many were written in all."""
-        if self.format == "text":
-            self._text = self._text or TextFormatter(self.results.is_terminal)
-            units = stream.batches()
-        elif self.count is None and self.correlation_id is None and self.seen is None:
-            await self._pass_through(stream)
-            return self.written
-        else:
-            units = stream.raw_batches()  # type: ignore[assignment]
-        self.stopped_by = "stream ended"
-        while (unit := await self._next(units)) is not None:
-            if self.meter is not None:
-                self.meter.bytes = stream.bytes_received
-            if self._write(unit):
-                self.stopped_by = "count"
-                break
-        return self.written
-
-    async def _pass_through(self, stream: EventStream) -> None:
-        """The hot path: validated blocks straight to the output, nothing counted twice
-        (the decoder already counts events)."""
-        blocks = stream.raw_batches()
-        write = self.results.write
-        meter = self.meter
+        if self.count is not None:
+            stream.filter(limit=self.count - self.written)
         base = self.written  # events of earlier connections
         self.stopped_by = "stream ended"
         try:
+            if self.format == "text":
+                await self._text_lines(stream)
+            else:
+                await self._pass_through(stream)
+        finally:
+            self.written = base + stream.events_delivered
+            if self.meter is not None:
+                self.meter.bytes = stream.bytes_received
+                self.meter.add(self.written - self.meter.events)
+        if self.count is not None and self.written >= self.count:
+            self.stopped_by = "count"
+        return self.written
+
+    async def _text_lines(self, stream: EventStream) -> None:
+        text = self._text = self._text or TextFormatter(self.results.is_terminal)
+        batches = stream.batches()
+        write_lines = self.results.write_lines
+        while (batch := await self._next(batches)) is not None:
+            write_lines([text.line(e) for e in batch])
+            self._progress(stream)
+
+    async def _pass_through(self, stream: EventStream) -> None:
+        """The hot path: validated blocks straight to the output, counted by the stream."""
+        blocks = stream.raw_batches()
+        write = self.results.write
+        if self.meter is None:
             while (block := await self._next(blocks)) is not None:
                 write(block)
-                if meter is not None:
-                    meter.bytes = stream.bytes_received
-                    meter.add(base + stream.events_received - meter.events)
-        finally:
-            self.written = base + stream.events_received
+            return
+        while (block := await self._next(blocks)) is not None:
+            write(block)
+            self._progress(stream)
+
+    def _progress(self, stream: EventStream) -> None:
+        meter = self.meter
+        if meter is not None:
+            meter.bytes = stream.bytes_received
+            meter.add(self.written + stream.events_delivered - meter.events)
 
     async def _next(self, units: Any) -> Any:
         """The next unit, or None at the end of the stream or after the idle timeout."""
@@ -328,47 +308,6 @@ class EventWriter:
             return await anext(units, None)
         self.stopped_by = "idle timeout"
         return None
-
-    def _write(self, unit: bytes | list[Event]) -> bool:
-        """Write one block or batch; True once ``count`` events were written."""
-        left = None if self.count is None else self.count - self.written
-        seen = self.seen
-        if isinstance(unit, list):
-            events = unit
-            if seen is not None:
-                events = [e for e in events if e.id not in seen]
-            if self.correlation_id is not None:
-                events = [e for e in events if e.correlation_id == self.correlation_id]
-            events = events[:left]
-            if seen is not None:
-                seen.update(e.id for e in events)
-            assert self._text is not None
-            self.results.write_lines([self._text.line(e) for e in events])
-            n = len(events)
-        else:
-            if self.correlation_id is not None or left is not None or seen is not None:
-                # "\n" only: a bare CR is JSON whitespace inside a line, not a line end.
-                *whole, rest = unit.split(b"\n")
-                lines = [line + b"\n" for line in whole] + ([rest] if rest else [])
-                if seen is not None:
-                    ids = [_id_decoder()(x).id for x in lines]
-                    lines = [x for x, i in zip(lines, ids, strict=True) if i not in seen]
-                if self.correlation_id is not None:
-                    decode = _correlation_decoder()
-                    lines = [x for x in lines if decode(x).correlation_id == self.correlation_id]
-                lines = lines[:left]
-                if seen is not None:
-                    seen.update(_id_decoder()(x).id for x in lines)
-                unit = b"".join(lines)
-                n = len(lines)
-            else:
-                n = unit.count(b"\n")
-            if unit:
-                self.results.write(unit)
-        self.written += n
-        if self.meter is not None:
-            self.meter.add(n)
-        return self.count is not None and self.written >= self.count
 
 
 class Meter:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -43,7 +42,8 @@ import trio
 
 from .._contracts import Delivery
 from .._errors import BusEventsError, ListenerUnavailable
-from .._retry import REQUIRED_ENV, RETRY_ENV, Backoff, RetryPolicy, is_retryable
+from .._reconnect import RecentIds, follow_stream
+from .._retry import REQUIRED_ENV, RETRY_ENV, RetryPolicy, is_retryable
 
 if TYPE_CHECKING:
     from .._client import EventsClient
@@ -127,29 +127,6 @@ class Readiness:
             self._parent._update()
 
 
-class RecentIds:
-    """The last ``size`` event ids seen: a bounded de-duplication window."""
-
-    __slots__ = ("_ids", "size")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def seen(self, event_id: str) -> bool:
-        """Remember ``event_id``; True when it was already in the window."""
-        if event_id in self._ids:
-            return True
-        if self.size:
-            self._ids[event_id] = None
-            if len(self._ids) > self.size:
-                self._ids.popitem(last=False)
-        return False
-
-
 def _why(error: BaseException | None) -> str:
     return str(error) if error is not None else "the stream ended"
 
@@ -176,56 +153,26 @@ async def listen_with_retry(
     retrying is off and the listener is not required; raises what cannot be
     retried (see the module documentation) and :class:`ListenerUnavailable`.
     ``observer`` hears of the stream going up and down and of each reconnect.
+    The loop itself is :func:`busevents.follow_stream`'s; this adds readiness,
+    logs and the ``required`` rule of retrying off.
     """
-    backoff = Backoff(policy, rng=rng or random.Random())
     who = f"listener {name}" + (f" ({label})" if label else "")
     connected_once = False
-    while True:
-        error: BusEventsError | None = None
-        since: float | None = None
-        delivered = 0
-        try:
-            async with client.listen(
-                name,
-                delivery=delivery,
-                group=group,
-                consumer=consumer,
-                replay=replay,
-                stall_timeout=stall_timeout,
-            ) as stream:
-                since = trio.current_time()
-                readiness.set_up(True)
-                if observer is not None:
-                    observer.stream_up(label, name, True)
-                log.info("%s: %s", who, "reconnected" if connected_once else "connected")
-                try:
-                    await consume(stream)
-                finally:
-                    readiness.set_up(False)
-                    if observer is not None:
-                        observer.stream_up(label, name, False)
-                    delivered = stream.events_received
-        except BusEventsError as exc:
-            if not is_retryable(exc):
-                raise
-            error = exc
-        if since is not None:
-            connected_once = True
-            if delivered or trio.current_time() - since >= policy.healthy_after:
-                backoff.reset()
-        if not policy.enabled:
-            if policy.required:
-                raise ListenerUnavailable(
-                    f"{who}: {_why(error)}; retrying is off ({RETRY_ENV}=0) and the "
-                    f"listener is required ({REQUIRED_ENV}=1)",
-                    url=client.stream_url,
-                    name=name,
-                ) from error
-            log.warning(
-                "%s: %s; retrying is off (%s=0): not reconnecting", who, _why(error), RETRY_ENV
-            )
-            return
-        delay = backoff.next_delay(error)
+
+    def up(stream: EventStream) -> None:
+        readiness.set_up(True)
+        if observer is not None:
+            observer.stream_up(label, name, True)
+        log.info("%s: %s", who, "reconnected" if connected_once else "connected")
+
+    def down(stream: EventStream) -> None:
+        nonlocal connected_once
+        connected_once = True
+        readiness.set_up(False)
+        if observer is not None:
+            observer.stream_up(label, name, False)
+
+    def retrying(error: BusEventsError | None, delay: float) -> None:
         log.warning(
             "%s: %s; %s in %.2fs",
             who,
@@ -235,6 +182,35 @@ async def listen_with_retry(
         )
         if observer is not None:
             observer.backing_off(label, name, error, delay)
-        await trio.sleep(delay)
-        if observer is not None:
             observer.reconnecting(label, name, error)
+
+    error: BusEventsError | None = None
+    try:
+        await follow_stream(
+            client,
+            name,
+            consume,
+            policy=policy,
+            delivery=delivery,
+            group=group,
+            consumer=consumer,
+            replay=replay,
+            stall_timeout=stall_timeout,
+            on_up=up,
+            on_down=down,
+            on_retry=retrying,
+            rng=rng,
+        )
+    except BusEventsError as exc:
+        if policy.enabled or not is_retryable(exc):
+            raise
+        error = exc
+    # Retrying is off and the stream ended or failed.
+    if policy.required:
+        raise ListenerUnavailable(
+            f"{who}: {_why(error)}; retrying is off ({RETRY_ENV}=0) and the "
+            f"listener is required ({REQUIRED_ENV}=1)",
+            url=client.stream_url,
+            name=name,
+        ) from error
+    log.warning("%s: %s; retrying is off (%s=0): not reconnecting", who, _why(error), RETRY_ENV)
