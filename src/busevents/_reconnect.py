@@ -72,6 +72,7 @@ async def follow_stream(
     on_up: Callable[[EventStream], object] | None = None,
     on_down: Callable[[EventStream], object] | None = None,
     on_retry: Callable[[BusEventsError | None, float], object] | None = None,
+    on_reconnect: Callable[[BusEventsError | None], object] | None = None,
     rng: random.Random | None = None,
 ) -> None:
     """Stream ``name``, handing each connection's :class:`EventStream` to ``consume``;
@@ -88,8 +89,9 @@ async def follow_stream(
     * the stream ended cleanly with ``follow=False`` (a snapshot): return;
     * otherwise (a clean end of a following stream, or an error that
       :func:`is_retryable` accepts), with ``policy.enabled``: call
-      ``on_retry(error or None, delay)``, sleep the backoff's delay and connect
-      again.  With retrying off: the error is raised, a clean end returns.
+      ``on_retry(error or None, delay)``, sleep the backoff's delay, call
+      ``on_reconnect(error or None)`` and connect again.  With retrying off: the
+      error is raised, a clean end returns.
 
     **Resuming**: with ``replay`` (or ``after``) and broadcast delivery, a
     reconnect asks for the events *after* the last one handed out (the
@@ -157,3 +159,5 @@ async def follow_stream(
         if on_retry is not None:
             on_retry(error, delay)
         await trio.sleep(delay)
+        if on_reconnect is not None:
+            on_reconnect(error)

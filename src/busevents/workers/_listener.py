@@ -182,6 +182,9 @@ async def listen_with_retry(
         )
         if observer is not None:
             observer.backing_off(label, name, error, delay)
+
+    def reconnecting(error: BusEventsError | None) -> None:
+        if observer is not None:
             observer.reconnecting(label, name, error)
 
     error: BusEventsError | None = None
@@ -199,6 +202,7 @@ async def listen_with_retry(
             on_up=up,
             on_down=down,
             on_retry=retrying,
+            on_reconnect=reconnecting,
             rng=rng,
         )
     except BusEventsError as exc:
