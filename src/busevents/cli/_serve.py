@@ -103,18 +103,24 @@ def serve(
         int, Parameter(help="Memory backend: bytes of history kept (oldest dropped first).")
     ] = 64 << 20,
     listener_queue_bytes: Annotated[
-        int, Parameter(help="Memory backend: bytes buffered per listener or unicast group.")
+        int, Parameter(help="Bytes buffered per listener or unicast group (fuller: cut).")
     ] = 8 << 20,
     max_groups: Annotated[
-        int, Parameter(help="Memory backend: unicast groups held at most (more: 429).")
+        int, Parameter(help="Unicast groups held at most, all processes (more: 429).")
     ] = 1_000,
     max_groups_per_identity: Annotated[
-        int, Parameter(help="Memory backend: unicast groups per identity at most.")
+        int, Parameter(help="Unicast groups per identity at most (more: 429).")
     ] = 20,
     group_idle: Annotated[
         Duration,
-        Parameter(help="Memory backend: free a unicast group idle (no consumer) this long."),
+        Parameter(help="Free a unicast group idle (no consumer) this long, keys/rows included."),
     ] = _GROUP_IDLE,
+    replay_page_bytes: Annotated[
+        int, Parameter(help="Bytes of history one replay reads and holds at a time.")
+    ] = 1 << 20,
+    replay_bytes: Annotated[
+        int, Parameter(help="Bytes of history pages all replays hold together at most.")
+    ] = 64 << 20,
     shutdown_grace: Annotated[
         Duration,
         Parameter(
@@ -198,6 +204,8 @@ def serve(
             max_groups=max_groups,
             max_groups_per_identity=max_groups_per_identity,
             group_idle=float(group_idle),
+            replay_page_bytes=replay_page_bytes,
+            replay_bytes=replay_bytes,
             shutdown_grace=float(shutdown_grace),
             body_timeout=float(body_timeout),
             **options,

@@ -60,11 +60,16 @@ class ProviderConfig:
             none.  For ``redis`` it is the streams' approximate ``MAXLEN``, for
             ``postgres`` the rows kept.
         history_bytes: the memory backend's history bound in bytes (oldest first).
-        max_groups: unicast groups the memory backend holds at most.
+        max_groups: unicast groups the provider holds at most (on ``redis`` and
+            ``postgres``: in the store, for every process together).
         max_groups_per_identity: the same bound per owner (all service tokens
             count as one owner).
         group_idle: seconds after which a unicast group without consumers is
-            freed (memory backend).
+            freed (with its Redis consumer group or PostgreSQL cursor row).
+        replay_page_bytes: how much of the history one replay reads (and holds)
+            at a time, in bytes of events (at least one event).
+        replay_bytes: bytes of history pages held by all replays together; a
+            replay waits for room before reading its next page.
         keepalive: seconds of silence after which a following stream writes a
             blank line; ``None`` disables keep-alive lines.
         allow_wildcards: accept ``*`` / ``>`` in stream names (service tokens only).
@@ -93,6 +98,8 @@ class ProviderConfig:
     max_groups: int = 1_000
     max_groups_per_identity: int = 20
     group_idle: float = 600.0
+    replay_page_bytes: int = 1 << 20
+    replay_bytes: int = 64 << 20
     redis: RedisOptions = field(default_factory=RedisOptions)
     postgres: PostgresOptions = field(default_factory=PostgresOptions)
 
@@ -105,7 +112,13 @@ class ProviderConfig:
             raise ValueError("ProviderConfig.listener_queue must be at least 1")
         if self.history_limit < 0:
             raise ValueError("ProviderConfig.history_limit must not be negative")
-        for name in ("listener_queue_bytes", "history_bytes", "max_groups"):
+        for name in (
+            "listener_queue_bytes",
+            "history_bytes",
+            "max_groups",
+            "replay_page_bytes",
+            "replay_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ProviderConfig.{name} must be at least 1")
         if self.max_groups_per_identity < 1:

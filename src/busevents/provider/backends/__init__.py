@@ -41,7 +41,23 @@ def make_backend(config: ProviderConfig) -> Backend:
     if config.backend == "redis":
         from ._redis import RedisBackend
 
-        return RedisBackend(config.redis, history_limit=config.history_limit)
+        return RedisBackend(
+            config.redis,
+            history_limit=config.history_limit,
+            listener_queue=config.listener_queue,
+            listener_queue_bytes=config.listener_queue_bytes,
+            max_groups=config.max_groups,
+            max_groups_per_identity=config.max_groups_per_identity,
+            group_idle=config.group_idle,
+        )
     from ._postgres import PostgresBackend
 
-    return PostgresBackend(config.postgres, history_limit=config.history_limit)
+    return PostgresBackend(
+        config.postgres,
+        history_limit=config.history_limit,
+        listener_queue=config.listener_queue,
+        listener_queue_bytes=config.listener_queue_bytes,
+        max_groups=config.max_groups,
+        max_groups_per_identity=config.max_groups_per_identity,
+        group_idle=config.group_idle,
+    )

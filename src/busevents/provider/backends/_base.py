@@ -10,6 +10,7 @@ at publish time (:func:`encode_envelope`); listeners write those bytes as they a
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +30,7 @@ __all__ = [
     "Subscription",
     "encode_envelope",
     "encode_envelope_tail",
+    "pages",
     "splice_id",
 ]
 
@@ -133,8 +135,15 @@ class Backend(Protocol):
         """Subscribe for live events; leaving the context unsubscribes."""
         ...
 
-    async def snapshot(self, selector: Selector) -> list[StoredEvent]:
-        """The stored events matching ``selector``, oldest first."""
+    def replay(
+        self, selector: Selector, page_bytes: int
+    ) -> AsyncGenerator[list[StoredEvent], None]:
+        """The stored events matching ``selector``, oldest first, in pages.
+
+        A page holds at most ``page_bytes`` bytes of lines (or one bigger event);
+        the next page is read only when the caller asks for it, so a replay holds
+        one page at a time however long the history.
+        """
         ...
 
     async def ping(self) -> None:
@@ -217,3 +226,17 @@ def encode_envelope_tail(draft: Draft, stamp: str) -> bytes:
 def splice_id(event_id: str, tail: bytes) -> bytes:
     """The full NDJSON line from an id and the tail made by :func:`encode_envelope_tail`."""
     return b'{"id":"' + event_id.encode("ascii") + b'",' + tail
+
+
+def pages(events: Iterable[StoredEvent], page_bytes: int) -> Iterator[list[StoredEvent]]:
+    """``events`` cut into lists of at most ``page_bytes`` bytes of lines (or one event)."""
+    page: list[StoredEvent] = []
+    size = 0
+    for event in events:
+        if page and size + len(event.line) > page_bytes:
+            yield page
+            page, size = [], 0
+        page.append(event)
+        size += len(event.line)
+    if page:
+        yield page

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
@@ -38,6 +38,7 @@ import trio
 
 from busevents import Delivery
 
+from .._hub import Buffer, Fanout
 from .._names import compile_pattern
 from ._base import (
     BackendLimit,
@@ -47,6 +48,7 @@ from ._base import (
     StoredEvent,
     Subscription,
     encode_envelope,
+    pages,
 )
 
 __all__ = ["MemoryBackend", "MemoryStats"]
@@ -75,66 +77,6 @@ def _always(_name: str) -> bool:
     return True
 
 
-class _Buffer:
-    """A FIFO of events bounded in count and bytes; one reader side, closable."""
-
-    __slots__ = ("_lot", "bytes", "closed", "events", "max_bytes", "max_count")
-
-    def __init__(self, max_count: int, max_bytes: int) -> None:
-        self.events: deque[StoredEvent] = deque()
-        self.bytes = 0
-        self.max_count = max_count
-        self.max_bytes = max_bytes
-        self.closed = False
-        self._lot = trio.lowlevel.ParkingLot()
-
-    def offer(self, event: StoredEvent) -> bool:
-        """Append ``event`` unless that would exceed a bound; ``False`` when full."""
-        size = len(event.line)
-        if len(self.events) >= self.max_count or self.bytes + size > self.max_bytes:
-            return False
-        self.events.append(event)
-        self.bytes += size
-        self._lot.unpark_all()
-        return True
-
-    def close(self) -> None:
-        self.closed = True
-        self._lot.unpark_all()
-
-    def clear(self) -> None:
-        self.events.clear()
-        self.bytes = 0
-
-    async def receive_batch(self, limit: int) -> list[StoredEvent]:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while not self.events:
-            if self.closed:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return []
-            await self._lot.park()
-        # Take the batch before the next schedule point: competing consumers of a
-        # group share this buffer, and a batch taken is never given back.
-        batch: list[StoredEvent] = []
-        while self.events and len(batch) < limit:
-            event = self.events.popleft()
-            self.bytes -= len(event.line)
-            batch.append(event)
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return batch
-
-
-class _Listener:
-    """One broadcast stream's buffer."""
-
-    __slots__ = ("buffer", "matches", "selector")
-
-    def __init__(self, selector: Selector, count: int, size: int) -> None:
-        self.selector = selector
-        self.buffer = _Buffer(count, size)
-        self.matches = compile_pattern(selector.name) if selector.pattern else _always
-
-
 class _Group:
     """One unicast group's shared buffer."""
 
@@ -150,7 +92,7 @@ class _Group:
 
     def __init__(self, selector: Selector, count: int, size: int) -> None:
         self.selector = selector
-        self.buffer = _Buffer(count, size)
+        self.buffer = Buffer(count, size)
         self.matches = compile_pattern(selector.name) if selector.pattern else _always
         self.consumers = 0
         self.dropped = 0
@@ -191,14 +133,16 @@ class MemoryBackend:
         self._history: deque[StoredEvent] = deque()
         self._history_bytes = 0
         self._by_name: dict[str, deque[StoredEvent]] = {}
-        # name -> owner filter (None: every owner) -> listeners / groups
-        self._listeners: dict[str, dict[_Owner, set[_Listener]]] = {}
+        self._fanout = Fanout(listener_queue, listener_queue_bytes, self._count_cut)
+        # name -> owner filter (None: every owner) -> groups
         self._groups: dict[str, dict[_Owner, list[_Group]]] = {}
-        self._pattern_listeners: set[_Listener] = set()
         self._pattern_groups: list[_Group] = []
         self._group_index: dict[tuple[str, bool, _Owner, str], _Group] = {}
         self._groups_per_owner: dict[_Owner, int] = {}
         self._next_sweep = 0.0
+
+    def _count_cut(self) -> None:
+        self.stats.slow_disconnects += 1
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -256,39 +200,16 @@ class MemoryBackend:
                 del self._by_name[oldest.name]
 
     def _fan_out(self, event: StoredEvent) -> None:
-        owners: tuple[_Owner, _Owner] = (event.identity_id, None)
-        by_owner = self._listeners.get(event.name)
-        if by_owner:
-            for owner in owners:
-                listeners = by_owner.get(owner)
-                if listeners:
-                    self._offer_all(listeners, event, filtered=False)
-        if self._pattern_listeners:
-            self._offer_all(self._pattern_listeners, event, filtered=True)
+        self._fanout.offer(event)
         groups_by_owner = self._groups.get(event.name)
         if groups_by_owner:
-            for owner in owners:
+            for owner in (event.identity_id, None):
                 for group in groups_by_owner.get(owner, ()):
                     self._offer_group(group, event)
         for group in self._pattern_groups:
             owner = group.selector.identity
             if (owner is None or owner == event.identity_id) and group.matches(event.name):
                 self._offer_group(group, event)
-
-    def _offer_all(self, listeners: set[_Listener], event: StoredEvent, *, filtered: bool) -> None:
-        # ``filtered``: the set is not indexed by name and owner, so check both here.
-        slow: list[_Listener] = []
-        for listener in listeners:
-            if filtered:
-                owner = listener.selector.identity
-                if owner is not None and owner != event.identity_id:
-                    continue
-                if not listener.matches(event.name):
-                    continue
-            if not listener.buffer.offer(event):
-                slow.append(listener)
-        for listener in slow:
-            self._disconnect_slow(listener)
 
     def _offer_group(self, group: _Group, event: StoredEvent) -> None:
         if group.buffer.offer(event):
@@ -307,20 +228,6 @@ class MemoryBackend:
                 group.buffer.bytes,
             )
 
-    def _disconnect_slow(self, listener: _Listener) -> None:
-        self._unregister(listener)
-        listener.buffer.close()
-        self.stats.slow_disconnects += 1
-        sel = listener.selector
-        _log.warning(
-            "slow consumer: broadcast listener %r on %r disconnected "
-            "(buffer full: %d events, %d bytes)",
-            sel.consumer,
-            sel.name,
-            len(listener.buffer.events),
-            listener.buffer.bytes,
-        )
-
     # -- subscribe -----------------------------------------------------------
 
     def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
@@ -330,39 +237,7 @@ class MemoryBackend:
         """
         if selector.delivery is Delivery.UNICAST:
             return self._subscribe_unicast(selector)
-        return self._subscribe_broadcast(selector)
-
-    @asynccontextmanager
-    async def _subscribe_broadcast(self, selector: Selector) -> AsyncIterator[Subscription]:
-        listener = _Listener(selector, self._queue, self._queue_bytes)
-        if selector.pattern:
-            self._pattern_listeners.add(listener)
-        else:
-            by_owner = self._listeners.setdefault(selector.name, {})
-            by_owner.setdefault(selector.identity, set()).add(listener)
-        try:
-            yield listener.buffer
-        finally:
-            self._unregister(listener)
-            listener.buffer.close()
-            listener.buffer.clear()
-
-    def _unregister(self, listener: _Listener) -> None:
-        sel = listener.selector
-        if sel.pattern:
-            self._pattern_listeners.discard(listener)
-            return
-        by_owner = self._listeners.get(sel.name)
-        if by_owner is None:
-            return
-        listeners = by_owner.get(sel.identity)
-        if listeners is None:
-            return
-        listeners.discard(listener)
-        if not listeners:
-            del by_owner[sel.identity]
-            if not by_owner:
-                del self._listeners[sel.name]
+        return self._fanout.listening(selector)
 
     @asynccontextmanager
     async def _subscribe_unicast(self, selector: Selector) -> AsyncIterator[Subscription]:
@@ -450,11 +325,18 @@ class MemoryBackend:
             if (owner is None or event.identity_id == owner) and matches(event.name)
         ]
 
+    async def replay(
+        self, selector: Selector, page_bytes: int
+    ) -> AsyncGenerator[list[StoredEvent], None]:
+        """The snapshot in pages of at most ``page_bytes`` (or one event); lines are shared."""
+        for page in pages(await self.snapshot(selector), page_bytes):
+            yield page
+
     # -- introspection -------------------------------------------------------
 
     def subscriber_count(self, name: str) -> int:
         """Connected broadcast listeners plus unicast consumers for exactly ``name``."""
-        listeners = sum(len(s) for s in self._listeners.get(name, {}).values())
+        listeners = self._fanout.count(name)
         consumers = sum(
             group.consumers for groups in self._groups.get(name, {}).values() for group in groups
         )

@@ -8,9 +8,10 @@ connection's current schema:
   the event id is ``<ms>-<seq>``, where ``ms`` never goes backwards, so ids are
   strictly increasing as ``(ms, seq)`` pairs.  ``body`` is the envelope
   without its id (the line is rebuilt around the id).
-* ``bus_event_group_cursors(name, owner, grp, last_seq)`` — one row per unicast
-  group: the last event handed to one of its consumers.  It is durable, so a
-  group resumes where it stopped after every process restarted.
+* ``bus_event_group_cursors(name, owner, grp, last_seq, updated_at)`` — one row
+  per unicast group: the last event handed to one of its consumers.  It is
+  durable, so a group resumes where it stopped after every process restarted;
+  a row nobody used for ``group_idle`` seconds is deleted.
 
 Semantics:
 
@@ -18,12 +19,19 @@ Semantics:
   ``NOTIFY`` in the same transaction; the ``202`` is sent after the commit.  The
   lock makes commit order equal ``seq`` order, so a reader that has seen
   ``seq = n`` can never later find a smaller one committed (no gaps).
-* **Follow** reads ``seq > position`` for the name; each process has one
-  ``LISTEN`` connection that wakes its readers, and a reader looks anyway every
-  ``poll_interval`` seconds, so a lost notification delays and never loses.
-* **Unicast** consumers claim the next events of their group by moving its
-  cursor with ``SELECT … FOR UPDATE`` in one transaction: each event goes to one
-  consumer of the group, on whatever process (at most once, as in memory).
+* **Follow**: each process runs one reader per followed name (see
+  :mod:`busevents.provider._hub`) that reads ``seq > position`` for the name and
+  fans the rows out to every local stream of it, each through a buffer bounded
+  in events and bytes (slow consumers are cut, as on memory).  Each process has
+  one ``LISTEN`` connection that wakes its readers, and a reader looks anyway
+  every ``poll_interval`` seconds, so a lost notification delays and never loses.
+* **Unicast** groups are claimed by one claimer per group and process, which
+  moves the group's cursor with ``SELECT … FOR UPDATE`` in one transaction: each
+  event goes to one consumer of the group, on whatever process (at most once,
+  as in memory).  Groups are bounded in all and per owner (``429``), counted in
+  the cursor table under an advisory lock.
+* **Replay** reads in pages of a bounded number of bytes, each read when the
+  previous one was sent.
 * **History** keeps the newest ``history_limit`` rows (trimmed as events arrive).
 
 Driver: psycopg 3 with *synchronous* connections from a small
@@ -35,10 +43,10 @@ everywhere, and a short query per thread hop costs little next to its round trip
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -52,7 +60,9 @@ from psycopg import sql
 from busevents import Delivery
 
 from .._config import PostgresOptions
+from .._hub import Fanout, Feeds, Groups
 from ._base import (
+    BackendLimit,
     BackendUnavailable,
     Draft,
     IdClock,
@@ -70,6 +80,7 @@ _log = logging.getLogger("busevents.provider")
 # errors already say that the database is gone, once per request.
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 _T = TypeVar("_T")
+_Key = tuple[str, str, str]
 
 _CONNECT_TIMEOUT = 5.0
 #: Rows kept for followers even when ``history_limit`` is smaller (replay honours the limit).
@@ -77,6 +88,9 @@ _MIN_RETAIN = 1000
 _TRIM_EVERY = 256
 _LOCK_SCHEMA = 0x6275_7365  # "buse": serialises CREATE TABLE across processes
 _LOCK_PUBLISH = 0x6275_7370  # "busp": serialises inserts so commit order is seq order
+_LOCK_GROUPS = 0x6275_7367  # "busg": serialises group creation so the bounds hold
+#: Rows one reader takes per query (shared by every local stream of the name).
+_READ_COUNT = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bus_events (
@@ -131,8 +145,24 @@ class PostgresBackend:
     Not connected until :meth:`running` is entered (the app's lifespan does it).
     """
 
-    def __init__(self, options: PostgresOptions, *, history_limit: int = 100_000) -> None:
+    def __init__(
+        self,
+        options: PostgresOptions,
+        *,
+        history_limit: int = 100_000,
+        listener_queue: int = 10_000,
+        listener_queue_bytes: int = 8 << 20,
+        max_groups: int = 1_000,
+        max_groups_per_identity: int = 20,
+        group_idle: float = 600.0,
+    ) -> None:
         self._options = options
+        self._max_groups = max_groups
+        self._max_groups_per_owner = max_groups_per_identity
+        self._group_idle = group_idle
+        self.fanout = Fanout(listener_queue, listener_queue_bytes)
+        self._feeds = Feeds(self.fanout, self)
+        self._groups = Groups(self._feeds, self, poll=options.poll_interval)
         self._where = f"PostgreSQL at {postgres_location(options.dsn)}"
         self._history_limit = history_limit
         self._retain = max(history_limit, _MIN_RETAIN)
@@ -189,8 +219,9 @@ class PostgresBackend:
         stop = threading.Event()
         try:
             self._channel = await self._run(self._create_tables)
-            async with trio.open_nursery() as nursery:
+            async with self._feeds.running(), trio.open_nursery() as nursery:
                 nursery.start_soon(self._listen, stop)
+                nursery.start_soon(self._keep_groups)
                 try:
                     yield
                 finally:
@@ -294,110 +325,86 @@ class PostgresBackend:
 
     # -- read ----------------------------------------------------------------
 
-    async def snapshot(self, selector: Selector) -> list[StoredEvent]:
-        """The retained events of the name (and owner), oldest first."""
+    # -- read ----------------------------------------------------------------
+
+    async def replay(
+        self, selector: Selector, page_bytes: int
+    ) -> AsyncGenerator[list[StoredEvent], None]:
+        """The retained events of the name (and owner), oldest first, in pages.
+
+        The newest ``history_limit`` events in all are retained, as memory keeps
+        them; each query asks for as many rows as fit ``page_bytes`` at the sizes
+        seen so far (one at first).
+        """
         if self._history_limit == 0:
             await trio.lowlevel.checkpoint()
-            return []
-        name, owner, limit = selector.name, selector.identity, self._history_limit
-
-        def query(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
-            # The newest ``history_limit`` events in all, as memory keeps them.
-            return conn.execute(
-                "SELECT seq, ms, identity_id, body FROM bus_events"
-                " WHERE name = %s AND (%s::text IS NULL OR identity_id = %s)"
-                " AND seq > (SELECT coalesce(max(seq), 0) FROM bus_events) - %s"
-                " ORDER BY seq",
-                (name, owner, owner, limit),
-            ).fetchall()
-
-        return [_row_event(name, row) for row in await self._run(query)]
-
-    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
-        """Follow the name's rows (broadcast) or claim them through the group cursor (unicast)."""
-        return self._subscribe(selector)
-
-    @asynccontextmanager
-    async def _subscribe(self, selector: Selector) -> AsyncIterator[Subscription]:
-        if selector.delivery is Delivery.UNICAST:
-            owner = "*" if selector.identity is None else "=" + selector.identity
-            key = (selector.name, owner, selector.group)
-
-            def create(conn: psycopg.Connection[Any]) -> None:
-                conn.execute(
-                    "INSERT INTO bus_event_group_cursors (name, owner, grp, last_seq)"
-                    " SELECT %s, %s, %s, coalesce(max(seq), 0) FROM bus_events"
-                    " ON CONFLICT DO NOTHING",
-                    key,
-                )
-
-            await self._run(create)
-            yield _GroupReader(self, selector, key)
             return
+        name, owner = selector.name, selector.identity
         row = await self._run(
             lambda conn: conn.execute("SELECT coalesce(max(seq), 0) FROM bus_events").fetchone()
         )
-        yield _TableReader(self, selector, int(row[0]) if row else 0)
+        end = int(row[0]) if row else 0
+        position = end - self._history_limit
+        count, seen_bytes, seen = 1, 0, 0
+        while True:
 
+            def query(
+                conn: psycopg.Connection[Any], after: int = position, limit: int = count
+            ) -> list[tuple[Any, ...]]:
+                return conn.execute(
+                    "SELECT seq, ms, identity_id, body FROM bus_events"
+                    " WHERE name = %s AND (%s::text IS NULL OR identity_id = %s)"
+                    " AND seq > %s AND seq <= %s ORDER BY seq LIMIT %s",
+                    (name, owner, owner, after, end, limit),
+                ).fetchall()
 
-class _Reader:
-    def __init__(self, backend: PostgresBackend, selector: Selector) -> None:
-        self._backend = backend
-        self._selector = selector
-        self._pending: deque[StoredEvent] = deque()
+            rows = await self._run(query)
+            if not rows:
+                return
+            page = [_row_event(name, row) for row in rows]
+            seen += len(page)
+            seen_bytes += sum(len(event.line) for event in page)
+            position = page[-1].seq
+            del rows
+            yield page
+            if len(page) < count:
+                return
+            count = max(1, min(_READ_COUNT, page_bytes * seen // max(seen_bytes, 1)))
 
-    async def _fetch(self, limit: int) -> list[tuple[Any, ...]]:
-        raise NotImplementedError
+    # -- the hub's reads (see busevents.provider._hub) ----------------------------
 
-    async def receive_batch(self, limit: int) -> list[StoredEvent]:
-        name = self._selector.name
-        while not self._pending:
-            # Taken before the query: a NOTIFY after it sets this event, never lost.
-            wakeup = self._backend._wakeup(name)
-            with trio.CancelScope(shield=True):
-                rows = await self._fetch(limit)
-            self._pending.extend(_row_event(name, row) for row in rows)
-            if not self._pending:
-                await self._backend._wait(name, wakeup)
-            else:
-                await trio.lowlevel.checkpoint()
-        batch: list[StoredEvent] = []
-        while self._pending and len(batch) < limit:
-            batch.append(self._pending.popleft())
-        return batch
+    async def end(self, name: str) -> int:
+        """The newest ``seq`` (of any name): a new reader of ``name`` starts after it."""
+        row = await self._run(
+            lambda conn: conn.execute("SELECT coalesce(max(seq), 0) FROM bus_events").fetchone()
+        )
+        return int(row[0]) if row else 0
 
-
-class _TableReader(_Reader):
-    def __init__(self, backend: PostgresBackend, selector: Selector, position: int) -> None:
-        super().__init__(backend, selector)
-        self._position = position
-
-    async def _fetch(self, limit: int) -> list[tuple[Any, ...]]:
-        name, owner, position = self._selector.name, self._selector.identity, self._position
-        count = max(limit, 64)
+    async def read(self, name: str, position: int) -> tuple[list[StoredEvent], int]:
+        """Rows of ``name`` after ``position``; waits for a wake-up (or the poll) when none."""
+        # Taken before the query: a NOTIFY after it sets this event, never lost.
+        wakeup = self._wakeup(name)
 
         def query(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             return conn.execute(
                 "SELECT seq, ms, identity_id, body FROM bus_events"
                 " WHERE name = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (name, position, count),
+                (name, position, _READ_COUNT),
             ).fetchall()
 
-        rows = await self._backend._run(query)
-        if rows:
-            self._position = int(rows[-1][0])
-        return [row for row in rows if owner is None or row[2] == owner]
+        with trio.CancelScope(shield=True):
+            rows = await self._run(query)
+        if not rows:
+            await self._wait(name, wakeup)
+            return [], position
+        events = [_row_event(name, row) for row in rows]
+        await trio.lowlevel.checkpoint()
+        return events, events[-1].seq
 
-
-class _GroupReader(_Reader):
-    def __init__(
-        self, backend: PostgresBackend, selector: Selector, key: tuple[str, str, str]
-    ) -> None:
-        super().__init__(backend, selector)
-        self._key = key
-
-    async def _fetch(self, limit: int) -> list[tuple[Any, ...]]:
-        key, owner = self._key, self._selector.identity
+    async def claim(self, selector: Selector, limit: int) -> list[StoredEvent]:
+        """Move the group's cursor past its next events in one transaction; those events."""
+        key = _group_key(selector)
+        owner = selector.identity
 
         def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             with conn.transaction():
@@ -407,7 +414,7 @@ class _GroupReader(_Reader):
                     key,
                 ).fetchone()
                 if cursor is None:
-                    # The row was removed behind our back: start again from now.
+                    # The row was freed behind our back: start again from now.
                     conn.execute(
                         "INSERT INTO bus_event_group_cursors (name, owner, grp, last_seq)"
                         " SELECT %s, %s, %s, coalesce(max(seq), 0) FROM bus_events"
@@ -429,4 +436,103 @@ class _GroupReader(_Reader):
                     )
                 return rows
 
-        return await self._backend._run(claim)
+        with trio.CancelScope(shield=True):
+            rows = await self._run(claim)
+        return [_row_event(selector.name, row) for row in rows]
+
+    # -- subscribe -----------------------------------------------------------
+
+    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
+        """Follow the name through this process's hub: a listener, or a group's consumer.
+
+        Raises :class:`BackendLimit` when a new unicast group would exceed a bound.
+        """
+        if selector.delivery is Delivery.UNICAST:
+            return self._consume(selector)
+        return self._feeds.listening(selector)
+
+    @asynccontextmanager
+    async def _consume(self, selector: Selector) -> AsyncIterator[Subscription]:
+        await self._open_group(selector)
+        async with self._groups.consuming(selector) as buffer:
+            yield buffer
+
+    async def _open_group(self, selector: Selector) -> None:
+        key = _group_key(selector)
+        total, per_owner = self._max_groups, self._max_groups_per_owner
+
+        def create(conn: psycopg.Connection[Any]) -> str | None:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_GROUPS,))
+                touched = conn.execute(
+                    "UPDATE bus_event_group_cursors SET updated_at = now()"
+                    " WHERE name = %s AND owner = %s AND grp = %s",
+                    key,
+                )
+                if touched.rowcount:
+                    return None
+                row = conn.execute(
+                    "SELECT count(*), count(*) FILTER (WHERE owner = %s)"
+                    " FROM bus_event_group_cursors",
+                    (key[1],),
+                ).fetchone()
+                everyone, mine = (int(row[0]), int(row[1])) if row else (0, 0)
+                if everyone >= total:
+                    return (
+                        f"the provider holds its maximum of {total} unicast groups: reuse "
+                        "an existing group name, or wait for idle groups to expire"
+                    )
+                if mine >= per_owner:
+                    return (
+                        f"this identity holds its maximum of {per_owner} unicast groups: "
+                        "reuse an existing group name, or wait for idle groups to expire"
+                    )
+                conn.execute(
+                    "INSERT INTO bus_event_group_cursors (name, owner, grp, last_seq)"
+                    " SELECT %s, %s, %s, coalesce(max(seq), 0) FROM bus_events"
+                    " ON CONFLICT DO NOTHING",
+                    key,
+                )
+                return None
+
+        refusal = await self._run(create)
+        if refusal is not None:
+            raise BackendLimit(refusal)
+
+    async def _keep_groups(self) -> None:
+        """Mark this process's groups as used, and delete groups idle for ``group_idle``."""
+        every = min(self._group_idle / 3, 10.0)
+        idle = self._group_idle
+        while True:
+            await trio.sleep(every)
+            keys = [_group_key(selector) for selector in self._groups.active()]
+
+            def keep(
+                conn: psycopg.Connection[Any], keys: list[tuple[str, str, str]] = keys
+            ) -> None:
+                with conn.transaction():
+                    for key in keys:
+                        conn.execute(
+                            "UPDATE bus_event_group_cursors SET updated_at = now()"
+                            " WHERE name = %s AND owner = %s AND grp = %s",
+                            key,
+                        )
+                    conn.execute(
+                        "DELETE FROM bus_event_group_cursors"
+                        " WHERE updated_at < now() - make_interval(secs => %s)",
+                        (idle,),
+                    )
+
+            with contextlib.suppress(BackendUnavailable):
+                await self._run(keep)
+
+    # -- introspection -------------------------------------------------------
+
+    def readers(self) -> int:
+        """Name readers running in this process."""
+        return self._feeds.readers()
+
+
+def _group_key(selector: Selector) -> _Key:
+    owner = "*" if selector.identity is None else "=" + selector.identity
+    return selector.name, owner, selector.group

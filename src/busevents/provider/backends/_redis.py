@@ -20,18 +20,27 @@ Semantics:
 * **Publish** is one ``XADD … MAXLEN ~ history_limit``; the provider answers
   ``202`` only after Redis acknowledged it.  The client does not retry a
   failed ``XADD`` (a lost reply could otherwise store the event twice).
-* **Replay** is ``XRANGE`` up to the last entry at the time of the request.
-* **Broadcast follow** reads with blocking ``XREAD`` from the last entry id seen
-  when the subscription started, so nothing falls between replay and follow.
-  Each stream reads on demand: a slow reader lags in Redis, not in this
-  process; if it lags more than ``MAXLEN`` behind, trimmed entries are gone.
+* **Replay** is ``XRANGE`` up to the last entry at the time of the request, in
+  pages of a bounded number of bytes, each read when the previous one was sent.
+* **Broadcast follow**: each process runs one reader per followed name (see
+  :mod:`busevents.provider._hub`), a blocking ``XREAD`` on its own connection of
+  the *reader* pool, and fans the entries out to every local stream of that
+  name in process, each through a buffer bounded in events and bytes (a stream
+  whose buffer is full is cut as a slow consumer, as on memory).  Publishes,
+  replays and group claims use the separate *command* pool (a few multiplexed
+  connections), so they never wait behind readers.  Connections per process:
+  the names followed plus that pool, whatever the number of streams.
 * **Unicast** groups are consumer groups named ``<owner>|<group>`` on the name's
-  stream, read with ``XREADGROUP … NOACK`` (at most once, as in memory): the
-  consumers of one group on any process share its events.  The group read never
-  blocks (a blocking one still in flight when a consumer leaves would take
-  events nobody receives); consumers wait for new entries with a plain ``XREAD``.  A group starts at
-  the stream's end when first created; if Redis lost it (restart without
-  persistence) it is created again from the stream's start.
+  stream, claimed with non-blocking ``XREADGROUP … NOACK`` (at most once, as in
+  memory) by one claimer per group and process, woken by the name's reader: the
+  consumers of one group on any process share its events.  A group starts at
+  the stream's end when first created (or at its start when the stream did not
+  exist yet: nothing is created for a name nobody published to); if Redis lost
+  it (restart without persistence) it is created again from the stream's start.
+* **Group bounds**: a registry (sorted sets ``<prefix>groups`` and
+  ``<prefix>groups:<owner>``, scored by last use) bounds the groups in all and
+  per owner; a group without consumers on any process for ``group_idle``
+  seconds is destroyed with its registry entries.
 * **Redis unreachable**: publish raises :class:`BackendUnavailable` (``503``),
   open streams end with an error; both recover once Redis answers again.
 """
@@ -40,8 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import deque
-from collections.abc import AsyncIterator, Mapping
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -55,7 +65,9 @@ from coredis.tokens import PureToken
 from busevents import Delivery
 
 from .._config import RedisOptions
+from .._hub import Fanout, Feeds, Groups
 from ._base import (
+    BackendLimit,
     BackendUnavailable,
     Draft,
     IdClock,
@@ -74,7 +86,12 @@ _log = logging.getLogger("busevents.provider")
 #: (a cancelled blocking command would leave its connection mid-reply), so this
 #: is also how long a closing stream may take to let go.
 _BLOCK_MS = 1000
-_RANGE_CHUNK = 1000
+#: Entries one reader takes per ``XREAD`` (shared by every local stream of the name).
+_READ_COUNT = 256
+#: Connections of the command pool (publish, replay, claims, probes; multiplexed).
+_COMMAND_CONNECTIONS = 8
+#: Most names followed at once per process (one reader connection each).
+_MAX_READERS = 4096
 _CONNECT_TIMEOUT = 3.0
 _STREAM_TIMEOUT = 10.0
 _FAILURES = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
@@ -102,9 +119,21 @@ class RedisBackend:
     """Events in Redis Streams; see the module docstring for layout and semantics.
 
     Not connected until :meth:`running` is entered (the app's lifespan does it).
+    The bounds (``listener_queue*``, ``max_groups*``, ``group_idle``) mean what
+    they mean for the memory backend.
     """
 
-    def __init__(self, options: RedisOptions, *, history_limit: int = 100_000) -> None:
+    def __init__(
+        self,
+        options: RedisOptions,
+        *,
+        history_limit: int = 100_000,
+        listener_queue: int = 10_000,
+        listener_queue_bytes: int = 8 << 20,
+        max_groups: int = 1_000,
+        max_groups_per_identity: int = 20,
+        group_idle: float = 600.0,
+    ) -> None:
         self._options = options
         self._where = f"Redis at {redis_location(options.addr)}"
         # A stream must keep what followers have not read yet: never MAXLEN 0.
@@ -112,18 +141,29 @@ class RedisBackend:
         self._history = history_limit > 0
         self._prefix = options.prefix.encode()
         self._clock = IdClock()
+        self._max_groups = max_groups
+        self._max_groups_per_owner = max_groups_per_identity
+        self._group_idle = group_idle
+        #: The name this process's connections give Redis (``CLIENT LIST`` shows it).
+        self.client_name = f"bus-events:{os.getpid()}"
         self._client: coredis.Redis[bytes] | None = None
+        self._reader: coredis.Redis[bytes] | None = None
+        self.fanout = Fanout(listener_queue, listener_queue_bytes)
+        self._feeds = Feeds(self.fanout, self)
+        self._groups = Groups(self._feeds, self, poll=_BLOCK_MS / 1000)
 
     def _client_or_raise(self) -> coredis.Redis[bytes]:
         if self._client is None:
             raise BackendUnavailable(f"{self._where} is not connected")
         return self._client
 
-    def _make_client(self) -> coredis.Redis[bytes]:
+    def _make_client(self, max_connections: int) -> coredis.Redis[bytes]:
         common: dict[str, Any] = {
             "retry_policy": NoRetryPolicy(),
             "connect_timeout": _CONNECT_TIMEOUT,
             "stream_timeout": _STREAM_TIMEOUT,
+            "max_connections": max_connections,
+            "client_name": self.client_name,
         }
         if self._options.password is not None:
             common["password"] = self._options.password
@@ -145,20 +185,34 @@ class RedisBackend:
     def _key(self, name: str) -> bytes:
         return self._prefix + b"s:" + name.encode()
 
+    def _registry(self, owner_tag: str | None = None) -> bytes:
+        """The registry of all groups, or (``owner_tag``: ``*`` or ``=<id>``) of one owner's."""
+        if owner_tag is None:
+            return self._prefix + b"groups"
+        return self._prefix + b"groups:" + owner_tag.encode()
+
     # -- lifecycle -----------------------------------------------------------
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Connect for the app's lifetime; :class:`BackendUnavailable` if Redis does not answer."""
-        client = self._make_client()
+        client = self._make_client(_COMMAND_CONNECTIONS)
+        reader = self._make_client(_MAX_READERS)
         try:
-            async with client:
+            async with client, reader:
                 self._client = client
+                self._reader = reader
                 await self.ping()
                 try:
-                    yield
+                    async with self._feeds.running(), trio.open_nursery() as nursery:
+                        nursery.start_soon(self._keep_groups)
+                        try:
+                            yield
+                        finally:
+                            nursery.cancel_scope.cancel()
                 finally:
                     self._client = None
+                    self._reader = None
         except* _FAILURES as group:
             raise self._unavailable(group.exceptions[0]) from None
 
@@ -207,165 +261,201 @@ class RedisBackend:
         eid = _text(entry_id)
         return StoredEvent(_seq(eid), eid, name, ident, "", splice_id(eid, fields[b"t"]))
 
-    async def snapshot(self, selector: Selector) -> list[StoredEvent]:
-        """``XRANGE`` of the name's stream up to its current end, filtered by owner."""
+    async def replay(
+        self, selector: Selector, page_bytes: int
+    ) -> AsyncGenerator[list[StoredEvent], None]:
+        """``XRANGE`` of the name's stream up to its current end, in pages, filtered by owner.
+
+        Each ``XRANGE`` asks for as many entries as fit ``page_bytes`` at the sizes
+        seen so far (one at first), so a page stays near the bound whatever the
+        events weigh.
+        """
         if not self._history:
             await trio.lowlevel.checkpoint()
-            return []
+            return
         client = self._client_or_raise()
         key = self._key(selector.name)
         owner = selector.identity
-        events: list[StoredEvent] = []
         try:
             last = await client.xrevrange(key, "+", "-", count=1)
             if not last:
-                return []
+                return
             end = _text(last[0].identifier)
             start = "-"
+            count, seen_bytes, seen = 1, 0, 0
             while True:
-                chunk = await client.xrange(key, start, end, count=_RANGE_CHUNK)
+                chunk = await client.xrange(key, start, end, count=count)
+                page: list[StoredEvent] = []
                 for entry in chunk:
                     event = self._event(selector.name, entry.identifier, entry.field_values)
+                    seen_bytes += len(event.line)
+                    seen += 1
                     if owner is None or event.identity_id == owner:
-                        events.append(event)
-                if len(chunk) < _RANGE_CHUNK:
-                    return events
+                        page.append(event)
+                if page:
+                    yield page
+                if len(chunk) < count:
+                    return
                 start = "(" + _text(chunk[-1].identifier)
+                count = max(1, min(_READ_COUNT, page_bytes * seen // max(seen_bytes, 1)))
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
 
-    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
-        """Follow the name's stream: ``XREAD`` (broadcast) or ``XREADGROUP`` (unicast)."""
-        return self._subscribe(selector)
+    # -- the hub's reads (see busevents.provider._hub) ----------------------------
 
-    @asynccontextmanager
-    async def _subscribe(self, selector: Selector) -> AsyncIterator[Subscription]:
+    async def end(self, name: str) -> str:
+        """The id of the name's newest entry (``0-0`` when there is none)."""
+        client = self._client_or_raise()
+        try:
+            last = await client.xrevrange(self._key(name), "+", "-", count=1)
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from None
+        return _text(last[0].identifier) if last else "0-0"
+
+    async def read(self, name: str, position: str) -> tuple[list[StoredEvent], str]:
+        """One blocking ``XREAD`` after ``position`` on the reader pool (every owner)."""
+        reader = self._reader
+        if reader is None:
+            raise BackendUnavailable(f"{self._where} is not connected")
+        try:
+            # Shielded: a blocking command cancelled half-way would cost its
+            # connection; it returns within _BLOCK_MS anyway.
+            with trio.CancelScope(shield=True):
+                result = await reader.xread(
+                    {self._key(name): position}, count=_READ_COUNT, block=_BLOCK_MS
+                )
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from None
+        events: list[StoredEvent] = []
+        for entries in (result or {}).values():
+            for entry in entries:
+                events.append(self._event(name, entry.identifier, entry.field_values))
+        if events:
+            position = events[-1].id
+        await trio.lowlevel.checkpoint()
+        return events, position
+
+    async def claim(self, selector: Selector, limit: int) -> list[StoredEvent]:
+        """The group's next events (``XREADGROUP … NOACK``, not blocking), owner-filtered."""
         client = self._client_or_raise()
         key = self._key(selector.name)
+        group = _group_name(selector)
+        consumer = selector.consumer.encode()
         try:
-            if selector.delivery is Delivery.UNICAST:
-                owner = "*" if selector.identity is None else "=" + selector.identity
-                group = f"{owner}|{selector.group}".encode()
-                await self._create_group(client, key, group, "$")
-                yield _GroupReader(self, client, key, selector, group)
-            else:
-                last = await client.xrevrange(key, "+", "-", count=1)
-                position = _text(last[0].identifier) if last else "0-0"
-                yield _StreamReader(self, client, key, selector, position)
-        except* _FAILURES as group_error:
-            raise self._unavailable(group_error.exceptions[0]) from None
+            try:
+                result = await client.xreadgroup(
+                    group, consumer, {key: ">"}, count=limit, noack=True
+                )
+            except coredis.exceptions.StreamConsumerError:
+                # No group: the stream did not exist when the group was opened, or
+                # Redis lost it (a restart without persistence).  Everything in the
+                # stream now came after, so start from its beginning.
+                if not await client.exists([key]):
+                    return []
+                await self._create_group(client, key, group, "0")
+                result = await client.xreadgroup(
+                    group, consumer, {key: ">"}, count=limit, noack=True
+                )
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from None
+        owner = selector.identity
+        events: list[StoredEvent] = []
+        for entries in (result or {}).values():
+            for entry in entries:
+                event = self._event(selector.name, entry.identifier, entry.field_values)
+                if owner is None or event.identity_id == owner:
+                    events.append(event)
+        return events
+
+    # -- subscribe -----------------------------------------------------------
+
+    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
+        """Follow the name through this process's hub: a listener, or a group's consumer.
+
+        Raises :class:`BackendLimit` when a new unicast group would exceed a bound.
+        """
+        if selector.delivery is Delivery.UNICAST:
+            return self._consume(selector)
+        return self._feeds.listening(selector)
+
+    @asynccontextmanager
+    async def _consume(self, selector: Selector) -> AsyncIterator[Subscription]:
+        await self._open_group(selector)
+        async with self._groups.consuming(selector) as buffer:
+            yield buffer
+
+    async def _open_group(self, selector: Selector) -> None:
+        client = self._client_or_raise()
+        member = _member(selector)
+        everyone, mine = self._registry(), self._registry(_owner_tag(selector))
+        now = time.time() * 1000
+        try:
+            if await client.zscore(everyone, member) is None:
+                if await client.zcard(everyone) >= self._max_groups:
+                    raise BackendLimit(
+                        f"the provider holds its maximum of {self._max_groups} unicast groups: "
+                        "reuse an existing group name, or wait for idle groups to expire"
+                    )
+                if await client.zcard(mine) >= self._max_groups_per_owner:
+                    raise BackendLimit(
+                        f"this identity holds its maximum of {self._max_groups_per_owner} "
+                        "unicast groups: reuse an existing group name, or wait for idle "
+                        "groups to expire"
+                    )
+                key = self._key(selector.name)
+                if await client.exists([key]):
+                    await self._create_group(client, key, _group_name(selector), "$")
+            await client.zadd(everyone, {member: now})
+            await client.zadd(mine, {member: now})
+        except _FAILURES as exc:
+            raise self._unavailable(exc) from None
 
     async def _create_group(
         self, client: coredis.Redis[bytes], key: bytes, group: bytes, start: str
     ) -> None:
         with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
-            await client.xgroup_create(key, group, start, mkstream=True)
+            await client.xgroup_create(key, group, start)
+
+    async def _keep_groups(self) -> None:
+        """Mark this process's groups as used, and free groups idle for ``group_idle``."""
+        every = min(self._group_idle / 3, 10.0)
+        while True:
+            await trio.sleep(every)
+            with contextlib.suppress(BackendUnavailable, *_FAILURES):
+                await self._touch_and_sweep()
+
+    async def _touch_and_sweep(self) -> None:
+        client = self._client_or_raise()
+        now = time.time() * 1000
+        for selector in self._groups.active():
+            member = _member(selector)
+            await client.zadd(self._registry(), {member: now}, condition=PureToken.XX)
+            await client.zadd(self._registry(_owner_tag(selector)), {member: now})
+        cutoff = now - self._group_idle * 1000
+        stale = await client.zrangebyscore(self._registry(), float("-inf"), cutoff)
+        for item in stale:
+            raw = item if isinstance(item, bytes) else item.member
+            if not await client.zrem(self._registry(), [raw]):
+                continue  # another process freed it
+            owner_tag, group, name = _text(raw).split("\n", 2)
+            await client.zrem(self._registry(owner_tag), [raw])
+            with contextlib.suppress(coredis.exceptions.ResponseError):
+                await client.xgroup_destroy(self._key(name), f"{owner_tag}|{group}".encode())
+
+    # -- introspection -------------------------------------------------------
+
+    def readers(self) -> int:
+        """Name readers (reader-pool connections in use) in this process."""
+        return self._feeds.readers()
 
 
-class _Reader:
-    """What both subscription kinds share: a pending batch kept across cancellation."""
-
-    def __init__(
-        self,
-        backend: RedisBackend,
-        client: coredis.Redis[bytes],
-        key: bytes,
-        selector: Selector,
-    ) -> None:
-        self._backend = backend
-        self._client = client
-        self._key = key
-        self._selector = selector
-        self._pending: deque[StoredEvent] = deque()
-
-    async def _read(self, limit: int) -> Any:
-        raise NotImplementedError
-
-    async def receive_batch(self, limit: int) -> list[StoredEvent]:
-        owner = self._selector.identity
-        name = self._selector.name
-        while not self._pending:
-            try:
-                # Shielded: a blocking command cancelled half-way would leave its
-                # connection waiting for a reply; it returns within _BLOCK_MS anyway.
-                with trio.CancelScope(shield=True):
-                    result = await self._read(limit)
-            except _FAILURES as exc:
-                raise self._backend._unavailable(exc) from None
-            for entries in (result or {}).values():
-                for entry in entries:
-                    event = self._backend._event(name, entry.identifier, entry.field_values)
-                    self._advance(event.id)
-                    if owner is None or event.identity_id == owner:
-                        self._pending.append(event)
-            # The cancellation point: what was read stays pending for the next call.
-            await trio.lowlevel.checkpoint()
-        batch: list[StoredEvent] = []
-        while self._pending and len(batch) < limit:
-            batch.append(self._pending.popleft())
-        return batch
-
-    def _advance(self, entry_id: str) -> None:
-        pass
+def _owner_tag(selector: Selector) -> str:
+    return "*" if selector.identity is None else "=" + selector.identity
 
 
-class _StreamReader(_Reader):
-    def __init__(
-        self,
-        backend: RedisBackend,
-        client: coredis.Redis[bytes],
-        key: bytes,
-        selector: Selector,
-        position: str,
-    ) -> None:
-        super().__init__(backend, client, key, selector)
-        self._position = position
-
-    def _advance(self, entry_id: str) -> None:
-        self._position = entry_id
-
-    async def _read(self, limit: int) -> Any:
-        return await self._client.xread(
-            {self._key: self._position}, count=max(limit, 64), block=_BLOCK_MS
-        )
+def _group_name(selector: Selector) -> bytes:
+    return f"{_owner_tag(selector)}|{selector.group}".encode()
 
 
-class _GroupReader(_Reader):
-    def __init__(
-        self,
-        backend: RedisBackend,
-        client: coredis.Redis[bytes],
-        key: bytes,
-        selector: Selector,
-        group: bytes,
-    ) -> None:
-        super().__init__(backend, client, key, selector)
-        self._group = group
-        self._consumer = selector.consumer.encode()
-
-    async def _read(self, limit: int) -> Any:
-        # Never a *blocking* XREADGROUP: one still in flight when its stream closes
-        # (reads are shielded) would take events that no consumer then receives.
-        # So: note the stream's end, take what the group has without blocking, and
-        # if nothing, wait for a newer entry with a plain XREAD, which takes nothing.
-        last = await self._client.xrevrange(self._key, "+", "-", count=1)
-        position = _text(last[0].identifier) if last else "0-0"
-        try:
-            result = await self._xreadgroup(limit)
-        except coredis.exceptions.StreamConsumerError:
-            # Redis lost the group (a restart without persistence): everything in the
-            # stream now was published after that restart, so start from its beginning.
-            _log.warning(
-                "unicast group %r of %r is gone: creating it again", self._group, self._key
-            )
-            await self._backend._create_group(self._client, self._key, self._group, "0")
-            result = await self._xreadgroup(limit)
-        if result:
-            return result
-        await self._client.xread({self._key: position}, count=1, block=_BLOCK_MS)
-        return None
-
-    async def _xreadgroup(self, limit: int) -> Any:
-        return await self._client.xreadgroup(
-            self._group, self._consumer, {self._key: ">"}, count=limit, noack=True
-        )
+def _member(selector: Selector) -> bytes:
+    return f"{_owner_tag(selector)}\n{selector.group}\n{selector.name}".encode()
