@@ -31,6 +31,13 @@ from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec, single_er
 
 from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
 from ._config import ProviderConfig
+from ._idempotency import (
+    REPLAYED_HEADER,
+    InvalidIdempotencyKey,
+    Replayed,
+    accepted_body,
+    idempotency_key,
+)
 from ._metrics import CONTENT_TYPE, ProviderMetrics
 from ._names import (
     InvalidParameter,
@@ -105,14 +112,6 @@ class HTTPError(Exception):
         self.message = message
         self.headers = headers or []
         self.required_scopes = required_scopes
-
-
-class _AcceptedBody(msgspec.Struct, omit_defaults=True, rename={"correlation_id": "correlationId"}):
-    accepted: bool
-    id: str
-    name: str
-    correlation_id: str | None = None
-    time: str | None = None
 
 
 def _bad_request(message: str) -> HTTPError:
@@ -405,6 +404,10 @@ class EventsApp:
             )
         request = self._parse_publish(body)
         try:
+            key = idempotency_key(scope["headers"])
+        except InvalidIdempotencyKey as exc:
+            raise HTTPError(400, "invalid_idempotency_key", str(exc)) from None
+        try:
             name = check_name(request.name)
         except InvalidParameter as exc:
             raise _bad_request(str(exc)) from None
@@ -422,7 +425,10 @@ class EventsApp:
         draft = Draft(name, request.payload, identity, request.correlation_id, metadata)
         try:
             with self.metrics.backend_call("publish"):
-                stored = await self.backend.publish(draft)
+                stored = await self.backend.publish(draft, idempotency_key=key)
+        except Replayed as replay:  # a repeat within the window: nothing was stored
+            await _send_response(send, 202, replay.body, [*_JSON_HEADERS, REPLAYED_HEADER])
+            return 202
         except BackendUnavailable as exc:
             raise _unavailable(exc) from None
         except Exception as exc:
@@ -431,8 +437,8 @@ class EventsApp:
                 BackendUnavailable("the event store failed: try again later")
             ) from exc
         self.metrics.published(name)
-        accepted = _AcceptedBody(True, stored.id, name, request.correlation_id, stored.time)
-        await _send_response(send, 202, _encode(accepted), _JSON_HEADERS)
+        accepted = accepted_body(stored.id, name, request.correlation_id, stored.time)
+        await _send_response(send, 202, accepted, _JSON_HEADERS)
         return 202
 
     def _parse_publish(self, body: bytes) -> PublishRequest:

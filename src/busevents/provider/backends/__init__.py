@@ -29,6 +29,8 @@ def make_backend(config: ProviderConfig) -> Backend:
             max_groups=config.max_groups,
             max_groups_per_identity=config.max_groups_per_identity,
             group_idle=config.group_idle,
+            idempotency_window=config.idempotency_window,
+            idempotency_keys=config.idempotency_keys,
         )
     if config.backend not in ("redis", "postgres"):
         raise ValueError(
@@ -41,7 +43,15 @@ def make_backend(config: ProviderConfig) -> Backend:
     if config.backend == "redis":
         from ._redis import RedisBackend
 
-        return RedisBackend(config.redis, history_limit=config.history_limit)
+        return RedisBackend(
+            config.redis,
+            history_limit=config.history_limit,
+            idempotency_window=config.idempotency_window,
+        )
     from ._postgres import PostgresBackend
 
-    return PostgresBackend(config.postgres, history_limit=config.history_limit)
+    return PostgresBackend(
+        config.postgres,
+        history_limit=config.history_limit,
+        idempotency_window=config.idempotency_window,
+    )
