@@ -8,6 +8,7 @@ Redis resumes), and a reply lost between provider and client.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+
+from busevents._bench import Bench, BenchPlan, check_plan
+from busevents.provider import open_provider
 
 from .helpers import serve_subprocess
 from .services import free_port, private_redis
@@ -143,22 +147,36 @@ async def test_a_publish_retried_after_redis_was_paused_is_stored_once(tmp_path:
 
 
 @asynccontextmanager
-async def reply_dropping_proxy(target_port: int) -> AsyncIterator[int]:
-    """A TCP proxy that passes requests on but drops every reply (closing instead)."""
+async def reply_dropping_proxy(target_port: int, drops: int) -> AsyncIterator[int]:
+    """A TCP proxy that loses the replies of the first ``drops`` POSTs (closing instead).
+
+    It passes everything else on both ways.  One request per connection is
+    enough here: a client whose reply was lost opens a new connection.
+    """
     port = free_port()
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    left = drops
+
+    async def pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for data in source:
+                await sink.send_all(data)
 
     async def handle(client: trio.SocketStream) -> None:
+        nonlocal left
         async with client, await trio.open_tcp_stream("127.0.0.1", target_port) as upstream:
+            first = await client.receive_some()
+            await upstream.send_all(first)
+            drop = left > 0 and first.startswith(b"POST ")
+            left -= drop
             async with trio.open_nursery() as nursery:
-
-                async def forward() -> None:
-                    async for data in client:
-                        await upstream.send_all(data)
-
-                nursery.start_soon(forward)
-                await upstream.receive_some()  # the reply has started: lose it
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(pipe, client, upstream)
+                if drop:
+                    await upstream.receive_some()  # the reply has started: lose it
+                    nursery.cancel_scope.cancel()
+                else:
+                    await pipe(upstream, client)
+                    nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, handle, listeners)
@@ -173,7 +191,7 @@ async def test_a_publish_whose_reply_was_lost_is_stored_once_when_retried(
 ) -> None:
     async with serving(env) as url, httpx.AsyncClient(timeout=30) as http:
         target = httpx.URL(url)
-        async with reply_dropping_proxy(target.port or 80) as port:
+        async with reply_dropping_proxy(target.port or 80, drops=1) as port:
             with pytest.raises(httpx.TransportError):
                 await post(http, str(target.copy_with(port=port)), "alice", 1, "lost")
         # The client cannot know; the event was stored.  Its retry stores nothing more.
@@ -181,3 +199,21 @@ async def test_a_publish_whose_reply_was_lost_is_stored_once_when_retried(
         retry = await post(http, url, "alice", 1, "lost")
         assert retry.status_code == 202 and retry.headers["idempotent-replayed"] == "true"
         assert await replay(http, url, "example.idem") == [1]
+
+
+async def test_the_bench_retries_an_event_whose_reply_was_lost_and_it_is_stored_once() -> None:
+    async with open_provider() as provider:
+        target = httpx.URL(provider.url)
+        async with reply_dropping_proxy(target.port or 80, drops=6) as port:
+            the_plan = check_plan(
+                BenchPlan(name="bench.idem", publishers=2, listeners=2, events=200, warmup=0.0)
+            )
+            url = str(target.copy_with(port=port))
+            report = await Bench(the_plan, url=url, token=provider.token(), timeout=10).run()
+        published = provider.backend.stats.published
+    pub, dlv = report.publish, report.delivery
+    assert sum(pub.errors.values()) == 6, pub.errors  # six replies lost, each retried
+    assert (pub.accepted, pub.in_doubt) == (200, 0)
+    assert published == 200  # the provider stored each event once
+    assert (dlv.received, dlv.lost, dlv.duplicated) == (400, 0, 0)
+    assert report.verdict.ok

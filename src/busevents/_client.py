@@ -291,8 +291,13 @@ class EventsClient:
         )
         return accepted
 
-    async def publish(self, request: PublishRequest, *, retries: int = 0) -> tuple[Accepted, bytes]:
+    async def publish(
+        self, request: PublishRequest, *, retries: int = 0, idempotency_key: str | None = None
+    ) -> tuple[Accepted, bytes]:
         """Publish ``request``; return the acceptance and the provider's JSON body.
+
+        ``idempotency_key`` is sent as the ``Idempotency-Key`` header (every attempt):
+        a provider that knows it answers a repeat with the original acceptance.
 
         Nothing is retried unless ``retries`` > 0: then a 5xx, a 408, a 429 or a
         network failure is retried up to that many times, with the shared backoff
@@ -308,7 +313,7 @@ class EventsClient:
         backoff = Backoff(PUBLISH_RETRY)
         while True:
             try:
-                return await self._publish_once(body)
+                return await self._publish_once(body, idempotency_key)
             except APIError as exc:
                 if backoff.failures == retries or not is_retryable(exc):
                     raise
@@ -327,21 +332,26 @@ class EventsClient:
             )
             await trio.sleep(wait)
 
-    async def _publish_once(self, body: bytes) -> tuple[Accepted, bytes]:
+    async def _publish_once(
+        self, body: bytes, idempotency_key: str | None = None
+    ) -> tuple[Accepted, bytes]:
         response: httpx.Response | LeanResponse
         while True:
             used = await self._token.current()
             with self._deadline(self.url):
                 if self._lean is not None:
                     # The lean path reads at most 1 MiB and never inflates.
-                    response = await self._lean.post(body, used)
+                    response = await self._lean.post(body, used, idempotency_key)
                     content = response.content[:MAX_BODY]
                     more = len(response.content) > MAX_BODY
                 else:
                     import httpx
 
+                    headers = {"Content-Type": "application/json"}
+                    if idempotency_key is not None:
+                        headers["Idempotency-Key"] = idempotency_key
                     request = self._http.build_request(
-                        "POST", self.url, content=body, headers={"Content-Type": "application/json"}
+                        "POST", self.url, content=body, headers=headers
                     )
                     try:
                         response = await self._http.send(request, stream=True)

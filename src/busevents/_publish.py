@@ -134,7 +134,9 @@ class LeanPublisher:
         self._slots = trio.Semaphore(max_connections)
         self._closed = False
 
-    async def post(self, body: bytes, token: str | None = None) -> LeanResponse:
+    async def post(
+        self, body: bytes, token: str | None = None, idempotency_key: str | None = None
+    ) -> LeanResponse:
         """Send ``body`` as a JSON POST (``Authorization: Bearer token`` when given);
         return the complete response, whatever its status."""
         if self._closed:
@@ -144,6 +146,8 @@ class LeanPublisher:
         headers = [*self._headers, (b"Content-Length", b"%d" % len(body))]
         if token:
             headers.append((b"Authorization", b"Bearer " + token.encode("latin-1")))
+        if idempotency_key is not None:
+            headers.append((b"Idempotency-Key", idempotency_key.encode("ascii")))
         async with self._slots:
             connection = self._take_idle()
             if connection is None:
