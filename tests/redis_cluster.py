@@ -57,6 +57,9 @@ async def _node(directory: Path, port: int) -> trio.Process:
             "yes",
             "--cluster-config-file",
             f"nodes-{port}.conf",
+            # The bus port is given: the default (port + 10000) may not exist.
+            "--cluster-port",
+            str(free_port()),
             "--save",
             "",
             "--appendonly",
