@@ -17,6 +17,7 @@ from busevents.provider import INTERNAL_AUDIENCE
 
 from .helpers import serve_subprocess
 from .redis_cluster import private_cluster
+from .services import free_port
 from .test_provider_multi import WAIT, Reader, auth, base_env, publish, replay, wait_for
 
 
@@ -76,3 +77,20 @@ async def test_two_processes_on_a_redis_cluster_act_as_one_provider(tmp_path: Pa
             assert again.headers["idempotent-replayed"] == "true"
             assert again.content == first.content
             assert await replay(http, a, "example.once") == [1]
+
+
+async def test_a_bad_or_unreachable_cluster_is_one_line_without_the_password(run_cli) -> None:
+    env = {"BUS_API_JWT_SECRET": "cluster-secret-0123456789"}
+    serve = ("serve", "--events-backend", "redis", "--addr", "127.0.0.1:0")
+    bad = {**env, "BUS_EVENTS_REDIS_ADDR": "redis+cluster://:hunter2@127.0.0.1:7000,127.0.0.1:x"}
+    result = await run_cli(*serve, env=bad)
+    assert result.status == 2, result.stderr
+    assert "'127.0.0.1:x': expected HOST:PORT" in result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+    closed = f"127.0.0.1:{free_port()}"
+    gone = {**env, "BUS_EVENTS_REDIS_ADDR": closed, "BUS_EVENTS_REDIS_PASSWORD": "hunter2"}
+    result = await run_cli(*serve, "--redis-cluster", env=gone)
+    assert result.status == 1, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"Redis at cluster {closed} is unavailable" in result.stderr
+    assert "hunter2" not in result.stderr

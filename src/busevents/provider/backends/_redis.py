@@ -67,7 +67,7 @@ from ._base import (
     encode_envelope_tail,
     splice_id,
 )
-from ._redis_cluster import cluster_client, cluster_location, is_cluster
+from ._redis_cluster import check_cluster, cluster_client, cluster_location, is_cluster
 
 __all__ = ["RedisBackend", "redis_location"]
 
@@ -92,6 +92,16 @@ def redis_location(addr: str) -> str:
         host = parts.hostname or "localhost"
         return f"{host}:{parts.port or 6379}"
     return addr
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or len(port) > 5 or not host:
+        raise ValueError(
+            f"Redis address {addr!r}: expected HOST:PORT, a redis:// URL "
+            "or a redis+cluster://HOST:PORT[,HOST:PORT] cluster"
+        )
+    return host.strip("[]"), int(port)
 
 
 def _seq(entry_id: str) -> int:
@@ -123,6 +133,10 @@ class RedisBackend:
                 f"Redis key prefix {options.prefix!r}: on a Redis Cluster it must not hold "
                 "'{' or '}' (the backend puts each name's keys on one slot with a hash tag)"
             )
+        if self._cluster:
+            check_cluster(options.addr)  # a malformed address fails now, not at start-up
+        elif "://" not in options.addr:
+            _host_port(options.addr)
         self._window_ms = max(1, round(idempotency_window * 1000))
         self._where = f"Redis at {redis_location(options.addr)}"
         # A stream must keep what followers have not read yet: never MAXLEN 0.
@@ -152,10 +166,8 @@ class RedisBackend:
             return cast("coredis.Redis[bytes]", cluster_client(addr, common))
         if "://" in addr:
             return coredis.Redis.from_url(addr, **common)
-        host, sep, port = addr.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ValueError(f"Redis address {addr!r}: expected HOST:PORT or a redis:// URL")
-        return coredis.Redis(host=host.strip("[]"), port=int(port), **common)
+        host, port = _host_port(addr)
+        return coredis.Redis(host=host, port=port, **common)
 
     def _unavailable(self, exc: BaseException) -> BackendUnavailable:
         reason = type(exc).__name__

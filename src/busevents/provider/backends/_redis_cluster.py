@@ -14,7 +14,7 @@ from urllib.parse import unquote
 import coredis
 from coredis.typing import Node
 
-__all__ = ["cluster_client", "cluster_location", "is_cluster"]
+__all__ = ["check_cluster", "cluster_client", "cluster_location", "is_cluster"]
 
 _SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 
@@ -46,6 +46,11 @@ def _parse(addr: str) -> tuple[bool, str | None, str | None, list[tuple[str, int
             )
         nodes.append((host.strip("[]"), int(port)))
     return tls, username, password, nodes
+
+
+def check_cluster(addr: str) -> None:
+    """Raise ``ValueError`` (saying what to write) when ``addr`` is a malformed cluster address."""
+    _parse(addr)
 
 
 def cluster_location(addr: str) -> str:
