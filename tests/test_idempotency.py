@@ -3,7 +3,8 @@
 Every provider here is a real `bus-events serve` process on memory, Redis or
 PostgreSQL; the ambiguous failures are real too: a private Redis paused longer
 than the provider's timeout (the first attempt gets 503 but is stored after
-Redis resumes), and a reply lost between provider and client.
+Redis resumes), a reply lost between provider and client (the event is stored),
+a provider killed while its PostgreSQL transaction waits (nothing is stored).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from busevents._bench import Bench, BenchPlan, check_plan
 from busevents.provider import open_provider
 
 from .helpers import serve_subprocess
-from .services import free_port, private_redis
+from .services import free_port, private_postgres, private_redis
 from .test_provider_multi import auth, base_env, env_for, replay
 
 KEY = "Idempotency-Key"
@@ -217,3 +218,56 @@ async def test_the_bench_retries_an_event_whose_reply_was_lost_and_it_is_stored_
     assert published == 200  # the provider stored each event once
     assert (dlv.received, dlv.lost, dlv.duplicated) == (400, 0, 0)
     assert report.verdict.ok
+
+
+async def test_a_provider_killed_mid_commit_then_a_retry_stores_the_event_once() -> None:
+    import psycopg
+
+    async with private_postgres() as pg:
+        env = base_env()
+        env["BUS_EVENTS_TEST_BACKEND"] = "postgres"
+        env["BUS_EVENTS_POSTGRES_DSN"] = pg.dsn
+        outcome: list[BaseException] = []
+        async with httpx.AsyncClient(timeout=30) as http:
+            async with serve_subprocess(env, "--events-backend", "postgres") as (url, victim):
+                assert (await post(http, url, "alice", 0, "warm-up")).status_code == 202
+                with psycopg.connect(pg.dsn) as holder:
+                    # Holding the table: the publish below stops inside its transaction.
+                    holder.execute("LOCK TABLE bus_events IN ACCESS EXCLUSIVE MODE")
+
+                    async def attempt() -> None:
+                        try:
+                            await post(http, url, "alice", 1, "killed")
+                        except httpx.TransportError as exc:
+                            outcome.append(exc)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(attempt)
+                        with trio.fail_after(20):
+                            # Waiting for the provider's INSERT to queue behind the lock.
+                            while not await _waiting_insert(pg.dsn):  # noqa: ASYNC110
+                                await trio.sleep(0.05)
+                        victim.kill()
+                    holder.rollback()
+            assert len(outcome) == 1  # the client cannot know what happened
+            async with serve_subprocess(env, "--events-backend", "postgres") as (url, _):
+                retry = await post(http, url, "alice", 1, "killed")
+                assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers
+                again = await post(http, url, "alice", 1, "killed")
+                assert again.headers["idempotent-replayed"] == "true"
+                assert again.content == retry.content
+                assert await replay(http, url, "example.idem") == [0, 1]
+
+
+async def _waiting_insert(dsn: str) -> bool:
+    import psycopg
+
+    def look() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO bus_events%'"
+            ).fetchone()
+        return bool(row and row[0])
+
+    return await trio.to_thread.run_sync(look)
