@@ -39,6 +39,7 @@ from ._report import derive, format_table, meta
 from ._rows import DEFAULT_EVENTS, DEFAULT_JSON, QUICK_EVENTS, ROWS, Options, Row, selected
 from ._source import events_url, prime
 from ._throughput import STREAM_ROWS, measure_rss, measure_throughput
+from .cluster import measure_cluster
 
 __all__ = ["Options", "main", "run"]
 
@@ -103,6 +104,8 @@ def run(opts: Options) -> dict[str, Any]:
         phases.append(lambda: _provider_phase(opts, rows, out))
     if any(ROWS[r] == "nats" for r in rows):
         phases.append(lambda: measure_nats(opts, rows, out))
+    if "cluster.publish" in rows:
+        phases.append(lambda: measure_cluster(opts, out))
     for phase in phases:
         try:
             phase()

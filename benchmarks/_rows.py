@@ -79,6 +79,8 @@ _TABLE: tuple[tuple[str, str, str], ...] = (
     ("nats.pub", "nats", "nats-py publish (fire and forget, 200 B)"),
     ("nats.jspub", "nats", "nats-py JetStream publish (acked), 8 concurrent"),
     ("nats.sub", "nats", "nats-py subscriber, publisher in another process"),
+    # issue 20, item 6
+    ("cluster.publish", "cluster", "publish via a 3-master Redis Cluster / single Redis"),
 )
 
 #: Row ids in table order, with the group ``--only`` also accepts.

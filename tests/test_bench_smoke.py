@@ -33,6 +33,7 @@ OPTIONAL_ROWS = {
     "nats.pub",
     "nats.jspub",
     "nats.sub",
+    "cluster.publish",
 }
 
 
@@ -105,6 +106,7 @@ def test_report_is_well_formed(report: dict[str, Any]) -> None:
         "nats.pub",
         "nats.jspub",
         "nats.sub",
+        "cluster.publish",
     }
     assert set(rows) == expected
     for row in rows.values():

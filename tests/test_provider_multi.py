@@ -46,17 +46,22 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def env_for(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
+    """Environment for `serve` processes on ``backend``, with a fresh prefix / schema."""
+    env = base_env()
+    env["BUS_EVENTS_TEST_BACKEND"] = backend
+    if backend == "redis":
+        env["BUS_EVENTS_REDIS_ADDR"] = request.getfixturevalue("redis_addr")
+        env["BUS_EVENTS_REDIS_PREFIX"] = request.getfixturevalue("redis_prefix")
+    elif backend == "postgres":
+        env["BUS_EVENTS_POSTGRES_DSN"] = request.getfixturevalue("postgres_dsn")
+    return env
+
+
 @pytest.fixture(params=["redis", "postgres"])
 def backend_env(request: pytest.FixtureRequest) -> dict[str, str]:
     """Environment for `serve` processes sharing one fresh prefix / schema."""
-    env = base_env()
-    env["BUS_EVENTS_TEST_BACKEND"] = request.param
-    if request.param == "redis":
-        env["BUS_EVENTS_REDIS_ADDR"] = request.getfixturevalue("redis_addr")
-        env["BUS_EVENTS_REDIS_PREFIX"] = request.getfixturevalue("redis_prefix")
-    else:
-        env["BUS_EVENTS_POSTGRES_DSN"] = request.getfixturevalue("postgres_dsn")
-    return env
+    return env_for(request, request.param)
 
 
 @asynccontextmanager

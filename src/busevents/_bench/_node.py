@@ -275,50 +275,65 @@ class Node:
             next_send = start + publisher.id / plan.rate
         record = publisher.latency.append
         backoff = Backoff(PUBLISH_BACKOFF)
+        key_prefix = f"{self.run_id}.{publisher.id}."
+        # An event whose publish failed ambiguously (5xx, network failure) is sent again,
+        # with the same Idempotency-Key, until it is accepted: a provider that honours
+        # keys stores it once.  ``retry`` holds it meanwhile: (seq, body, warmup, began).
+        retry: tuple[int, bytes, bool, int] | None = None
         # result.next_seq is the sequence number of the next event: it moves on
         # when an event was (or may have been) stored, so a partial result is exact.
-        while True:
-            if interval:
-                await trio.sleep_until(min(next_send, deadline))
-                next_send += interval
-            now = trio.current_time()
-            warmup = now < warmup_end
-            if now >= deadline or (not warmup and result.attempted == publisher.budget):
-                break
-            seq = result.next_seq
-            sent_ns = time.time_ns()
-            body = head % (seq, sent_ns, b"true" if warmup else b"false")
-            body += self._pad[: max(0, plan.payload_size - len(body) - 2)] + b'"}'
-            if not warmup:
-                result.attempted += 1
-            began = time.perf_counter_ns()
-            try:
-                await client.publish(PublishRequest(plan.name, msgspec.Raw(body)))
-            except APIError as exc:
-                if not is_retryable(exc):
-                    raise
-                _count(result.errors, str(exc.status))
-                if exc.status >= 500:  # it may have been stored before the failure
-                    result.in_doubt.append(seq)
-                    result.next_seq += 1
-                # 408, 429: not stored, so the number is used again
-                await trio.sleep(backoff.next_delay(exc))
-                continue
-            except TransportError as exc:
-                _count(result.errors, type(exc).__name__.lower())
-                result.in_doubt.append(seq)
+        try:
+            while True:
+                if interval:
+                    await trio.sleep_until(min(next_send, deadline))
+                    next_send += interval
+                now = trio.current_time()
+                if retry is not None:
+                    seq, body, warmup, began = retry
+                    if now >= deadline:
+                        break
+                else:
+                    warmup = now < warmup_end
+                    if now >= deadline or (not warmup and result.attempted == publisher.budget):
+                        break
+                    seq = result.next_seq
+                    sent_ns = time.time_ns()
+                    body = head % (seq, sent_ns, b"true" if warmup else b"false")
+                    body += self._pad[: max(0, plan.payload_size - len(body) - 2)] + b'"}'
+                    if not warmup:
+                        result.attempted += 1
+                    began = time.perf_counter_ns()
+                request = PublishRequest(plan.name, msgspec.Raw(body))
+                try:
+                    await client.publish(request, idempotency_key=key_prefix + str(seq))
+                except APIError as exc:
+                    if not is_retryable(exc):
+                        raise
+                    _count(result.errors, str(exc.status))
+                    if exc.status >= 500:  # it may have been stored before the failure
+                        retry = (seq, body, warmup, began)
+                    # 408, 429: not stored, so the number is used again
+                    await trio.sleep(backoff.next_delay(exc))
+                    continue
+                except TransportError as exc:
+                    _count(result.errors, type(exc).__name__.lower())
+                    retry = (seq, body, warmup, began)
+                    await trio.sleep(backoff.next_delay(exc))  # a refused connection fails at once
+                    continue
+                retry = None
+                backoff.reset()
                 result.next_seq += 1
-                await trio.sleep(backoff.next_delay(exc))  # a refused connection fails at once
-                continue
-            backoff.reset()
-            result.next_seq += 1
-            if warmup:
-                result.warmup_accepted += 1
-            else:
-                result.accepted += 1
-                result.last_ns = time.time_ns()
-                record((time.perf_counter_ns() - began) // 1000)
-                publisher.latency.maybe_flush()
+                if warmup:
+                    result.warmup_accepted += 1
+                else:
+                    result.accepted += 1
+                    result.last_ns = time.time_ns()
+                    record((time.perf_counter_ns() - began) // 1000)
+                    publisher.latency.maybe_flush()
+        finally:
+            if retry is not None:  # never answered: it may or may not be stored
+                result.in_doubt.append(retry[0])
+                result.next_seq += 1
 
     # -- state ---------------------------------------------------------------
 

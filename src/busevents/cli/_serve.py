@@ -7,13 +7,14 @@ only here, inside the command, so the client commands never load them.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cyclopts import Parameter
 
 from ._app import EXIT_FAILURE, EXIT_OK, Duration, UsageError, app, current
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from types import ModuleType
 
 SECRET_ENV = "BUS_API_JWT_SECRET"
@@ -21,6 +22,7 @@ REDIS_ADDR_ENV = "BUS_EVENTS_REDIS_ADDR"
 REDIS_PASSWORD_ENV = "BUS_EVENTS_REDIS_PASSWORD"
 REDIS_PREFIX_ENV = "BUS_EVENTS_REDIS_PREFIX"
 POSTGRES_DSN_ENV = "BUS_EVENTS_POSTGRES_DSN"
+IDEMPOTENCY_WINDOW_ENV = "BUS_EVENTS_IDEMPOTENCY_WINDOW"
 
 # Option defaults (module-level: a default is built once, not per call).
 _KEEPALIVE, _GROUP_IDLE = Duration(15.0), Duration(600.0)
@@ -73,6 +75,14 @@ def serve(
         str | None,
         Parameter(help=f"Redis HOST:PORT or redis:// URL [env {REDIS_ADDR_ENV}; 127.0.0.1:6379]."),
     ] = None,
+    redis_cluster: Annotated[
+        bool,
+        Parameter(
+            negative="",
+            help="The Redis address is a Redis Cluster node (or several, comma-separated); "
+            "same as a redis+cluster:// address.",
+        ),
+    ] = False,
     redis_prefix: Annotated[
         str | None,
         Parameter(help=f"Prefix of every Redis key [env {REDIS_PREFIX_ENV}; bus-events:]."),
@@ -138,6 +148,13 @@ def serve(
             "too; keep it where only operators reach. Off by default."
         ),
     ] = None,
+    idempotency_window: Annotated[
+        Duration | None,
+        Parameter(
+            help="How long a publish's Idempotency-Key is remembered: a retry within it is "
+            f"stored once [env {IDEMPOTENCY_WINDOW_ENV}; 24h]."
+        ),
+    ] = None,
     print_openapi: Annotated[
         bool,
         Parameter(negative="", help="Print the OpenAPI 3.1 document of the API and exit."),
@@ -176,8 +193,10 @@ def serve(
         except (OSError, ValueError) as exc:
             raise UsageError(f"--policy {policy}: {exc}") from None
     env = os.environ
+    _idempotency_options(options, idempotency_window, env)
+    redis_addr = _cluster_addr(redis_addr or env.get(REDIS_ADDR_ENV), redis_cluster)
     options["redis"] = provider.RedisOptions(
-        addr=redis_addr or env.get(REDIS_ADDR_ENV) or "127.0.0.1:6379",
+        addr=redis_addr or "127.0.0.1:6379",
         password=env.get(REDIS_PASSWORD_ENV) or None,
         prefix=redis_prefix
         if redis_prefix is not None
@@ -275,3 +294,33 @@ def serve(
 
 
 __all__ = ["provider_module", "secret", "serve"]
+
+
+def _idempotency_options(
+    options: dict[str, Any], window: Duration | None, env: Mapping[str, str]
+) -> None:
+    """``idempotency_window`` from the option, else from its variable (a usage error if bad)."""
+    from busevents import ConfigError, parse_duration
+
+    if window is None and env.get(IDEMPOTENCY_WINDOW_ENV):
+        try:
+            window = Duration(parse_duration(env[IDEMPOTENCY_WINDOW_ENV]))
+        except ConfigError as exc:
+            raise UsageError(f"{IDEMPOTENCY_WINDOW_ENV}: {exc}") from None
+    if window is not None:
+        options["idempotency_window"] = float(window)
+
+
+def _cluster_addr(addr: str | None, cluster: bool) -> str | None:
+    """``addr`` as a ``redis+cluster://`` address when ``--redis-cluster`` is given."""
+    addr = addr or ("127.0.0.1:6379" if cluster else None)
+    if (
+        not cluster
+        or addr is None
+        or addr.lower().startswith(("redis+cluster://", "rediss+cluster://"))
+    ):
+        return addr
+    if addr.startswith(("redis://", "rediss://")):
+        scheme, _, rest = addr.partition("://")
+        return f"{scheme}+cluster://{rest}"
+    return "redis+cluster://" + addr

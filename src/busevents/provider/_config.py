@@ -70,6 +70,10 @@ class ProviderConfig:
             at a time, in bytes of events (at least one event).
         replay_bytes: bytes of history pages held by all replays together; a
             replay waits for room before reading its next page.
+        idempotency_window: seconds a publish's ``Idempotency-Key`` is remembered:
+            a repeat within it stores nothing and answers the original ``202``.
+        idempotency_keys: keys the memory backend remembers at most (oldest
+            forgotten first); Redis and PostgreSQL keep every key for the window.
         keepalive: seconds of silence after which a following stream writes a
             blank line; ``None`` disables keep-alive lines.
         allow_wildcards: accept ``*`` / ``>`` in stream names (service tokens only).
@@ -102,6 +106,8 @@ class ProviderConfig:
     replay_bytes: int = 64 << 20
     redis: RedisOptions = field(default_factory=RedisOptions)
     postgres: PostgresOptions = field(default_factory=PostgresOptions)
+    idempotency_window: float = 24 * 3600.0
+    idempotency_keys: int = 100_000
 
     def __post_init__(self) -> None:
         if not isinstance(self.secret, bytes) or not self.secret:
@@ -125,6 +131,10 @@ class ProviderConfig:
             raise ValueError("ProviderConfig.max_groups_per_identity must be at least 1")
         if not (self.group_idle > 0 and math.isfinite(self.group_idle)):
             raise ValueError("ProviderConfig.group_idle must be a positive number of seconds")
+        if not (0.001 <= self.idempotency_window <= 10 * 365 * 86400):
+            raise ValueError("ProviderConfig.idempotency_window must be between 1 ms and 10 years")
+        if self.idempotency_keys < 1:
+            raise ValueError("ProviderConfig.idempotency_keys must be at least 1")
         if self.keepalive is not None and not (
             self.keepalive > 0 and math.isfinite(self.keepalive)
         ):

@@ -204,6 +204,24 @@ def _stream_operation() -> dict[str, Any]:
     }
 
 
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes retries safe: the event is stored with this key, per identity, "
+    "atomically. A repeat within the provider's idempotency window (serve "
+    "--idempotency-window, default 24h) stores nothing and answers 202 with the original "
+    "body and Idempotent-Replayed: true. The SDK sends a random one when retries > 0.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 255,
+        # HTTP drops spaces around a header value: none at either end.
+        "pattern": r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$",
+    },
+}
+
+
 def _publish_operation() -> dict[str, Any]:
     return {
         "operationId": "publishEvent",
@@ -211,16 +229,27 @@ def _publish_operation() -> dict[str, Any]:
         "description": "The provider stamps identity_id from the token's sub. Checks run "
         "in the order: token (401, before the body is read), body size (413), "
         "body (400), scope (403).",
+        "parameters": [_IDEMPOTENCY_KEY],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": _ref("PublishRequest")}},
         },
         "responses": {
             "202": {
-                "description": "Accepted.",
+                "description": "Accepted; with Idempotent-Replayed: true, the original "
+                "acceptance of the same Idempotency-Key (nothing stored this time).",
+                "headers": {
+                    "Idempotent-Replayed": {
+                        "description": "true when this answer repeats an earlier acceptance.",
+                        "schema": {"type": "string", "enum": ["true"]},
+                    }
+                },
                 "content": {"application/json": {"schema": _ref("Accepted")}},
             },
-            "400": _error("The body is not JSON, not a publish request, or the name is invalid."),
+            "400": _error(
+                "The body is not JSON, not a publish request, or the name is invalid; "
+                "invalid_idempotency_key: the Idempotency-Key is not 1-255 printable ASCII bytes."
+            ),
             "401": _error("Missing or invalid bearer token."),
             "403": _error("The token lacks the send scope, or the name is reserved."),
             "408": _error("The body did not arrive within the read time limit."),

@@ -20,10 +20,16 @@ from ._asgi import (
     Send,
     bad_request,
     discard_body,
-    encode,
     read_body,
     send_response,
     unavailable,
+)
+from ._idempotency import (
+    REPLAYED_HEADER,
+    InvalidIdempotencyKey,
+    Replayed,
+    accepted_body,
+    idempotency_key,
 )
 from ._names import InvalidParameter, check_name
 from .backends._base import BackendUnavailable, Draft
@@ -34,14 +40,6 @@ if TYPE_CHECKING:
 __all__ = ["PublishHandler"]
 
 _log = logging.getLogger("busevents.provider")
-
-
-class _AcceptedBody(msgspec.Struct, omit_defaults=True, rename={"correlation_id": "correlationId"}):
-    accepted: bool
-    id: str
-    name: str
-    correlation_id: str | None = None
-    time: str | None = None
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -87,6 +85,10 @@ class PublishHandler:
             )
         request = self._parse_publish(body)
         try:
+            key = idempotency_key(scope["headers"])
+        except InvalidIdempotencyKey as exc:
+            raise HTTPError(400, "invalid_idempotency_key", str(exc)) from None
+        try:
             name = check_name(request.name)
         except InvalidParameter as exc:
             raise bad_request(str(exc)) from None
@@ -104,7 +106,10 @@ class PublishHandler:
         draft = Draft(name, request.payload, identity, request.correlation_id, metadata)
         try:
             with self.app.metrics.backend_call("publish"):
-                stored = await self.app.backend.publish(draft)
+                stored = await self.app.backend.publish(draft, idempotency_key=key)
+        except Replayed as replay:  # a repeat within the window: nothing was stored
+            await send_response(send, 202, replay.body, [*JSON_HEADERS, REPLAYED_HEADER])
+            return 202
         except BackendUnavailable as exc:
             raise unavailable(exc) from None
         except Exception as exc:
@@ -113,8 +118,8 @@ class PublishHandler:
                 BackendUnavailable("the event store failed: try again later")
             ) from exc
         self.app.metrics.published(name)
-        accepted = _AcceptedBody(True, stored.id, name, request.correlation_id, stored.time)
-        await send_response(send, 202, encode(accepted), JSON_HEADERS)
+        accepted = accepted_body(stored.id, name, request.correlation_id, stored.time)
+        await send_response(send, 202, accepted, JSON_HEADERS)
         return 202
 
     def _parse_publish(self, body: bytes) -> PublishRequest:

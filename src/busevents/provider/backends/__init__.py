@@ -29,6 +29,8 @@ def make_backend(config: ProviderConfig) -> Backend:
             max_groups=config.max_groups,
             max_groups_per_identity=config.max_groups_per_identity,
             group_idle=config.group_idle,
+            idempotency_window=config.idempotency_window,
+            idempotency_keys=config.idempotency_keys,
         )
     if config.backend not in ("redis", "postgres"):
         raise ValueError(
@@ -49,6 +51,7 @@ def make_backend(config: ProviderConfig) -> Backend:
             max_groups=config.max_groups,
             max_groups_per_identity=config.max_groups_per_identity,
             group_idle=config.group_idle,
+            idempotency_window=config.idempotency_window,
         )
     from ._postgres import PostgresBackend
 
@@ -60,4 +63,5 @@ def make_backend(config: ProviderConfig) -> Backend:
         max_groups=config.max_groups,
         max_groups_per_identity=config.max_groups_per_identity,
         group_idle=config.group_idle,
+        idempotency_window=config.idempotency_window,
     )

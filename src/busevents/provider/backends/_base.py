@@ -127,8 +127,13 @@ class Subscription(Protocol):
 class Backend(Protocol):
     """Storage and fan-out of events; one instance per provider app."""
 
-    async def publish(self, draft: Draft) -> StoredEvent:
-        """Assign id and time, store the event for replay and deliver it to subscriptions."""
+    async def publish(self, draft: Draft, idempotency_key: str | None = None) -> StoredEvent:
+        """Assign id and time, store the event for replay and deliver it to subscriptions.
+
+        With ``idempotency_key``, the key is stored with the event atomically; a key
+        of the same identity seen within the window stores nothing and raises
+        ``provider._idempotency.Replayed`` with the original acceptance body.
+        """
         ...
 
     def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:

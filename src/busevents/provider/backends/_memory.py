@@ -39,6 +39,7 @@ import trio
 from busevents import Delivery
 
 from .._hub import Buffer, Fanout
+from .._idempotency import KeyMap, Replayed, accepted_body
 from .._names import compile_pattern
 from ._base import (
     BackendLimit,
@@ -119,8 +120,11 @@ class MemoryBackend:
         max_groups: int = 1_000,
         max_groups_per_identity: int = 20,
         group_idle: float = 600.0,
+        idempotency_window: float = 24 * 3600.0,
+        idempotency_keys: int = 100_000,
     ) -> None:
         self.stats = MemoryStats()
+        self._keys = KeyMap(idempotency_window, idempotency_keys)
         self._queue = listener_queue
         self._queue_bytes = listener_queue_bytes
         self._history_limit = history_limit
@@ -157,9 +161,16 @@ class MemoryBackend:
 
     # -- publish -------------------------------------------------------------
 
-    async def publish(self, draft: Draft) -> StoredEvent:
-        """Store ``draft`` and hand it to every matching subscription without waiting."""
+    async def publish(self, draft: Draft, idempotency_key: str | None = None) -> StoredEvent:
+        """Store ``draft`` and hand it to every matching subscription without waiting.
+
+        Raises :class:`Replayed` (storing nothing) for a key seen within the window.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
+        if idempotency_key is not None:
+            seen = self._keys.get(draft.identity_id, idempotency_key)
+            if seen is not None:
+                raise Replayed(seen)
         event_id, stamp = self._clock.next()
         self._seq += 1
         event = StoredEvent(
@@ -171,6 +182,9 @@ class MemoryBackend:
             encode_envelope(draft, event_id, stamp),
         )
         self.stats.published += 1
+        if idempotency_key is not None:
+            body = accepted_body(event_id, draft.name, draft.correlation_id, stamp)
+            self._keys.put(draft.identity_id, idempotency_key, body)
         self._remember(event)
         self._fan_out(event)
         if self._group_index and trio.current_time() >= self._next_sweep:

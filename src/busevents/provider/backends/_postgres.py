@@ -61,6 +61,14 @@ from busevents import Delivery
 
 from .._config import PostgresOptions
 from .._hub import Fanout, Feeds, Groups
+from .._idempotency import (
+    POSTGRES_PRUNE,
+    POSTGRES_REMEMBER,
+    POSTGRES_SCHEMA,
+    POSTGRES_SEEN,
+    Replayed,
+    accepted_body,
+)
 from ._base import (
     BackendLimit,
     BackendUnavailable,
@@ -155,6 +163,7 @@ class PostgresBackend:
         max_groups: int = 1_000,
         max_groups_per_identity: int = 20,
         group_idle: float = 600.0,
+        idempotency_window: float = 24 * 3600.0,
     ) -> None:
         self._options = options
         self._max_groups = max_groups
@@ -163,6 +172,7 @@ class PostgresBackend:
         self.fanout = Fanout(listener_queue, listener_queue_bytes)
         self._feeds = Feeds(self.fanout, self)
         self._groups = Groups(self._feeds, self, poll=options.poll_interval)
+        self._window = idempotency_window
         self._where = f"PostgreSQL at {postgres_location(options.dsn)}"
         self._history_limit = history_limit
         self._retain = max(history_limit, _MIN_RETAIN)
@@ -241,6 +251,7 @@ class PostgresBackend:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_SCHEMA,))
             conn.execute(_SCHEMA)
+            conn.execute(POSTGRES_SCHEMA)
             row = conn.execute("SELECT current_schema()").fetchone()
         schema = str(row[0]) if row else "public"
         return f"bus_events_{schema}"[:63]
@@ -299,25 +310,42 @@ class PostgresBackend:
 
     # -- publish -------------------------------------------------------------
 
-    async def publish(self, draft: Draft) -> StoredEvent:
-        """Insert the event and ``NOTIFY`` in one transaction; return it after the commit."""
+    async def publish(self, draft: Draft, idempotency_key: str | None = None) -> StoredEvent:
+        """Insert the event and ``NOTIFY`` in one transaction; return it after the commit.
+
+        With ``idempotency_key``, the key's row is inserted in the same transaction
+        (under the same lock); a key seen within the window stores nothing and
+        raises :class:`Replayed` with the original ``202`` body.
+        """
         _, stamp = self._clock.next()
         tail = encode_envelope_tail(draft, stamp)
         self._published += 1
         trim = self._published % _TRIM_EVERY == 0
+        key, identity = idempotency_key, draft.identity_id
 
-        def insert(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+        def insert(conn: psycopg.Connection[Any]) -> tuple[int, int, bytes | None]:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_PUBLISH,))
-                row = conn.execute(_INSERT, (draft.name, draft.identity_id, tail)).fetchone()
+                if key is not None:
+                    seen = conn.execute(POSTGRES_SEEN, (identity, key)).fetchone()
+                    if seen is not None:
+                        return 0, 0, bytes(seen[0])
+                row = conn.execute(_INSERT, (draft.name, identity, tail)).fetchone()
                 assert row is not None
+                if key is not None:
+                    event_id = f"{row[1]}-{row[0]}"
+                    body = accepted_body(event_id, draft.name, draft.correlation_id, stamp)
+                    conn.execute(POSTGRES_REMEMBER, (identity, key, body, self._window))
                 conn.execute("SELECT pg_notify(%s, %s)", (self._channel, draft.name))
             if trim:
                 conn.execute("DELETE FROM bus_events WHERE seq <= %s", (row[0] - self._retain,))
+                conn.execute(POSTGRES_PRUNE)
                 conn.commit()
-            return int(row[0]), int(row[1])
+            return int(row[0]), int(row[1]), None
 
-        seq, ms = await self._run(insert)
+        seq, ms, replayed = await self._run(insert)
+        if replayed is not None:
+            raise Replayed(replayed)
         event_id = f"{ms}-{seq}"
         return StoredEvent(
             seq, event_id, draft.name, draft.identity_id, stamp, splice_id(event_id, tail)

@@ -53,12 +53,13 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import coredis
 import coredis.exceptions
 import trio
+from coredis.commands.script import Script
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
@@ -66,6 +67,7 @@ from busevents import Delivery
 
 from .._config import RedisOptions
 from .._hub import Fanout, Feeds, Groups
+from .._idempotency import REDIS_PUBLISH_SCRIPT, Replayed, accepted_parts, redis_key_suffix
 from ._base import (
     BackendLimit,
     BackendUnavailable,
@@ -77,6 +79,7 @@ from ._base import (
     encode_envelope_tail,
     splice_id,
 )
+from ._redis_cluster import check_cluster, cluster_client, cluster_location, is_cluster
 
 __all__ = ["RedisBackend", "redis_location"]
 
@@ -99,11 +102,23 @@ _FAILURES = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
 def redis_location(addr: str) -> str:
     """``host:port`` of a Redis address (``host:port`` or URL), without any credentials."""
+    if is_cluster(addr):
+        return cluster_location(addr)
     if "://" in addr:
         parts = urlsplit(addr)
         host = parts.hostname or "localhost"
         return f"{host}:{parts.port or 6379}"
     return addr
+
+
+def _host_port(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or len(port) > 5 or not host:
+        raise ValueError(
+            f"Redis address {addr!r}: expected HOST:PORT, a redis:// URL "
+            "or a redis+cluster://HOST:PORT[,HOST:PORT] cluster"
+        )
+    return host.strip("[]"), int(port)
 
 
 def _seq(entry_id: str) -> int:
@@ -133,8 +148,20 @@ class RedisBackend:
         max_groups: int = 1_000,
         max_groups_per_identity: int = 20,
         group_idle: float = 600.0,
+        idempotency_window: float = 24 * 3600.0,
     ) -> None:
         self._options = options
+        self._cluster = is_cluster(options.addr)
+        if self._cluster and ("{" in options.prefix or "}" in options.prefix):
+            raise ValueError(
+                f"Redis key prefix {options.prefix!r}: on a Redis Cluster it must not hold "
+                "'{' or '}' (the backend puts each name's keys on one slot with a hash tag)"
+            )
+        if self._cluster:
+            check_cluster(options.addr)  # a malformed address fails now, not at start-up
+        elif "://" not in options.addr:
+            _host_port(options.addr)
+        self._window_ms = max(1, round(idempotency_window * 1000))
         self._where = f"Redis at {redis_location(options.addr)}"
         # A stream must keep what followers have not read yet: never MAXLEN 0.
         self._maxlen = max(history_limit, 1)
@@ -151,6 +178,7 @@ class RedisBackend:
         self.fanout = Fanout(listener_queue, listener_queue_bytes)
         self._feeds = Feeds(self.fanout, self)
         self._groups = Groups(self._feeds, self, poll=_BLOCK_MS / 1000)
+        self._publish_script: Script[bytes] = Script(script=REDIS_PUBLISH_SCRIPT)
 
     def _client_or_raise(self) -> coredis.Redis[bytes]:
         if self._client is None:
@@ -168,12 +196,13 @@ class RedisBackend:
         if self._options.password is not None:
             common["password"] = self._options.password
         addr = self._options.addr
+        if self._cluster:
+            # The cluster client has the same command methods this backend uses.
+            return cast("coredis.Redis[bytes]", cluster_client(addr, common))
         if "://" in addr:
             return coredis.Redis.from_url(addr, **common)
-        host, sep, port = addr.rpartition(":")
-        if not sep or not port.isdigit() or not host:
-            raise ValueError(f"Redis address {addr!r}: expected HOST:PORT or a redis:// URL")
-        return coredis.Redis(host=host.strip("[]"), port=int(port), **common)
+        host, port = _host_port(addr)
+        return coredis.Redis(host=host, port=port, **common)
 
     def _unavailable(self, exc: BaseException) -> BackendUnavailable:
         reason = type(exc).__name__
@@ -183,6 +212,10 @@ class RedisBackend:
         return BackendUnavailable(f"{self._where} is unavailable ({reason}: {text[:200]})")
 
     def _key(self, name: str) -> bytes:
+        if self._cluster:
+            # A hash tag: every key of one name on one slot (its stream, its
+            # idempotency keys), so one script can touch them all.
+            return self._prefix + b"s:{" + name.encode() + b"}"
         return self._prefix + b"s:" + name.encode()
 
     def _registry(self, owner_tag: str | None = None) -> bytes:
@@ -190,6 +223,10 @@ class RedisBackend:
         if owner_tag is None:
             return self._prefix + b"groups"
         return self._prefix + b"groups:" + owner_tag.encode()
+
+    def _idempotency_key(self, draft: Draft, key: str) -> bytes:
+        tag = b"{" + draft.name.encode() + b"}:" if self._cluster else b""
+        return self._prefix + b"k:" + tag + redis_key_suffix(draft.identity_id, key)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -227,21 +264,30 @@ class RedisBackend:
 
     # -- publish -------------------------------------------------------------
 
-    async def publish(self, draft: Draft) -> StoredEvent:
-        """``XADD`` the event; return it once Redis acknowledged the write."""
+    async def publish(self, draft: Draft, idempotency_key: str | None = None) -> StoredEvent:
+        """``XADD`` the event; return it once Redis acknowledged the write.
+
+        With ``idempotency_key``: one script checks the key, adds the event and
+        sets the key (expiring after the window) atomically; a key already there
+        stores nothing and raises :class:`Replayed` with the original ``202`` body.
+        """
         client = self._client_or_raise()
         _, stamp = self._clock.next()
         tail = encode_envelope_tail(draft, stamp)
+        raw_id: bytes | str | None
         try:
             # Shielded: once sent, wait for the answer rather than leave it unknown.
             with trio.CancelScope(shield=True):
-                raw_id = await client.xadd(
-                    self._key(draft.name),
-                    {b"i": draft.identity_id.encode(), b"t": tail},
-                    trim_strategy=PureToken.MAXLEN,
-                    threshold=self._maxlen,
-                    trim_operator=PureToken.APPROXIMATELY,
-                )
+                if idempotency_key is not None:
+                    raw_id = await self._publish_once(client, draft, idempotency_key, tail, stamp)
+                else:
+                    raw_id = await client.xadd(
+                        self._key(draft.name),
+                        {b"i": draft.identity_id.encode(), b"t": tail},
+                        trim_strategy=PureToken.MAXLEN,
+                        threshold=self._maxlen,
+                        trim_operator=PureToken.APPROXIMATELY,
+                    )
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
         entry_id = _text(raw_id or b"")
@@ -253,6 +299,20 @@ class RedisBackend:
             stamp,
             splice_id(entry_id, tail),
         )
+
+    async def _publish_once(
+        self, client: coredis.Redis[bytes], draft: Draft, key: str, tail: bytes, stamp: str
+    ) -> bytes:
+        head, rest = accepted_parts(draft.name, draft.correlation_id, stamp)
+        result: Any = await self._publish_script(
+            keys=[self._key(draft.name), self._idempotency_key(draft, key)],
+            args=[draft.identity_id, tail, self._maxlen, self._window_ms, head, rest],
+            client=client,
+        )
+        stored, value = cast("tuple[int, bytes]", result)
+        if not stored:
+            raise Replayed(value)
+        return value
 
     # -- read ----------------------------------------------------------------
 
