@@ -3,7 +3,8 @@
 Run it against ``bus-events serve`` (see the README), with the URL and token
 found the way the CLI finds them (``BUS_EVENTS_API_URL``, ``BUS_API_TOKEN``…)::
 
-    python examples/echo_worker.py            # Ctrl-C (or SIGTERM) stops it
+    cd examples && bus-events worker echo_worker:worker   # Ctrl-C (or SIGTERM) stops it
+    python examples/echo_worker.py                          # the same, through main()
     python examples/requester.py '{"hello": "world"}'
 
 Workers of the ``echo`` unicast group share the requests: start two and each

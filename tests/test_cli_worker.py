@@ -89,16 +89,29 @@ async def test_worker_runs_the_workers_of_modules_in_one_host(
     assert provider.token() not in out.data.decode()
 
 
-async def test_worker_takes_the_listener_retry_flags(
-    run_cli, unused_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("flags", "variables", "status"),
+    [
+        (["--no-retry", "--required"], {}, 1),  # retrying is on by default: it would wait
+        ([], {"BUS_EVENTS_LISTENER_RETRY": "0", "BUS_EVENTS_LISTENER_REQUIRED": "1"}, 1),
+        ([], {"BUS_EVENTS_LISTENER_RETRY": "0"}, 0),  # not required: the listener gives up
+        (["--required"], {"BUS_EVENTS_LISTENER_RETRY": "0"}, 1),  # a flag wins
+    ],
+)
+async def test_worker_takes_the_listener_retry_flags_and_variables(
+    run_cli,
+    unused_url: str,
+    tmp_path: Path,
+    flags: list[str],
+    variables: dict[str, str],
+    status: int,
 ) -> None:
     (tmp_path / "my_workers.py").write_text(WORKERS)
     env = {"BUS_EVENTS_API_URL": unused_url, "BUS_API_TOKEN": "x.y.z", "TEST_WORKER_STARTS": "-"}
-    # Retrying is on by default (the host would wait for the API): off and required, it fails.
     result = await run_cli(
-        "worker", "my_workers:echo_worker", "--no-retry", "--required", env=env, cwd=tmp_path
+        "worker", "my_workers:echo_worker", *flags, env={**env, **variables}, cwd=tmp_path
     )
-    assert result.status == 1, result.stderr
+    assert result.status == status, result.stderr
     assert "listener cli.echo (echo)" in result.stderr
     assert "retrying is off" in result.stderr
 

@@ -184,62 +184,66 @@ async def test_a_second_signal_cancels_the_handlers_still_running(
     assert "stopped: 0 handler(s) finished during the drain, 1 cancelled" in text
 
 
-async def _readyz_stream(http: httpx.AsyncClient, url: str) -> dict[str, object]:
-    response = await http.get(f"{url}/readyz")
-    assert response.status_code == 503
-    body = response.json()
-    assert body["error"] == "not_ready"
-    [stream] = body["not_ready"]
-    assert isinstance(stream, dict)
-    return stream
-
-
 async def test_readyz_says_why_each_stream_is_not_ready(http: httpx.AsyncClient) -> None:
     token = mint_token(b"readyz-reasons-secret-0123456789abcdef", subject="reasons")
 
     async def never(event: object, publisher: object) -> None:
         raise AssertionError("no event comes")
 
-    # A provider that takes the connection and never answers: the attempt hangs.
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
+    def hanging(port: int = 0) -> socket.socket:
+        """A provider that takes connections and never answers: an attempt hangs."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(8)  # connections wait in its queue, never accepted
+        return sock
+
+    listener = hanging()
     port = listener.getsockname()[1]
     url = f"http://127.0.0.1:{port}/api/v1/events"
     async with EventsClient(url, token, timeout=60) as client:
         host = WorkerHost(
             client,
             [Worker("ops.reasons", never, label="reasons")],
-            retry=RetryPolicy(min_delay=30, max_delay=60),
+            retry=RetryPolicy(min_delay=2, max_delay=2),
             handle_signals=False,
             health_addr="127.0.0.1:0",
         )
+        seen: dict[str, object] = {}
+
+        async def in_state(state: str) -> bool:
+            if host.health_url is None:
+                return False
+            response = await http.get(f"{host.health_url}/readyz")
+            assert response.status_code == 503
+            body = response.json()
+            assert body["error"] == "not_ready"
+            assert token not in response.text and token.split(".")[2] not in response.text
+            if not body["not_ready"]:
+                return False  # the worker is not declared yet
+            [stream] = body["not_ready"]
+            seen.clear()
+            seen.update(stream)
+            return bool(stream["state"] == state)
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(host.run)
-
-            async def serving() -> bool:
-                return host.health_url is not None
-
-            await until(serving)
-            assert host.health_url is not None
-            first = await _readyz_stream(http, host.health_url)
-            assert first["worker"] == "reasons" and first["name"] == "ops.reasons"
-            assert first["state"] == "connecting"
-            assert "last_error" not in first and "next_attempt" not in first
-            datetime.fromisoformat(str(first["since"]))
-
+            # 1. The first attempt hangs: connecting, no error yet.
+            await until(lambda: in_state("connecting"))
+            assert seen["worker"] == "reasons" and seen["name"] == "ops.reasons"
+            assert "last_error" not in seen and "next_attempt" not in seen
+            datetime.fromisoformat(str(seen["since"]))
+            # 2. The connection is reset: backoff until the next attempt, with the error.
             listener.close()  # resets the connection waiting in its queue
-
-            async def backing_off() -> bool:
-                return (await _readyz_stream(http, host.health_url or ""))["state"] == "backoff"
-
-            await until(backing_off)
-            stream = await _readyz_stream(http, host.health_url)
-            since = datetime.fromisoformat(str(stream["since"]))
-            assert datetime.fromisoformat(str(stream["next_attempt"])) > since
-            error = str(stream["last_error"])
+            await until(lambda: in_state("backoff"))
+            since = datetime.fromisoformat(str(seen["since"]))
+            assert datetime.fromisoformat(str(seen["next_attempt"])) > since
+            error = str(seen["last_error"])
             assert f"127.0.0.1:{port}" in error, error
-            response = await http.get(f"{host.health_url}/readyz")
-            assert token not in response.text
-            assert token.split(".")[2] not in response.text
+            # 3. The next attempt hangs again: connecting, the last error still said.
+            listener = hanging(port)
+            await until(lambda: in_state("connecting"))
+            assert seen["last_error"] == error
+            assert "next_attempt" not in seen
             nursery.cancel_scope.cancel()
+    listener.close()

@@ -65,6 +65,7 @@ A plain test of a command line, provider in its thread::
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
@@ -171,5 +172,6 @@ def provider_thread(*, ready_within: float = 30.0) -> Iterator[RunningProvider]:
     try:
         yield provider
     finally:
-        trio.from_thread.run_sync(stop.set, trio_token=loop)
+        with contextlib.suppress(trio.RunFinishedError):  # its loop already ended
+            trio.from_thread.run_sync(stop.set, trio_token=loop)
         thread.join(timeout=ready_within)

@@ -221,7 +221,7 @@ class WorkerMetrics(WorkerObserver):
         self.states.set(worker, name, "backoff", error=error, ended=error is None, delay=delay)
 
     def reconnecting(self, worker: str, name: str, error: BaseException | None) -> None:
-        self.states.set(worker, name, "connecting")
+        # The state stays "backoff": it reads as "connecting" once next_attempt passed.
         self._child(self._reconnects, worker, name, reconnect_reason(error)).inc()
 
     def received(self, worker: str, name: str) -> None:

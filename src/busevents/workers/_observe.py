@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from .._errors import (
     APIError,
@@ -126,21 +127,28 @@ def _stamp(seconds: float) -> str:
     return text.replace("+00:00", "Z")
 
 
+class _State(NamedTuple):
+    state: str
+    since: float
+    next_attempt: float | None
+    last_error: str | None
+
+
 class StreamStates:
     """What each declared stream is doing now: the reasons ``/readyz`` gives.
 
     Per ``(worker, name)``: ``state`` is ``connecting`` (an attempt is under
-    way: declared, or reconnecting after the backoff), ``backoff`` (waiting
-    until ``next_attempt``), ``down`` (the stream ended and no reconnect began
-    yet, or none will: retrying off) or ``ready``; ``since`` when that state
-    began; ``last_error`` the text of what ended the previous attempt (the
-    SDK's messages, which never carry a token, bounded to 300 characters).
+    way: declared, or the backoff is over), ``backoff`` (waiting until
+    ``next_attempt``), ``down`` (the stream ended and no reconnect began yet,
+    or none will: retrying off) or ``ready``; ``since`` when that state began;
+    ``last_error`` the text of what ended the previous attempt (the SDK's
+    messages, which never carry a token, bounded to 300 characters).
     """
 
     __slots__ = ("_states",)
 
     def __init__(self) -> None:
-        self._states: dict[tuple[str, str], dict[str, object]] = {}
+        self._states: dict[tuple[str, str], _State] = {}
 
     def set(
         self,
@@ -154,19 +162,30 @@ class StreamStates:
     ) -> None:
         """Enter ``state``; ``error`` (or ``ended``: the stream ended) is the new last error."""
         now = time.time()
-        entry = self._states.setdefault((worker, name), {})
-        entry.pop("next_attempt", None)
-        entry.update(state=state, since=_stamp(now))
+        before = self._states.get((worker, name))
+        last = before.last_error if before is not None else None
         if error is not None or ended:
             text = "the stream ended" if error is None else str(error) or type(error).__name__
-            entry["last_error"] = bounded_text(text, 300)
-        if delay is not None:
-            entry["next_attempt"] = _stamp(now + delay)
+            last = bounded_text(text, 300)
+        attempt = None if delay is None else now + delay
+        self._states[worker, name] = _State(state, now, attempt, last)
 
     def not_ready(self) -> list[dict[str, object]]:
         """Each declared stream that is not established, with its state and reasons."""
-        return [
-            {"worker": worker, "name": name, **entry}
-            for (worker, name), entry in self._states.items()
-            if entry.get("state") != "ready"
-        ]
+        now = time.time()
+        found: list[dict[str, object]] = []
+        for (worker, name), (state, since, attempt, last) in self._states.items():
+            if state == "ready":
+                continue
+            entry: dict[str, object] = {"worker": worker, "name": name}
+            if state == "backoff" and attempt is not None and attempt <= now:
+                # The backoff is over: the next attempt is under way.
+                entry.update(state="connecting", since=_stamp(attempt))
+            else:
+                entry.update(state=state, since=_stamp(since))
+                if attempt is not None:
+                    entry["next_attempt"] = _stamp(attempt)
+            if last is not None:
+                entry["last_error"] = last
+            found.append(entry)
+        return found
