@@ -191,8 +191,9 @@ class RedisBackend:
             "connect_timeout": _CONNECT_TIMEOUT,
             "stream_timeout": _STREAM_TIMEOUT,
             "max_connections": max_connections,
-            "client_name": self.client_name,
         }
+        if not self._cluster:  # coredis' cluster client takes no connection name
+            common["client_name"] = self.client_name
         if self._options.password is not None:
             common["password"] = self._options.password
         addr = self._options.addr
