@@ -28,6 +28,7 @@ socket for the peer's EOF and keeps any pipelined request for later, bounded.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -88,7 +89,7 @@ _clock = _Clock()
 
 
 def _error_body(code: str, message: str) -> bytes:
-    return b'{"error":"%s","message":"%s"}' % (code.encode(), message.encode())
+    return json.dumps({"error": code, "message": message}, separators=(",", ":")).encode()
 
 
 class _Exchange:
@@ -260,7 +261,7 @@ class Server:
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
-                    await self._refuse(conn, stream, exc)
+                    await self._refuse(conn, stream, exc.error_status_hint, str(exc))
                     return False
                 if event is not h11.NEED_DATA:
                     break
@@ -278,6 +279,9 @@ class Server:
                 conn.receive_data(data)
             if type(event) is not h11.Request:
                 return True  # ConnectionClosed
+            if _head_size(event) > MAX_HEAD:  # h11 limits only a head that arrives in parts
+                await self._refuse(conn, stream, 431, "")
+                return False
             exchange = _Exchange(self, conn, stream)
             await self._call(app, exchange, _scope(event, client, local))
             if exchange.peer_gone:
@@ -301,19 +305,18 @@ class Server:
             await exchange.send({"type": "http.response.body", "body": body})
 
     async def _refuse(
-        self, conn: h11.Connection, stream: trio.SocketStream, exc: h11.RemoteProtocolError
+        self, conn: h11.Connection, stream: trio.SocketStream, status: int, reason: str
     ) -> None:
-        """Answer a request h11 could not parse (400, or 431 for a huge head)."""
+        """Answer a request that cannot be served (400 malformed, 431 for a huge head)."""
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        status = exc.error_status_hint
         if status == 431:
             body = _error_body(
                 "request_header_fields_too_large",
                 f"the request head exceeds {MAX_HEAD} bytes: send fewer or shorter headers",
             )
         else:
-            message = str(exc).replace('"', "'").replace("\\", "/")[:200] or "malformed request"
+            message = reason[:200] or "malformed request"
             body = _error_body("bad_request", f"malformed HTTP request: {message}")
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         headers += [(b"date", _clock.date()), _CLOSE]
@@ -350,6 +353,13 @@ def _scope(request: h11.Request, client: Any, local: Any) -> Scope:
         "client": client,
         "server": local,
     }
+
+
+def _head_size(request: h11.Request) -> int:
+    size = len(request.method) + len(request.target) + 12
+    for name, value in request.headers.raw_items():
+        size += len(name) + len(value) + 4
+    return size
 
 
 def _address(name: Any) -> tuple[str, int] | None:
