@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import _workload
+from . import _registry, _workload
 from ._commands import measure_send, measure_startup
 from ._nats_rows import measure_nats
 from ._procs import background, missing_modules
@@ -42,6 +42,7 @@ from ._throughput import STREAM_ROWS, measure_rss, measure_throughput
 
 __all__ = ["Options", "main", "run"]
 
+_EXTRA = _registry.load()  # their rows join the catalogue now, before any option is read
 _PROVIDER_GROUPS = ("send", "latency", "provider", "bench")
 _PROVIDER_PUBLISH = ("publish.raw", "publish.sdk", "publish.raw.cpu", "publish.sdk.cpu")
 _SOURCE_PUBLISH = ("publish.reuse", "publish.new-connection", "publish.new-client")
@@ -103,6 +104,9 @@ def run(opts: Options) -> dict[str, Any]:
         phases.append(lambda: _provider_phase(opts, rows, out))
     if any(ROWS[r] == "nats" for r in rows):
         phases.append(lambda: measure_nats(opts, rows, out))
+    for module in _EXTRA:
+        if {row for row, _, _ in module.TABLE} & set(rows):
+            phases.append(lambda module=module: module.measure(opts, rows, out))
     for phase in phases:
         try:
             phase()
