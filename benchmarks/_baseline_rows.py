@@ -58,6 +58,18 @@ def _checkout(commit: str) -> Iterator[Path]:
             )
 
 
+def _commit_missing() -> str | None:
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"{BASE_COMMIT}^{{commit}}"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if found.returncode != 0:
+        return f"commit {BASE_COMMIT} is not in this clone (fetch the full history)"
+    return None
+
+
 def _env(tree: Path) -> Mapping[str, str]:
     """The old tree's packages first, whatever this environment's PYTHONPATH says."""
     return {"PYTHONPATH": f"{tree / 'src'}{os.pathsep}{tree}"}
@@ -82,7 +94,7 @@ def _sample(figures: dict[str, Any]) -> tuple[float, float] | None:
 def measure(opts: Options, rows: list[str], out: dict[str, Row]) -> None:
     base, ratio = Row.of("provider.base"), Row.of("provider.vs_base", unit="x", target=">= 2")
     out["provider.base"], out["provider.vs_base"] = base, ratio
-    reason = wrk_or_reason(opts)
+    reason = wrk_or_reason(opts) or _commit_missing()
     if reason is not None:
         base.skipped = ratio.skipped = reason
         return
