@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import _workload
+from . import _registry, _workload
 from ._commands import measure_send, measure_startup
 from ._nats_rows import measure_nats
 from ._procs import background, missing_modules
@@ -43,6 +43,7 @@ from .cluster import measure_cluster
 
 __all__ = ["Options", "main", "run"]
 
+_EXTRA = _registry.load()  # their rows join the catalogue now, before any option is read
 _PROVIDER_GROUPS = ("send", "latency", "provider", "bench")
 _PROVIDER_PUBLISH = ("publish.raw", "publish.sdk", "publish.raw.cpu", "publish.sdk.cpu")
 _SOURCE_PUBLISH = ("publish.reuse", "publish.new-connection", "publish.new-client")
@@ -106,6 +107,9 @@ def run(opts: Options) -> dict[str, Any]:
         phases.append(lambda: measure_nats(opts, rows, out))
     if "cluster.publish" in rows:
         phases.append(lambda: measure_cluster(opts, out))
+    for module in _EXTRA:
+        if {row for row, _, _ in module.TABLE} & set(rows):
+            phases.append(lambda module=module: module.measure(opts, rows, out))
     for phase in phases:
         try:
             phase()

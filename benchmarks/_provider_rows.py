@@ -43,6 +43,7 @@ __all__ = [
     "measure_source_publish",
     "measure_wrk",
     "process_cpu",
+    "run_wrk",
     "wrk_or_reason",
 ]
 
@@ -212,6 +213,30 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_wrk(
+    url: str, token: str, pids: list[int], seconds: float, connections: int, threads: int = 1
+) -> dict[str, Any]:
+    """wrk POSTing one event per request to ``url``: its figures (``rate``, ``requests``,
+    ``non_2xx``, ``socket_errors``, ``p99_s``…), with ``error`` when it failed, and the CPU
+    time the processes ``pids`` used meanwhile (``server_cpu_seconds``)."""
+    with tempfile.TemporaryDirectory(prefix="busevents-bench-") as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(_WRK_SCRIPT)
+        argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s"]
+        argv += ["--latency", "-s", str(script), url]
+        before = sum(process_cpu(pid) for pid in pids)
+        _, proc, cpu = timed(
+            argv, env={"BENCH_WRK_TOKEN": token}, stdout=subprocess.PIPE, timeout=seconds + 60
+        )
+    text = proc.stdout.decode(errors="replace")
+    figures: dict[str, Any] = dict(_wrk_figures(text))
+    figures["server_cpu_seconds"] = sum(process_cpu(pid) for pid in pids) - before
+    figures["wrk_cpu_seconds"] = cpu
+    if proc.returncode != 0 or "rate" not in figures:
+        figures["error"] = f"wrk: exit status {proc.returncode}: {text[-200:]}"
+    return figures
+
+
 def measure_wrk(
     opts: Options, out: dict[str, Row], url: str, token: str, provider_pid: int
 ) -> None:
@@ -220,27 +245,17 @@ def measure_wrk(
     r = out["provider.wrk"] = Row.of("provider.wrk", target=">= 3000")
     conns, seconds = opts.provider_connections, opts.wrk_seconds
     progress(f"provider.wrk ({conns} connections, {seconds:g} s)")
-    with tempfile.TemporaryDirectory(prefix="busevents-bench-") as tmp:
-        script = Path(tmp) / "post.lua"
-        script.write_text(_WRK_SCRIPT)
-        argv = ["wrk", "-t", "1", "-c", str(conns), "-d", f"{seconds:g}s", "--latency"]
-        argv += ["-s", str(script), url]
-        provider_cpu = process_cpu(provider_pid)
-        _, proc, cpu = timed(
-            argv, env={"BENCH_WRK_TOKEN": token}, stdout=subprocess.PIPE, timeout=seconds + 60
-        )
-    provider_cpu = process_cpu(provider_pid) - provider_cpu
-    text = proc.stdout.decode(errors="replace")
-    figures = _wrk_figures(text)
-    if proc.returncode != 0 or "rate" not in figures:
-        r.error = f"wrk: exit status {proc.returncode}: {text[-200:]}"
+    figures = run_wrk(url, token, [provider_pid], seconds, conns)
+    if "error" in figures:
+        r.error = figures["error"]
         return
+    provider_cpu = figures.pop("server_cpu_seconds")
     r.value = figures["rate"]
     r.events = int(figures.get("requests", 0))
     r.seconds = figures.get("seconds")
     r.intact = figures["non_2xx"] == 0 and figures["socket_errors"] == 0
     per_publish = provider_cpu / max(1, r.events) * 1e6
-    r.details = {**figures, "wrk_cpu_seconds": cpu, "provider_cpu_seconds": provider_cpu}
+    r.details = {**figures, "provider_cpu_seconds": provider_cpu}
     r.details["provider_cpu_us_per_publish"] = per_publish
     r.note = f"{conns} connections, 1 wrk thread; provider CPU {per_publish:,.0f} µs/publish"
     if "p99_s" in figures:

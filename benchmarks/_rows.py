@@ -24,6 +24,7 @@ __all__ = [
     "Options",
     "Row",
     "meets",
+    "register",
     "selected",
 ]
 
@@ -114,6 +115,16 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "nats.jspub": ("publish.sdk",),
     "nats.sub": ("sdk.batches",),
 }
+
+
+def register(
+    table: tuple[tuple[str, str, str], ...], depends: dict[str, tuple[str, ...]] | None = None
+) -> None:
+    """Add rows (id, group, label) of a row module to the catalogue (see ``_registry``)."""
+    for row, group, label in table:
+        ROWS[row] = group
+        LABELS[row] = label
+    DEPENDS.update(depends or {})
 
 
 @dataclass

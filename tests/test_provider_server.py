@@ -198,3 +198,103 @@ def test_client_import_does_not_load_the_provider() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert result.stdout.strip() == "[]"
+
+
+# -- the HTTP/1.1 layer (h11 over trio): framing a well-behaved client never tests --------
+
+
+async def _raw_exchange(url: str, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection, half-close, and read to the server's EOF."""
+    host, port = re.match(r"http://([^:/]+):(\d+)", url).groups()  # type: ignore[union-attr]
+    stream = await trio.open_tcp_stream(host, int(port))
+    try:
+        await stream.send_all(data)
+        received = b""
+        with trio.fail_after(20):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        return received
+    finally:
+        await stream.aclose()
+
+
+def _post(token: str, body: bytes, *extra: str, version: str = "1.1") -> bytes:
+    head = [f"POST /api/v1/events HTTP/{version}", "Host: x", f"Authorization: Bearer {token}"]
+    head += [f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    async with open_provider() as provider:
+        token = provider.token("alice")
+        bodies = [b'{"name":"example.pipe","payload":%d}' % n for n in range(5)]
+        data = b"".join(_post(token, body) for body in bodies)
+        data += _post(token, b'{"name":"example.pipe","payload":5}', "Connection: close")
+        received = await _raw_exchange(provider.url, data)
+        assert received.count(b"HTTP/1.1 202 ") == 6
+        ids = re.findall(rb'"id":"(\d+-\d+)"', received)
+        assert len(ids) == 6 and ids == sorted(ids, key=lambda i: tuple(map(int, i.split(b"-"))))
+
+
+async def test_a_request_head_over_the_limit_gets_431_with_a_json_body() -> None:
+    async with open_provider() as provider:
+        data = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+        received = await _raw_exchange(provider.url, data)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 ")
+    assert b'"error":"request_header_fields_too_large"' in body
+
+
+async def test_a_malformed_request_gets_400_and_the_connection_closes() -> None:
+    async with open_provider() as provider:
+        received = await _raw_exchange(
+            provider.url, b"GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n"
+        )
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
+    assert b'"error":"bad_request"' in body
+
+
+async def test_http_1_0_publish_and_expect_100_continue() -> None:
+    async with open_provider() as provider:
+        token = provider.token("alice")
+        old = await _raw_exchange(
+            provider.url, _post(token, b'{"name":"example.old"}', version="1.0")
+        )
+        assert old.startswith(b"HTTP/1.1 202 ") and b'"accepted":true' in old
+        host, port = re.match(r"http://([^:/]+):(\d+)", provider.url).groups()  # type: ignore[union-attr]
+        stream = await trio.open_tcp_stream(host, int(port))
+        try:
+            body = b'{"name":"example.wait"}'
+            head = _post(token, body, "Expect: 100-continue", "Connection: close")
+            await stream.send_all(head[: -len(body)])
+            with trio.fail_after(10):
+                interim = await stream.receive_some(65536)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send_all(body)
+            rest = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(65536):
+                    rest += chunk
+            assert rest.startswith(b"HTTP/1.1 202 ")
+        finally:
+            await stream.aclose()
+
+
+async def test_an_app_that_does_not_answer_gets_a_500_with_a_json_body(
+    nursery: trio.Nursery,
+) -> None:
+    from busevents.provider._h11server import Server
+
+    async def silent(scope: object, receive: object, send: object) -> None:
+        return None
+
+    server = Server()
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, partial(server.handle, silent), 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    received = await _raw_exchange(f"http://127.0.0.1:{port}", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ")
+    assert b'"error":"internal_error"' in body

@@ -14,8 +14,12 @@ from cyclopts import Parameter
 from ._app import EXIT_FAILURE, EXIT_OK, Duration, UsageError, app, current
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from types import ModuleType
+
+    from busevents.provider import ProviderConfig
+
+    from ._output import Diagnostics
 
 SECRET_ENV = "BUS_API_JWT_SECRET"
 REDIS_ADDR_ENV = "BUS_EVENTS_REDIS_ADDR"
@@ -155,6 +159,13 @@ def serve(
             f"stored once [env {IDEMPOTENCY_WINDOW_ENV}; 24h]."
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        Parameter(
+            help="Worker processes serving --addr together (SO_REUSEPORT; a dead one is "
+            "restarted). More than 1 needs --events-backend redis or postgres."
+        ),
+    ] = 1,
     print_openapi: Annotated[
         bool,
         Parameter(negative="", help="Print the OpenAPI 3.1 document of the API and exit."),
@@ -232,10 +243,38 @@ def serve(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: expected 1 or more processes")
+    if workers > 1:
+        from ._serve_workers import check_workers, supervise
+
+        check_workers(workers, events_backend)
+        label = f"{events_backend} backend, {workers} workers"
+        return supervise(workers, config, (host, port), metrics, label, diag)
+    return serve_once(config, (host, port), metrics, f"{events_backend} backend", diag)
+
+
+def serve_once(
+    config: ProviderConfig,
+    addr: tuple[str, int],
+    metrics: tuple[str, int] | None,
+    label: str,
+    diag: Diagnostics,
+    *,
+    reuse_port: bool = False,
+    ready: Callable[[str], None] | None = None,
+) -> int:
+    """Run one provider process until SIGINT/SIGTERM; its exit status.
+
+    ``ready`` is called with the events URL once it listens (``serve --workers``
+    tells its supervisor so); ``reuse_port`` shares the address with other processes.
+    """
     import signal
 
     import trio
 
+    provider = provider_module()
+    host, port = addr
     try:
         backend = provider.make_backend(config)
     except ValueError as exc:
@@ -261,39 +300,39 @@ def serve(
                         port,
                         shutdown=shutdown,
                         metrics_addr=metrics,
+                        reuse_port=reuse_port,
                         task_status=task_status,
                     )
                     nursery.cancel_scope.cancel()  # stopped: no more signals to wait for
 
                 url = await nursery.start(run)
-                diag.note(f"Events API on {url} ({events_backend} backend); Ctrl-C stops")
+                if ready is not None:
+                    ready(url)
+                diag.note(f"Events API on {url} ({label}); Ctrl-C stops")
                 if metrics is not None:
-                    diag.note(f"metrics on http://{metrics_addr}/metrics")
+                    mhost = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
+                    diag.note(f"metrics on http://{mhost}:{metrics[1]}/metrics")
                 async for _ in signals:
                     if shutdown.is_set():
                         nursery.cancel_scope.cancel()
                         break
-                    diag.note(f"stopping (at most {shutdown_grace}; a second signal stops now)")
+                    grace = Duration(config.shutdown_grace)
+                    diag.note(f"stopping (at most {grace}; a second signal stops now)")
                     shutdown.set()
         diag.note("stopped")
-
-    from hypercorn.utils import LifespanFailureError
 
     from busevents import single_error
 
     try:
         with single_error():
             trio.run(main)
-    except (provider.BackendUnavailable, LifespanFailureError) as exc:
+    except provider.BackendUnavailable as exc:
         diag.error(f"cannot start: {exc}")
         return EXIT_FAILURE
     except OSError as exc:
-        diag.error(f"cannot listen on {addr}: {exc.strerror or exc}")
+        diag.error(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
         return EXIT_FAILURE
     return EXIT_OK
-
-
-__all__ = ["provider_module", "secret", "serve"]
 
 
 def _idempotency_options(
@@ -324,3 +363,6 @@ def _cluster_addr(addr: str | None, cluster: bool) -> str | None:
         scheme, _, rest = addr.partition("://")
         return f"{scheme}+cluster://{rest}"
     return "redis+cluster://" + addr
+
+
+__all__ = ["provider_module", "secret", "serve", "serve_once"]

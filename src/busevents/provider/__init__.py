@@ -1,7 +1,7 @@
 """The reference Events API provider, for local development and tests.
 
-It serves the Events API contract (publish, NDJSON stream; spec §1-3) on a real
-ASGI server (hypercorn with its trio worker), with HS256 bearer tokens, a
+It serves the Events API contract (publish, NDJSON stream; spec §1-3) as an ASGI
+app on a lean HTTP/1.1 server (h11 over trio streams), with HS256 bearer tokens, a
 data-driven scope policy, identity stamping and filtering, broadcast and
 unicast fan-out, and replay/follow.  Nothing in the client imports this
 package; it needs the ``provider`` extra (``pip install 'busevents[provider]'``).

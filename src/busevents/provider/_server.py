@@ -3,94 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
 
-import hypercorn.config
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState
 
 from busevents import single_error
 
 from ._app import EventsApp, MetricsApp, create_app
 from ._auth import API_AUDIENCE, mint_token
 from ._config import ProviderConfig
+from ._h11server import ASGIApp, Server
 from .backends._base import Backend
 
 __all__ = ["RunningProvider", "open_provider", "serve"]
 
 _EVENTS_PATH = "/api/v1/events"
-# Hypercorn logs through this logger; with no handler configured only warnings
-# and errors reach stderr, so normal operation prints nothing.
-_server_log = logging.getLogger("busevents.provider.server")
+_BACKLOG = 1024
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    # Bound here rather than by hypercorn so that a failure (port in use) raises
-    # a plain OSError and leaves no half-made socket behind.
+def _bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    # Bound here so that a failure (port in use) raises a plain OSError and
+    # leaves no half-made socket behind.  ``reuse_port``: several processes
+    # share the address, the kernel spreads connections (``serve --workers``).
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()
         raise
     return sock
-
-
-def _hypercorn_config() -> hypercorn.config.Config:
-    config = hypercorn.config.Config()
-    config.accesslog = None
-    config.errorlog = _server_log
-    return config
-
-
-class _Connections:
-    """The open connections of one server, so that a stop can close them hard.
-
-    Hypercorn writes to a socket inside a shielded cancel scope: a peer that
-    stops reading would hold that write, and with it the whole server, for as
-    long as it likes.  Closing the socket wakes the write with an error.
-    """
-
-    def __init__(self) -> None:
-        self.streams: set[trio.SocketStream] = set()
-        self._empty = trio.Event()
-        self._empty.set()
-
-    async def handle(
-        self,
-        app: AppWrapper,
-        config: hypercorn.config.Config,
-        context: WorkerContext,
-        stream: trio.SocketStream,
-    ) -> None:
-        self.streams.add(stream)
-        self._empty = trio.Event()
-        try:
-            await TCPServer(app, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
-        finally:
-            self.streams.discard(stream)
-            if not self.streams:
-                self._empty.set()
-
-    async def wait_empty(self) -> None:
-        await self._empty.wait()
-
-    def close_all(self) -> None:
-        for stream in list(self.streams):
-            with suppress(OSError):
-                stream.socket.close()
 
 
 async def _serve_app(
@@ -100,6 +50,7 @@ async def _serve_app(
     *,
     shutdown: trio.Event | None = None,
     metrics_addr: tuple[str, int] | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` (and its metrics on ``metrics_addr``) until ``shutdown`` or cancelled.
@@ -109,16 +60,14 @@ async def _serve_app(
     the rest hard.  Cancellation closes every connection hard at once.
     Starts with the URLs bound (events base first, then the metrics origin).
     """
-    sockets = [(cast(ASGIFramework, app), _bind(host, port))]
+    sockets: list[tuple[ASGIApp, socket.socket]] = [(app, _bind(host, port, reuse_port=reuse_port))]
     if metrics_addr is not None:
-        sockets.append((cast(ASGIFramework, MetricsApp(app)), _bind(*metrics_addr)))
-    config = _hypercorn_config()
-    context = WorkerContext(None)
-    connections = _Connections()
+        sockets.append((MetricsApp(app), _bind(*metrics_addr, reuse_port=reuse_port)))
+    connections = Server()
     urls: list[str] = []
     listeners: list[trio.SocketListener] = []
     for _, sock in sockets:
-        sock.listen(config.backlog)
+        sock.listen(_BACKLOG)
         listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
         name = sock.getsockname()
         urls.append("http://" + (f"[{name[0]}]" if sock.family == socket.AF_INET6 else name[0]))
@@ -131,7 +80,7 @@ async def _serve_app(
             async with app.backend.running(), trio.open_nursery() as handlers:
                 async with trio.open_nursery() as accepting:
                     for (asgi, _), listener in zip(sockets, listeners, strict=True):
-                        handler = partial(connections.handle, ASGIWrapper(asgi), config, context)
+                        handler = partial(connections.handle, asgi)
                         accepting.start_soon(
                             partial(
                                 trio.serve_listeners, handler, [listener], handler_nursery=handlers
@@ -144,7 +93,7 @@ async def _serve_app(
                     await listener.aclose()
                 # Keep-alive connections close when idle, requests in progress end
                 # their connection, following streams write their last chunk.
-                await context.terminated.set()
+                connections.begin_close()
                 app.begin_shutdown()
                 with trio.move_on_after(app.config.shutdown_grace):
                     await connections.wait_empty()
@@ -164,9 +113,10 @@ async def serve(
     *,
     shutdown: trio.Event | None = None,
     metrics_addr: tuple[str, int] | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the provider on ``host:port`` (hypercorn's HTTP/1.1 and HTTP/2 on trio).
+    """Serve the provider on ``host:port`` (HTTP/1.1: h11 on trio).
 
     With ``nursery.start(serve, config, host, 0)`` the start value is the events
     base URL with the real bound port, e.g. ``http://127.0.0.1:54321/api/v1/events``.
@@ -177,15 +127,24 @@ async def serve(
     hard, whatever the peers do.  Cancelling closes them hard at once.
 
     ``metrics_addr`` (``(host, port)``) serves ``GET /metrics``, ``/healthz``
-    and ``/readyz`` on a second address.  Prints nothing; hypercorn's messages go
-    to the ``busevents.provider.server`` logger.  Raises :class:`OSError` when an
+    and ``/readyz`` on a second address.  ``reuse_port`` sets ``SO_REUSEPORT``
+    so that several processes serve one address.  Prints nothing; the server's
+    errors go to the ``busevents.provider.server`` logger.  Raises :class:`OSError` when an
     address cannot be bound and :class:`ValueError` for an unknown backend.
     """
     app = create_app(config)
     with single_error():
         async with trio.open_nursery() as nursery:
             urls: list[str] = await nursery.start(
-                partial(_serve_app, app, host, port, shutdown=shutdown, metrics_addr=metrics_addr)
+                partial(
+                    _serve_app,
+                    app,
+                    host,
+                    port,
+                    shutdown=shutdown,
+                    metrics_addr=metrics_addr,
+                    reuse_port=reuse_port,
+                )
             )
             task_status.started(urls[0])
 
