@@ -1,6 +1,6 @@
 """The provider's ASGI 3 application: routing, auth, validation, publish and stream.
 
-Routes (any prefix, so ``/api/v1/events`` and ``/local/v1/events`` both work):
+Routes (exactly these paths, see :mod:`._paths`):
 
 * ``POST …/events`` — publish one event (``202``);
 * ``GET …/events/stream`` — NDJSON stream of matching events (``200``, chunked);
@@ -31,6 +31,7 @@ from busevents import Delivery, ErrorBody, PublishRequest, StreamSpec, single_er
 
 from ._auth import INTERNAL_AUDIENCE, AuthError, Principal, TokenVerifier
 from ._config import ProviderConfig
+from ._depth import nesting_error
 from ._metrics import CONTENT_TYPE, ProviderMetrics
 from ._names import (
     InvalidParameter,
@@ -41,7 +42,9 @@ from ._names import (
     literal_prefix,
 )
 from ._openapi import openapi_json
+from ._paths import EVENTS, METRICS_ONLY, NOT_FOUND, OPENAPI, STREAM
 from ._policy import Action
+from ._readiness import backend_not_ready
 from .backends import make_backend as make_backend
 from .backends._base import (
     Backend,
@@ -77,8 +80,6 @@ _SNAPSHOT_CHUNK = 256 * 1024
 #: 401, so that closing the connection does not reset it before the client reads
 #: the answer.  Nothing of it is kept.
 _DRAIN_SECONDS = 1.0
-#: How long ``/readyz`` waits for the backend's answer.
-_PING_SECONDS = 2.0
 _HEALTHY = b'{"ok":true,"service":"bus-events"}'
 _DELIVERIES = {d.value: d for d in Delivery}
 _encode = msgspec.json.Encoder().encode
@@ -264,7 +265,7 @@ class EventsApp:
         route = "other"
         status = 0  # 0: recorded by the stream itself, when its headers go out
         try:
-            if path.endswith("/events"):
+            if path == EVENTS:
                 route = "publish"
                 if method != "POST":
                     await _discard_body(receive, _DRAIN_SECONDS)
@@ -277,21 +278,17 @@ class EventsApp:
                 status = await self._publish(scope, receive, send)
                 return
             await _discard_body(receive, _DRAIN_SECONDS)
-            if path.endswith("/events/stream"):
+            if path == STREAM:
                 route = "stream"
                 _only(method, "GET", path)
                 await self._stream(scope, receive, send, started)
                 return
-            if path in ("/healthz", "/readyz") or path.endswith("/events/openapi.json"):
+            if path in ("/healthz", "/readyz", OPENAPI):
                 route = path.rpartition("/")[2].removesuffix(".json")
                 _only(method, "GET", path)
                 status = await self._probe_or_document(route, send)
                 return
-            raise HTTPError(
-                404,
-                "not_found",
-                "no such endpoint: use POST .../events or GET .../events/stream",
-            )
+            raise HTTPError(404, "not_found", NOT_FOUND)
         except HTTPError as error:
             status = error.status
             await _send_error(send, error)
@@ -323,17 +320,8 @@ class EventsApp:
         """``/readyz``'s answer: ``200`` when the backend answers, else ``503`` and why."""
         if self._closing:
             return 503, _not_ready("shutting_down", "the provider is shutting down")
-        try:
-            with trio.fail_after(_PING_SECONDS), self.metrics.backend_call("ping"):
-                await self.backend.ping()
-        except trio.TooSlowError:
-            return 503, _not_ready(
-                "backend_unavailable", f"the backend did not answer within {_PING_SECONDS:g} s"
-            )
-        except Exception as exc:
-            return 503, _not_ready(
-                "backend_unavailable", f"the backend does not answer: {type(exc).__name__}"
-            )
+        if failed := await backend_not_ready(self.backend, self.config.backend, self.metrics):
+            return 503, failed
         return 200, _encode({"ok": True, "service": "bus-events", "backend": self.config.backend})
 
     # -- common checks -------------------------------------------------------
@@ -438,6 +426,8 @@ class EventsApp:
     def _parse_publish(self, body: bytes) -> PublishRequest:
         if not body.strip():
             raise _bad_request("the publish body is empty: send a JSON object with a name")
+        if (too_deep := nesting_error(body)) is not None:
+            raise _bad_request(too_deep)
         try:
             request = self._decoder.decode(body)
             # msgspec keeps the last of duplicate keys; an ambiguous body is refused
@@ -699,14 +689,14 @@ class MetricsApp:
         await _discard_body(receive, _DRAIN_SECONDS)
         path: str = scope["path"]
         try:
+            if path not in ("/metrics", "/healthz", "/readyz"):
+                raise HTTPError(404, "not_found", METRICS_ONLY)
             _only(scope["method"], "GET", path)
             if path == "/metrics":
                 body = self.events.metrics.exposition()
                 await _send_response(send, 200, body, [(b"content-type", CONTENT_TYPE.encode())])
-            elif path in ("/healthz", "/readyz"):
-                await self.events._probe_or_document(path[1:], send)
             else:
-                raise HTTPError(404, "not_found", "no such endpoint: use GET /metrics")
+                await self.events._probe_or_document(path[1:], send)
         except HTTPError as error:
             await _send_error(send, error)
 
