@@ -94,7 +94,7 @@ async def test_stats_summary_on_stderr(run_cli, env) -> None:
     assert (
         "bus-events: 5 events," in result.stderr
         and "events/s" in result.stderr
-        and " MB" in result.stderr
+        and " B, " in result.stderr
     )
     quiet = await run_cli("-q", "listen", *HISTORY, "--no-follow", "--stats", env=env)
     assert quiet.stdout == b"" and quiet.stderr == ""

@@ -107,22 +107,6 @@ async def test_ids_are_unique_and_increasing(
     assert pairs == sorted(set(pairs))
 
 
-async def test_any_prefix_ending_in_events_works(
-    prov: RunningProvider, http: httpx.AsyncClient
-) -> None:
-    token = prov.token("alice")
-    response = await http.post(
-        prov.origin + "/local/v1/events", json={"name": "example.x"}, headers=auth(token)
-    )
-    assert response.status_code == 202
-    stream = await http.get(
-        prov.origin + "/events/stream",
-        params={"name": "example.x", "replay": "true", "follow": "false"},
-        headers=auth(token),
-    )
-    assert stream.status_code == 200 and len(stream.content.splitlines()) == 1
-
-
 @pytest.mark.parametrize(
     ("content", "needle"),
     [

@@ -171,8 +171,9 @@ def _meta(
     timeout: Annotated[
         Duration | None,
         Parameter(
-            help="HTTP timeout, Go syntax (300ms, 10s, 1m30s); for listen also the "
-            "overall deadline. [default: 30s]"
+            help="Limit on connecting and on each HTTP exchange, Go syntax (300ms, 10s, "
+            "1m30s) [default: 30s]. A following listen runs until stopped unless "
+            "--timeout is given: then it is also the listen's overall deadline."
         ),
     ] = None,
     ca_file: Annotated[

@@ -22,6 +22,7 @@ from cyclopts import Parameter
 from ._app import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app
 from ._commands import _client, run_client_command
 from ._output import TextFormatter
+from ._stats import stats_line
 
 if TYPE_CHECKING:
     from busevents import EventsClient, EventStream, RetryPolicy
@@ -132,10 +133,10 @@ def listen(
         }
         try:
             async with _client(g) as client, _reader_watch(results) as gone:
-                with trio.move_on_after(g.timeout if g.timeout_given else float("inf")) as scope:
+                with trio.move_on_after(g.timeout if g.timeout_given else float("inf")) as limit:
                     await _listen(client, name, options, writer, policy, max_retries, diag)
-                if scope.cancelled_caught:
-                    writer.stopped_by = "--timeout deadline"
+                if limit.cancelled_caught:
+                    writer.stopped_by = f"--timeout deadline ({g.timeout:g} s) passed"
             if gone.is_set():
                 raise BrokenPipeError("the reader of the output went away")
         finally:
@@ -323,10 +324,7 @@ class Meter:
 
     def _line(self) -> str:
         elapsed = max(time.monotonic() - self.start, 1e-9)
-        return (
-            f"{self.events} events, {self.events / elapsed:,.0f} events/s, "
-            f"{self.bytes / 1e6:,.2f} MB, {elapsed:,.1f} s"
-        )
+        return stats_line(self.events, self.bytes, elapsed)
 
     def add(self, events: int) -> None:
         self.events += events

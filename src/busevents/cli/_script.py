@@ -368,14 +368,15 @@ def run(
     files: Annotated[
         list[Path], Parameter(help="The .bus files to run, in order.", negative_iterable="")
     ],
+    /,
 ) -> int:
     """Run .bus script files: `events send …` / `events listen …` lines.
 
     Every file is checked first (quoting, includes, options, payloads, the
     token); one error anywhere and nothing runs: exit 65 for a syntax error
     (FILE:LINE: syntax error: …), 2 for any other.  Commands then run in order;
-    the first failure stops the run with its exit status.  A script can start
-    with `#!/usr/bin/env -S bus-events run`.
+    the first failure stops the run with its exit status.  A script made
+    executable runs by itself when its first line is `#!/usr/bin/env -S bus-events run`
 
     Example: bus-events run deploy-checks.bus
     """

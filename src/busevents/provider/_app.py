@@ -1,6 +1,6 @@
 """The provider's ASGI 3 application: routing, auth, validation, publish and stream.
 
-Routes (any prefix, so ``/api/v1/events`` and ``/local/v1/events`` both work):
+Routes (exactly these paths, see :mod:`._paths`):
 
 * ``POST …/events`` — publish one event (``202``);
 * ``GET …/events/stream`` — NDJSON stream of matching events (``200``, chunked);
@@ -35,6 +35,7 @@ from ._auth import AuthError, Principal, TokenVerifier
 from ._config import ProviderConfig
 from ._metrics import ProviderMetrics
 from ._names import literal_prefix
+from ._paths import EVENTS, NOT_FOUND, OPENAPI, STREAM
 from ._policy import Action
 from ._probes import MetricsApp, probe_or_document, readiness
 from ._publish_handler import PublishHandler
@@ -117,7 +118,7 @@ class EventsApp:
         route = "other"
         status = 0  # 0: recorded by the stream itself, when its headers go out
         try:
-            if path.endswith("/events"):
+            if path == EVENTS:
                 route = "publish"
                 if method != "POST":
                     await discard_body(receive, DRAIN_SECONDS)
@@ -130,21 +131,17 @@ class EventsApp:
                 status = await self._publisher.handle(scope, receive, send)
                 return
             await discard_body(receive, DRAIN_SECONDS)
-            if path.endswith("/events/stream"):
+            if path == STREAM:
                 route = "stream"
                 only(method, "GET", path)
                 await self._streams.handle(scope, receive, send, started)
                 return
-            if path in ("/healthz", "/readyz") or path.endswith("/events/openapi.json"):
+            if path in ("/healthz", "/readyz", OPENAPI):
                 route = path.rpartition("/")[2].removesuffix(".json")
                 only(method, "GET", path)
                 status = await self._probe_or_document(route, send)
                 return
-            raise HTTPError(
-                404,
-                "not_found",
-                "no such endpoint: use POST .../events or GET .../events/stream",
-            )
+            raise HTTPError(404, "not_found", NOT_FOUND)
         except HTTPError as error:
             status = error.status
             await send_error(send, error)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import trio
-
 from ._asgi import (
     DRAIN_SECONDS,
     JSON_HEADERS,
@@ -21,14 +19,14 @@ from ._asgi import (
 )
 from ._metrics import CONTENT_TYPE
 from ._openapi import openapi_json
+from ._paths import METRICS_ONLY
+from ._readiness import backend_not_ready
 
 if TYPE_CHECKING:
     from ._app import EventsApp
 
 __all__ = ["MetricsApp", "probe_or_document", "readiness"]
 
-#: How long ``/readyz`` waits for the backend's answer.
-_PING_SECONDS = 2.0
 _HEALTHY = b'{"ok":true,"service":"bus-events"}'
 
 
@@ -49,17 +47,8 @@ async def readiness(app: EventsApp) -> tuple[int, bytes]:
     """``/readyz``'s answer: ``200`` when the backend answers, else ``503`` and why."""
     if app.closing:
         return 503, _not_ready("shutting_down", "the provider is shutting down")
-    try:
-        with trio.fail_after(_PING_SECONDS), app.metrics.backend_call("ping"):
-            await app.backend.ping()
-    except trio.TooSlowError:
-        return 503, _not_ready(
-            "backend_unavailable", f"the backend did not answer within {_PING_SECONDS:g} s"
-        )
-    except Exception as exc:
-        return 503, _not_ready(
-            "backend_unavailable", f"the backend does not answer: {type(exc).__name__}"
-        )
+    if failed := await backend_not_ready(app.backend, app.config.backend, app.metrics):
+        return 503, failed
     return 200, encode({"ok": True, "service": "bus-events", "backend": app.config.backend})
 
 
@@ -82,14 +71,14 @@ class MetricsApp:
         await discard_body(receive, DRAIN_SECONDS)
         path: str = scope["path"]
         try:
+            if path not in ("/metrics", "/healthz", "/readyz"):
+                raise HTTPError(404, "not_found", METRICS_ONLY)
             only(scope["method"], "GET", path)
             if path == "/metrics":
                 body = self.events.metrics.exposition()
                 await send_response(send, 200, body, [(b"content-type", CONTENT_TYPE.encode())])
-            elif path in ("/healthz", "/readyz"):
-                await probe_or_document(self.events, path[1:], send)
             else:
-                raise HTTPError(404, "not_found", "no such endpoint: use GET /metrics")
+                await probe_or_document(self.events, path[1:], send)
         except HTTPError as error:
             await send_error(send, error)
 

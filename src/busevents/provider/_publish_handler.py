@@ -24,6 +24,7 @@ from ._asgi import (
     send_response,
     unavailable,
 )
+from ._depth import nesting_error
 from ._idempotency import (
     REPLAYED_HEADER,
     InvalidIdempotencyKey,
@@ -125,6 +126,8 @@ class PublishHandler:
     def _parse_publish(self, body: bytes) -> PublishRequest:
         if not body.strip():
             raise bad_request("the publish body is empty: send a JSON object with a name")
+        if (too_deep := nesting_error(body)) is not None:
+            raise bad_request(too_deep)
         try:
             request = self._decoder.decode(body)
             # msgspec keeps the last of duplicate keys; an ambiguous body is refused
