@@ -10,6 +10,7 @@ a provider killed while its PostgreSQL transaction waits (nothing is stored).
 from __future__ import annotations
 
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import trio
 
 from busevents._bench import Bench, BenchPlan, check_plan
-from busevents.provider import open_provider
+from busevents.provider import ProviderConfig, open_provider
 
 from .helpers import serve_subprocess
 from .services import free_port, private_postgres, private_redis
@@ -271,3 +272,21 @@ async def _waiting_insert(dsn: str) -> bool:
         return bool(row and row[0])
 
     return await trio.to_thread.run_sync(look)
+
+
+async def test_the_memory_backend_remembers_at_most_idempotency_keys() -> None:
+    config = ProviderConfig(secret=secrets.token_bytes(32), idempotency_keys=2)
+    async with open_provider(config) as provider, httpx.AsyncClient(timeout=30) as http:
+        headers = {"Authorization": f"Bearer {provider.token()}"}
+
+        async def send(key: str, payload: int) -> httpx.Response:
+            body = {"name": "example.idem", "payload": payload}
+            return await http.post(provider.url, json=body, headers={**headers, KEY: key})
+
+        for payload, key in enumerate("abc"):
+            assert (await send(key, payload)).status_code == 202
+        # Two keys kept: "a" (the oldest) is forgotten, "c" is not.
+        assert (await send("c", 9)).headers.get("idempotent-replayed") == "true"
+        again = await send("a", 3)
+        assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+        assert provider.backend.stats.published == 4
