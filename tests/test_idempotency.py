@@ -10,7 +10,6 @@ a provider killed while its PostgreSQL transaction waits (nothing is stored).
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import trio
 
 from busevents._bench import Bench, BenchPlan, check_plan
-from busevents.provider import ProviderConfig, open_provider
+from busevents.provider import open_provider
 
 from .helpers import serve_subprocess
 from .services import free_port, private_postgres, private_redis
@@ -275,18 +274,16 @@ async def _waiting_insert(dsn: str) -> bool:
 
 
 async def test_the_memory_backend_remembers_at_most_idempotency_keys() -> None:
-    config = ProviderConfig(secret=secrets.token_bytes(32), idempotency_keys=2)
-    async with open_provider(config) as provider, httpx.AsyncClient(timeout=30) as http:
-        headers = {"Authorization": f"Bearer {provider.token()}"}
-
-        async def send(key: str, payload: int) -> httpx.Response:
-            body = {"name": "example.idem", "payload": payload}
-            return await http.post(provider.url, json=body, headers={**headers, KEY: key})
-
+    env = base_env()
+    env["BUS_EVENTS_TEST_BACKEND"] = "memory"
+    async with (
+        serving(env, "--idempotency-keys", "2") as url,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
         for payload, key in enumerate("abc"):
-            assert (await send(key, payload)).status_code == 202
+            assert (await post(http, url, "alice", payload, key)).status_code == 202
         # Two keys kept: "a" (the oldest) is forgotten, "c" is not.
-        assert (await send("c", 9)).headers.get("idempotent-replayed") == "true"
-        again = await send("a", 3)
+        assert (await post(http, url, "alice", 9, "c")).headers["idempotent-replayed"] == "true"
+        again = await post(http, url, "alice", 3, "a")
         assert again.status_code == 202 and "idempotent-replayed" not in again.headers
-        assert provider.backend.stats.published == 4
+        assert await replay(http, url, "example.idem") == [0, 1, 2, 3]

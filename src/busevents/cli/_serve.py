@@ -149,6 +149,9 @@ def serve(
             f"stored once [env {IDEMPOTENCY_WINDOW_ENV}; 24h]."
         ),
     ] = None,
+    idempotency_keys: Annotated[
+        int, Parameter(help="Memory backend: idempotency keys remembered at most (oldest first).")
+    ] = 100_000,
     print_openapi: Annotated[
         bool,
         Parameter(negative="", help="Print the OpenAPI 3.1 document of the API and exit."),
@@ -219,6 +222,7 @@ def serve(
             group_idle=float(group_idle),
             shutdown_grace=float(shutdown_grace),
             body_timeout=float(body_timeout),
+            idempotency_keys=idempotency_keys,
             **options,
         )
     except ValueError as exc:
