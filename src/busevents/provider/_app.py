@@ -34,9 +34,9 @@ from ._config import ProviderConfig
 from ._idempotency import (
     REPLAYED_HEADER,
     InvalidIdempotencyKey,
-    Replayed,
     accepted_body,
     idempotency_key,
+    publish_or_replay,
 )
 from ._metrics import CONTENT_TYPE, ProviderMetrics
 from ._names import (
@@ -425,10 +425,7 @@ class EventsApp:
         draft = Draft(name, request.payload, identity, request.correlation_id, metadata)
         try:
             with self.metrics.backend_call("publish"):
-                stored = await self.backend.publish(draft, idempotency_key=key)
-        except Replayed as replay:  # a repeat within the window: nothing was stored
-            await _send_response(send, 202, replay.body, [*_JSON_HEADERS, REPLAYED_HEADER])
-            return 202
+                stored = await publish_or_replay(self.backend, draft, key)
         except BackendUnavailable as exc:
             raise _unavailable(exc) from None
         except Exception as exc:
@@ -436,6 +433,9 @@ class EventsApp:
             raise _unavailable(
                 BackendUnavailable("the event store failed: try again later")
             ) from exc
+        if isinstance(stored, bytes):  # a repeat within the window: nothing was stored
+            await _send_response(send, 202, stored, [*_JSON_HEADERS, REPLAYED_HEADER])
+            return 202
         self.metrics.published(name)
         accepted = accepted_body(stored.id, name, request.correlation_id, stored.time)
         await _send_response(send, 202, accepted, _JSON_HEADERS)
