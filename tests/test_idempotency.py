@@ -24,6 +24,7 @@ from busevents.provider import open_provider
 from .helpers import serve_subprocess
 from .services import free_port, private_postgres, private_redis
 from .test_provider_multi import auth, base_env, env_for, replay
+from .test_provider_ops import samples
 
 KEY = "Idempotency-Key"
 
@@ -271,3 +272,35 @@ async def _waiting_insert(dsn: str) -> bool:
         return bool(row and row[0])
 
     return await trio.to_thread.run_sync(look)
+
+
+async def test_the_memory_backend_remembers_at_most_idempotency_keys() -> None:
+    env = base_env()
+    env["BUS_EVENTS_TEST_BACKEND"] = "memory"
+    async with (
+        serving(env, "--idempotency-keys", "2") as url,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        for payload, key in enumerate("abc"):
+            assert (await post(http, url, "alice", payload, key)).status_code == 202
+        # Two keys kept: "a" (the oldest) is forgotten, "c" is not.
+        assert (await post(http, url, "alice", 9, "c")).headers["idempotent-replayed"] == "true"
+        again = await post(http, url, "alice", 3, "a")
+        assert again.status_code == 202 and "idempotent-replayed" not in again.headers
+        assert await replay(http, url, "example.idem") == [0, 1, 2, 3]
+
+
+async def test_a_replay_is_neither_a_backend_error_nor_a_new_event_in_the_metrics() -> None:
+    async with open_provider(metrics=True) as provider, httpx.AsyncClient(timeout=30) as http:
+        assert provider.metrics_url is not None
+        headers = {"Authorization": f"Bearer {provider.token()}", KEY: "metered"}
+        for _ in range(3):
+            body = {"name": "example.idem", "payload": 1}
+            assert (await http.post(provider.url, json=body, headers=headers)).status_code == 202
+        got = samples((await http.get(provider.metrics_url)).text)
+    errors = [
+        v for (name, _), v in got.items() if name == "busevents_provider_backend_errors_total"
+    ]
+    assert sum(errors) == 0
+    published = ("busevents_provider_publishes_total", (("prefix", "example.idem"),))
+    assert got[published] == 1

@@ -166,6 +166,9 @@ def serve(
             "restarted). More than 1 needs --events-backend redis or postgres."
         ),
     ] = 1,
+    idempotency_keys: Annotated[
+        int, Parameter(help="Memory backend: idempotency keys remembered at most (oldest first).")
+    ] = 100_000,
     print_openapi: Annotated[
         bool,
         Parameter(negative="", help="Print the OpenAPI 3.1 document of the API and exit."),
@@ -238,6 +241,7 @@ def serve(
             replay_bytes=replay_bytes,
             shutdown_grace=float(shutdown_grace),
             body_timeout=float(body_timeout),
+            idempotency_keys=idempotency_keys,
             **options,
         )
     except ValueError as exc:

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
+
+if TYPE_CHECKING:
+    from .backends._base import Backend, Draft, StoredEvent
 
 __all__ = [
     "REDIS_PUBLISH_SCRIPT",
@@ -32,6 +36,7 @@ __all__ = [
     "accepted_body",
     "accepted_parts",
     "idempotency_key",
+    "publish_or_replay",
     "redis_key_suffix",
 ]
 
@@ -53,6 +58,14 @@ class Replayed(Exception):
     def __init__(self, body: bytes) -> None:
         super().__init__("idempotent replay")
         self.body = body
+
+
+async def publish_or_replay(backend: Backend, draft: Draft, key: str | None) -> StoredEvent | bytes:
+    """``backend.publish``; for a key seen within the window, the original 202 body instead."""
+    try:
+        return await backend.publish(draft, idempotency_key=key)
+    except Replayed as replay:
+        return replay.body
 
 
 def idempotency_key(headers: list[tuple[bytes, bytes]]) -> str | None:

@@ -28,9 +28,9 @@ from ._depth import nesting_error
 from ._idempotency import (
     REPLAYED_HEADER,
     InvalidIdempotencyKey,
-    Replayed,
     accepted_body,
     idempotency_key,
+    publish_or_replay,
 )
 from ._names import InvalidParameter, check_name
 from .backends._base import BackendUnavailable, Draft
@@ -107,10 +107,7 @@ class PublishHandler:
         draft = Draft(name, request.payload, identity, request.correlation_id, metadata)
         try:
             with self.app.metrics.backend_call("publish"):
-                stored = await self.app.backend.publish(draft, idempotency_key=key)
-        except Replayed as replay:  # a repeat within the window: nothing was stored
-            await send_response(send, 202, replay.body, [*JSON_HEADERS, REPLAYED_HEADER])
-            return 202
+                stored = await publish_or_replay(self.app.backend, draft, key)
         except BackendUnavailable as exc:
             raise unavailable(exc) from None
         except Exception as exc:
@@ -118,6 +115,9 @@ class PublishHandler:
             raise unavailable(
                 BackendUnavailable("the event store failed: try again later")
             ) from exc
+        if isinstance(stored, bytes):  # a repeat within the window: nothing was stored
+            await send_response(send, 202, stored, [*JSON_HEADERS, REPLAYED_HEADER])
+            return 202
         self.app.metrics.published(name)
         accepted = accepted_body(stored.id, name, request.correlation_id, stored.time)
         await send_response(send, 202, accepted, JSON_HEADERS)
