@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from ._retry import RetryPolicy as RetryPolicy
     from ._retry import is_retryable as is_retryable
     from ._stream import EventStream as EventStream
+    from ._sync import SyncClient as SyncClient
     from .workers._host import WorkerHost as WorkerHost
     from .workers._host import run_host as run_host
     from .workers._listener import Readiness as Readiness
@@ -91,6 +92,7 @@ if TYPE_CHECKING:
 _LOCATIONS = {
     "_client": ("EventsClient",),
     "_stream": ("EventStream",),
+    "_sync": ("SyncClient",),
     "_config": (
         "Token",
         "config_root",

@@ -95,20 +95,24 @@ class RequestHeaders:
     stream is read raw, and no body may inflate beyond what is read), plus the
     per-request ones."""
 
-    __slots__ = ("_base",)
+    __slots__ = ("_base", "_last", "_last_token")
 
     def __init__(self) -> None:
         self._base: Headers = [
             (b"User-Agent", USER_AGENT.encode()),
             (b"Accept-Encoding", b"identity"),
         ]
+        self._last_token: str | None = None
+        self._last: Headers | None = None
 
     def as_dict(self) -> dict[str, str]:
         """The constant headers, for httpx."""
         return {name.decode(): value.decode() for name, value in self._base}
 
     def publish(self, token: str | None, idempotency_key: str | None = None) -> Headers:
-        """The headers of a publish (JSON both ways)."""
+        """The headers of a publish (JSON both ways); the caller must not change them."""
+        if idempotency_key is None and token == self._last_token and self._last is not None:
+            return self._last
         headers = [
             *self._base,
             (b"Accept", b"application/json"),
@@ -118,6 +122,8 @@ class RequestHeaders:
             headers.append((b"Authorization", b"Bearer " + token.encode("latin-1")))
         if idempotency_key is not None:
             headers.append((b"Idempotency-Key", idempotency_key.encode("ascii")))
+        else:
+            self._last_token, self._last = token, headers
         return headers
 
 
