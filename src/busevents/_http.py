@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, Protocol
@@ -35,6 +34,8 @@ from ._responses import MAX_BODY, describe_cause, read_body
 from ._version import __version__
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 __all__ = [
@@ -177,6 +178,8 @@ class TLSTrust:
             return context
 
     def _build(self) -> ssl.SSLContext:
+        import ssl  # only for https: the sync path's start-up does not pay it for http
+
         verify, ca_file, cert_file, cert_dir, _ = self._key
         if not verify:
             context = ssl.create_default_context()
@@ -240,6 +243,8 @@ def transport_error(
 
 
 def _is_cert_error(exc: BaseException | None) -> bool:
+    import ssl
+
     while exc is not None:
         if isinstance(exc, ssl.SSLCertVerificationError):
             return True
@@ -272,6 +277,7 @@ def httpx_client(
 
     ``transport``: the caller's own (no proxy, no TLS settings of ours apply).
     """
+    import ssl
     from urllib.parse import urlsplit
 
     import httpx

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h11
 
@@ -62,6 +61,9 @@ from ._http import (
 )
 from ._responses import format_seconds
 
+if TYPE_CHECKING:
+    import ssl
+
 __all__ = ["SyncClient"]
 
 
@@ -75,9 +77,7 @@ class _Connection:
 
     def unsafe(self) -> bool:
         """True when an idle connection holds or receives anything (see ``_h11``)."""
-        return self.check.unsafe() or (
-            isinstance(self.sock, ssl.SSLSocket) and self.sock.pending() > 0
-        )
+        return self.check.unsafe() or (bool(getattr(self.sock, "pending", _none)()))
 
 
 class _Deadline:
@@ -207,6 +207,10 @@ class SyncTransport:
             _close(sock)
             raise
         return _Connection(sock)
+
+
+def _none() -> int:
+    return 0
 
 
 def _receive(sock: socket.socket, deadline: _Deadline) -> bytes:
