@@ -17,7 +17,7 @@ import trustme
 from busevents import ConnectError, EventsClient
 from busevents.provider import RunningProvider
 
-from .test_http_proxy import _copy
+from .test_http_proxy import _copy, forward_proxy
 
 
 @pytest.fixture
@@ -127,3 +127,19 @@ async def test_cli_trusts_a_ca_by_flag_or_environment(
         )
         assert missing.status == 2
         assert "nowhere.pem" in missing.stderr
+
+
+async def test_stream_over_tls_through_a_connect_proxy(
+    provider: RunningProvider, ca: trustme.CA, ca_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    async with tls_front(provider, ca) as url, forward_proxy() as (proxy, proxy_url):
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+        async with EventsClient(url, provider.token(), ca_file=ca_file) as client:
+            await client.send("example.tls", {"n": 2})
+            async with client.listen("example.tls", replay=True, follow=False) as stream:
+                assert [event.payload_obj() async for event in stream] == [{"n": 2}]
+    port = url.split(":")[2].split("/")[0]
+    assert proxy.lines == [f"CONNECT localhost:{port} HTTP/1.1".encode()] * 2

@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     from .relay._engine import run_relay as run_relay
     from .relay._import import import_events as import_events
     from .relay._state import relay_status as relay_status
+    from ._sync import SyncClient as SyncClient
     from .workers._host import WorkerHost as WorkerHost
     from .workers._host import run_host as run_host
     from .workers._listener import Readiness as Readiness
@@ -96,6 +97,7 @@ if TYPE_CHECKING:
 _LOCATIONS = {
     "_client": ("EventsClient",),
     "_stream": ("EventStream",),
+    "_sync": ("SyncClient",),
     "_config": (
         "Token",
         "config_root",

@@ -7,8 +7,6 @@ publish behaves the same from both: the same retries, keys, errors and messages.
 from __future__ import annotations
 
 import logging
-import secrets
-import uuid
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -56,6 +54,9 @@ class Attempts:
                 f"(got {len(key)} characters)"
             )
         if retries:
+            import secrets
+            import uuid
+
             if request.correlation_id is None:
                 request = msgspec.structs.replace(request, correlation_id=uuid.uuid4().hex)
             if key is None:

@@ -31,7 +31,7 @@ import h11
 
 from ._config import url_for_humans
 from ._errors import ConnectError, TransportError, bounded_text
-from ._http import USER_AGENT, Headers, Response, as_headers
+from ._http import MAX_BODY, USER_AGENT, Headers, Response, as_headers
 from ._responses import decode_body
 
 __all__ = [
@@ -42,8 +42,8 @@ __all__ = [
     "ProxyRoute",
     "Reply",
     "Tunnel",
+    "IdleCheck",
     "finish",
-    "idle_is_unsafe",
     "post_bytes",
 ]
 
@@ -179,7 +179,11 @@ def finish(conn: h11.Connection, reply: Reply) -> tuple[Response, bool]:
         _log.debug(
             'HTTP Request: POST %s "HTTP/1.1 %d %s"', reply.url, reply.status, _phrase(reply.status)
         )
-    content, more = decode_body(headers.get("content-encoding"), b"".join(reply.chunks))
+    content = b"".join(reply.chunks)
+    encoding = headers.get("content-encoding")
+    if encoding is None and len(content) <= MAX_BODY:
+        return Response(reply.status, headers, content), reusable
+    content, more = decode_body(encoding, content)
     return Response(reply.status, headers, content, more), reusable
 
 
@@ -188,14 +192,19 @@ def protocol_error(exc: h11.ProtocolError, url: str) -> TransportError:
     return TransportError(f"request to {url} failed: invalid HTTP response ({reason})", url=url)
 
 
-def idle_is_unsafe(conn: h11.Connection, fd: int) -> bool:
-    """True when an idle connection holds or receives anything (a byte the server
-    sent unasked, its close, an error): it must not carry another request."""
-    if conn.trailing_data[0]:
-        return True
-    poller = select.poll()
-    poller.register(fd, UNSAFE_EVENTS)
-    return bool(poller.poll(0))
+class IdleCheck:
+    """Whether an idle connection has become readable (a byte the server sent
+    unasked, its close, an error): then it must not carry another request.  What
+    h11 held after the response was checked by :func:`finish`."""
+
+    __slots__ = ("_poll",)
+
+    def __init__(self, fd: int) -> None:
+        self._poll = select.poll()  # not select(): no limit on the fd number
+        self._poll.register(fd, UNSAFE_EVENTS)
+
+    def unsafe(self) -> bool:
+        return bool(self._poll.poll(0))
 
 
 class Tunnel:

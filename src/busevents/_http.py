@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, Protocol
@@ -35,6 +34,8 @@ from ._responses import MAX_BODY, describe_cause, read_body
 from ._version import __version__
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 __all__ = [
@@ -95,20 +96,24 @@ class RequestHeaders:
     stream is read raw, and no body may inflate beyond what is read), plus the
     per-request ones."""
 
-    __slots__ = ("_base",)
+    __slots__ = ("_base", "_last", "_last_token")
 
     def __init__(self) -> None:
         self._base: Headers = [
             (b"User-Agent", USER_AGENT.encode()),
             (b"Accept-Encoding", b"identity"),
         ]
+        self._last_token: str | None = None
+        self._last: Headers | None = None
 
     def as_dict(self) -> dict[str, str]:
         """The constant headers, for httpx."""
         return {name.decode(): value.decode() for name, value in self._base}
 
     def publish(self, token: str | None, idempotency_key: str | None = None) -> Headers:
-        """The headers of a publish (JSON both ways)."""
+        """The headers of a publish (JSON both ways); the caller must not change them."""
+        if idempotency_key is None and token == self._last_token and self._last is not None:
+            return self._last
         headers = [
             *self._base,
             (b"Accept", b"application/json"),
@@ -118,6 +123,8 @@ class RequestHeaders:
             headers.append((b"Authorization", b"Bearer " + token.encode("latin-1")))
         if idempotency_key is not None:
             headers.append((b"Idempotency-Key", idempotency_key.encode("ascii")))
+        else:
+            self._last_token, self._last = token, headers
         return headers
 
 
@@ -171,6 +178,8 @@ class TLSTrust:
             return context
 
     def _build(self) -> ssl.SSLContext:
+        import ssl  # only for https: the sync path's start-up does not pay it for http
+
         verify, ca_file, cert_file, cert_dir, _ = self._key
         if not verify:
             context = ssl.create_default_context()
@@ -234,6 +243,8 @@ def transport_error(
 
 
 def _is_cert_error(exc: BaseException | None) -> bool:
+    import ssl
+
     while exc is not None:
         if isinstance(exc, ssl.SSLCertVerificationError):
             return True
@@ -266,6 +277,7 @@ def httpx_client(
 
     ``transport``: the caller's own (no proxy, no TLS settings of ours apply).
     """
+    import ssl
     from urllib.parse import urlsplit
 
     import httpx

@@ -38,12 +38,12 @@ from ._config import Proxies
 from ._errors import TransportError
 from ._h11 import (
     READ_SIZE,
+    IdleCheck,
     Origin,
     ProxyRoute,
     Reply,
     Tunnel,
     finish,
-    idle_is_unsafe,
     post_bytes,
     protocol_error,
 )
@@ -53,16 +53,16 @@ __all__ = ["LeanTransport"]
 
 
 class _Connection:
-    __slots__ = ("h11", "stream")
+    __slots__ = ("check", "h11", "stream")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
+        self.check = IdleCheck(sock.fileno())
 
     def unsafe(self) -> bool:
         """True when an idle connection holds or receives anything (see ``_h11``)."""
-        sock = _socket_of(self.stream)
-        return sock is None or _tls_pending(self.stream) or idle_is_unsafe(self.h11, sock.fileno())
+        return self.check.unsafe() or _tls_pending(self.stream)
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
@@ -186,7 +186,7 @@ class LeanTransport:
             if isinstance(exc, OSError | trio.BrokenResourceError | h11.ProtocolError):
                 raise transport_error(exc, origin.url, proxy=proxy_url, connecting=True) from exc
             raise
-        return _Connection(stream)
+        return _Connection(stream, tcp.socket)
 
 
 async def _exchange(

@@ -7,7 +7,6 @@ mapped in ``_http.transport_error``).
 
 from __future__ import annotations
 
-import email.utils
 import re
 import time
 import zlib
@@ -195,6 +194,8 @@ def parse_retry_after(value: str | None) -> float | None:
     if value.isdigit():
         return float(value)
     try:
+        import email.utils  # only for a Retry-After date: a cost send need not pay
+
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None

@@ -13,6 +13,8 @@ flag, a payload from a file or stdin, a value that does not parse, ``--help`` â€
 returns ``None`` and the full cyclopts application runs, so every usage error is
 reported by the one parser that owns it.  Results and failures are written by
 the same writers and mapped to the same exit statuses as the full ``send``.
+It publishes with :class:`SyncClient` (the same HTTP, blocking): no trio, no
+event loop to start.
 """
 
 from __future__ import annotations
@@ -110,13 +112,14 @@ def fast_send(args: list[str]) -> int | None:
     results = Results(None, quiet=quiet)
     json_format = globals_.get("--format") == "json"
 
-    async def body() -> int:
-        from busevents import EventsClient, PublishRequest
+    from busevents import PublishRequest, SyncClient
 
+    # A one-shot publish needs no event loop: SyncClient speaks the same HTTP, blocking.
+    ca: dict[str, Any] = {"ca_file": globals_["--ca-file"]} if "--ca-file" in globals_ else {}
+    try:
         results.open()
-        ca: dict[str, Any] = {"ca_file": globals_["--ca-file"]} if "--ca-file" in globals_ else {}
         try:
-            async with EventsClient.from_env(
+            with SyncClient.from_env(
                 api_url=globals_.get("--api-url"),
                 token_file=globals_.get("--token-file"),
                 timeout=timeout,
@@ -127,9 +130,7 @@ def fast_send(args: list[str]) -> int | None:
                     payload=msgspec.Raw(msgspec.json.encode(payload)),
                     correlation_id=options.get("--correlation-id"),
                 )
-                accepted, raw = await client.publish(
-                    request, retries=int(options.get("--retry", "0"))
-                )
+                accepted, raw = client.publish(request, retries=int(options.get("--retry", "0")))
             if json_format:
                 results.write(raw.strip() + b"\n")
             else:
@@ -137,17 +138,9 @@ def fast_send(args: list[str]) -> int | None:
                 results.write(escape_controls(text).encode() + b"\n")
         finally:
             results.close()
-        return 0
-
-    import trio
-
-    from busevents import single_error
-
-    try:
-        with single_error():
-            return trio.run(body)
     except BaseException as exc:
         return _failure(exc, globals_, color)
+    return 0
 
 
 def _setup_logging(diagnostics: Diagnostics) -> None:
