@@ -106,3 +106,20 @@ async def test_a_snapshot_ends_the_loop_and_retrying_off_raises(
         else:
             raise AssertionError("a dead provider must end in an error")
         assert len(retries) == 2
+
+
+async def test_cli_count_not_reached_by_the_deadline_says_so(
+    provider: RunningProvider, run_cli, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """``--count 2 --timeout 3s`` with one event: exit 1, naming the deadline (it said
+    "before the stream ended", issue 23's papercut)."""
+    async with EventsClient(provider.url, provider.token()) as client:
+        await client.send(NAME, {"n": 1})
+    (tmp_path / "token").write_text(provider.token())
+    result = await run_cli(
+        "--api-url", provider.url, "--token-file", "token", "--timeout", "3s",
+        "listen", "--name", NAME, "--replay", "--count", "2",
+    )  # fmt: skip
+    assert result.status == 1, result.stderr
+    assert result.stdout.count(b"\n") == 1
+    assert "1 of the 2 events asked for arrived before the --timeout deadline" in result.stderr
