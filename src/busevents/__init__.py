@@ -11,9 +11,9 @@ Publish with :meth:`EventsClient.send`, stream with :meth:`EventsClient.listen`:
 
     trio.run(main)
 
-The names below are the whole public API; everything in ``_``-modules is
-private.  Submodules are imported on first use, so ``import busevents`` (and
-``bus-events --version``) stays fast.
+The names imported under ``TYPE_CHECKING`` below are the whole public API, declared
+once; everything in ``_``-modules is private.  Submodules are imported on first
+use, so ``import busevents`` (and ``bus-events --version``) stays fast.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__ as __version__
 
 if TYPE_CHECKING:
-    # For type checkers and IDEs; at run time names load lazily (below).
+    # The public API, one name a line: type checkers and IDEs read these imports, and
+    # at run time __getattr__ (below) reads them to load each name on first use.
     from ._client import EventsClient as EventsClient
     from ._config import Token as Token
     from ._config import config_root as config_root
@@ -77,12 +78,12 @@ if TYPE_CHECKING:
     from ._retry import RetryPolicy as RetryPolicy
     from ._retry import is_retryable as is_retryable
     from ._stream import EventStream as EventStream
+    from ._sync import SyncClient as SyncClient
     from .relay._config import load_relay_routes as load_relay_routes
     from .relay._engine import RelayRoute as RelayRoute
     from .relay._engine import run_relay as run_relay
     from .relay._import import import_events as import_events
     from .relay._state import relay_status as relay_status
-    from ._sync import SyncClient as SyncClient
     from .workers._host import WorkerHost as WorkerHost
     from .workers._host import run_host as run_host
     from .workers._listener import Readiness as Readiness
@@ -92,89 +93,28 @@ if TYPE_CHECKING:
     from .workers._worker import Worker as Worker
     from .workers._worker import run_worker as run_worker
 
-# The one list of public names: where each lives.  tests/test_package.py holds the
-# TYPE_CHECKING imports above and the documentation to it.
-_LOCATIONS = {
-    "_client": ("EventsClient",),
-    "_stream": ("EventStream",),
-    "_sync": ("SyncClient",),
-    "_config": (
-        "Token",
-        "config_root",
-        "find_token",
-        "normalize_events_url",
-        "parse_duration",
-        "resolve_url",
-    ),
-    "_contracts": (
-        "Accepted",
-        "Delivery",
-        "ErrorBody",
-        "Event",
-        "Handler",
-        "PublishRequest",
-        "Publisher",
-        "StreamSpec",
-    ),
-    "_errors": (
-        "APIError",
-        "BadRequest",
-        "BusEventsError",
-        "ConfigError",
-        "ConnectError",
-        "ExitStatus",
-        "Forbidden",
-        "HandlerError",
-        "InvalidEvent",
-        "InvalidPayload",
-        "LineTooLong",
-        "ListenerUnavailable",
-        "NotFound",
-        "PayloadTooLarge",
-        "RateLimited",
-        "ReplyTimeout",
-        "ResponseError",
-        "ServerError",
-        "StreamError",
-        "StreamInterrupted",
-        "StreamStalled",
-        "StreamTruncated",
-        "Timeout",
-        "TokenError",
-        "TransportError",
-        "Unauthorized",
-        "WorkerError",
-    ),
-    "_groups": ("single_error",),
-    "_ndjson": ("NDJSONDecoder",),
-    "_reconnect": ("DEDUPE_WINDOW", "RecentIds", "follow_stream"),
-    "_retry": ("Backoff", "RetryPolicy", "is_retryable"),
-    "workers._listener": ("Readiness",),
-    "workers._worker": (
-        "ClientPublisher",
-        "Worker",
-        "run_worker",
-    ),
-    "workers._requester": (
-        "Requester",
-        "open_requester",
-    ),
-    "workers._host": (
-        "WorkerHost",
-        "run_host",
-    ),
-    "relay._engine": ("RelayRoute", "run_relay"),
-    "relay._import": ("import_events",),
-    "relay._config": ("load_relay_routes",),
-    "relay._state": ("relay_status",),
-    "_ids": ("event_id_key", "parse_event_id"),
-}
-_MODULE_OF = {name: module for module, names in _LOCATIONS.items() for name in names}
 
-__all__ = sorted([*_MODULE_OF, "__version__"])
+def _public_names() -> dict[str, str]:
+    """Public name -> module, read from the TYPE_CHECKING imports above: they are the one
+    declaration of the public API (type checkers read them as explicit re-exports, and
+    this reads them for the lazy loading), so the two cannot disagree."""
+    import re
+
+    with open(__file__, encoding="utf-8") as file:  # this very file (its loader may vary)
+        source = file.read()
+    block = source.split("if TYPE_CHECKING:", 1)[1].split("\n\n", 1)[0]
+    found = re.findall(r"^    from \.([\w.]+) import (\w+) as \2$", block, re.MULTILINE)
+    return {name: module for module, name in found}
+
+
+_MODULE_OF: dict[str, str] = {}
 
 
 def __getattr__(name: str) -> Any:
+    if not _MODULE_OF:
+        _MODULE_OF.update(_public_names())
+    if name == "__all__":
+        return sorted([*_MODULE_OF, "__version__"])
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'busevents' has no attribute {name!r}")
@@ -186,4 +126,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return __getattr__("__all__")  # type: ignore[no-any-return]

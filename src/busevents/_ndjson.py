@@ -187,7 +187,12 @@ class NDJSONDecoder(Generic[T]):
         Blank keep-alive lines are left out; every other byte is as received.
         """
         out: list[bytes] = []
-        for block in self._frame(chunk):
+        blocks = self._frame(chunk)
+        if len(blocks) == 2:
+            # The completed partial line and the rest: one block, so one decode call
+            # and one write downstream (the copy costs less than a second of each).
+            blocks = [b"".join(blocks)]
+        for block in blocks:
             size, count = self._validate(block)
             if count:
                 raw = bytes(block[:size])  # a copy costs little beside the decode

@@ -52,7 +52,7 @@ def _main(args: list[str]) -> int:
         status = fast_send(args)
         if status is not None:
             return status
-    from ._app import run
+    from ._main import run
 
     return run(args)
 

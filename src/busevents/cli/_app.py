@@ -1,9 +1,10 @@
-"""The cyclopts application: global flags (spec §5) and the commands.
+"""The global flags (spec §5), running a command with them, and usage errors.
 
 Global flags are parsed by the meta application, then the remaining tokens
-run the command.  Commands are thin: they resolve configuration, call the
-SDK (or the provider), and format results.  Every argument error exits 2 with
-one line on stderr; every other failure exits 1.
+run the command (the application, ``Globals`` and exit statuses live in
+``_base``; ``_main`` loads the commands and runs one).  Commands are thin:
+they resolve configuration, call the SDK (or the provider), and format results.
+Every argument error exits 2 with one line on stderr; every other failure exits 1.
 """
 
 from __future__ import annotations
@@ -14,106 +15,44 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import cyclopts
-from cyclopts import App, Group, Parameter, Token
+from cyclopts import Parameter
 
-from busevents import ExitStatus
-
-from .._version import __version__
-from ._output import Diagnostics, Results, use_color
-
-__all__ = ["Duration", "Globals", "UsageError", "app", "run", "run_with", "usage_message"]
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitStatus.OK, ExitStatus.FAILURE, ExitStatus.USAGE
-
-GLOBAL = Group("Global options", sort_key=0)
-
-
-def _duration_from_tokens(type_: Any, tokens: Sequence[Token]) -> Duration:
-    from busevents import ConfigError, parse_duration
-
-    try:
-        return Duration(parse_duration(tokens[0].value))
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None  # cyclopts reports it as a usage error
-
-
-@Parameter(converter=_duration_from_tokens)
-class Duration(float):
-    """Seconds, given on the command line in Go syntax (``300ms``, ``10s``, ``1m30s``).
-
-    The one option type for every duration: a bad value is a usage error
-    (exit 2) found while parsing, so a ``.bus`` preflight catches it too.  Shown
-    (e.g. as a default in ``--help``) in Go syntax.
-    """
-
-    def __str__(self) -> str:
-        seconds = float(self)
-        if seconds and seconds < 1:
-            return f"{seconds * 1000:g}ms"
-        if seconds < 60 or seconds != int(seconds):
-            return f"{seconds:g}s"
-        hours, rest = divmod(int(seconds), 3600)
-        parts = ((hours, "h"), *zip(divmod(rest, 60), ("m", "s"), strict=True))
-        return "".join(f"{n}{unit}" for n, unit in parts if n)
-
-    __repr__ = __str__
-
-
-@dataclass
-class Globals:
-    """The global flags, resolved."""
-
-    verbose: int = 0
-    quiet: bool = False
-    output: str | None = None
-    format: Literal["text", "json"] | None = None  # None: the command's own default
-    color: bool = False
-    api_url: str | None = None
-    token_file: str | None = None
-    timeout: float = 30.0
-    timeout_given: bool = False
-    ca_file: str | None = None
-    perf: bool = False
-    command: str | None = None
-    #: The global flags as given (parameter name → value), for ``run`` to hand on.
-    given: dict[str, Any] = field(default_factory=dict)
-
-    def diagnostics(self) -> Diagnostics:
-        return Diagnostics(color=self.color, verbose=self.verbose, quiet=self.quiet)
-
-    def results(self) -> Results:
-        return Results(self.output, quiet=self.quiet)
-
-
-class UsageError(Exception):
-    """Invalid usage detected after parsing (exit 2)."""
-
-
-app = App(
-    name="bus-events",
-    help="Publish events and listen for matching events on the Bus Events API.",
-    version=f"bus-events {__version__}",
-    help_flags=["--help", "-h"],
-    version_flags=["--version", "-V"],
-    exit_on_error=False,
-    print_error=False,
-    help_on_error=False,
-    usage="Usage: bus-events [GLOBAL OPTIONS] COMMAND [OPTIONS]",
+from ._base import (
+    CHECKABLE,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    Duration,
+    Globals,
+    UsageError,
+    app,
+    check_mode,
+    checking,
+    current,
 )
-app.meta.group_parameters = GLOBAL
+from ._output import use_color
 
-
-_globals = Globals()
-
-
-def current() -> Globals:
-    """The global flags of this run."""
-    return _globals
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Duration",
+    "Globals",
+    "UsageError",
+    "app",
+    "apply_globals",
+    "check_mode",
+    "checking",
+    "current",
+    "report_usage_error",
+    "run_parsed",
+    "run_with",
+    "usage_message",
+]
 
 
 @app.meta.default
@@ -206,29 +145,6 @@ _FLAG_DEFAULTS: dict[str, Any] = {
     "timeout": None, "perf": False, "ca_file": None,
 }  # fmt: skip
 
-#: Commands whose every side effect starts in ``run_client_command``: a ``.bus``
-#: preflight runs them in check mode, so their own checks (payload JSON,
-#: option combinations, the token) run before anything is sent.
-CHECKABLE = frozenset({"send", "listen", "request"})
-
-_checking = False
-
-
-def checking() -> bool:
-    """True while a ``.bus`` preflight checks a command: do everything but the I/O."""
-    return _checking
-
-
-@contextlib.contextmanager
-def check_mode() -> Iterator[None]:
-    """Within: :func:`run_with` checks the command instead of running it."""
-    global _checking
-    _checking = True
-    try:
-        yield
-    finally:
-        _checking = False
-
 
 def apply_globals(flags: Mapping[str, Any]) -> Globals:
     """Set this run's :class:`Globals` from the given flags (parameter name → value).
@@ -239,7 +155,7 @@ def apply_globals(flags: Mapping[str, Any]) -> Globals:
     f = {**_FLAG_DEFAULTS, **flags}
     if f["verbose"] and f["quiet"]:
         raise UsageError("--quiet and --verbose cannot be used together")
-    g = _globals
+    g = current()
     g.given = dict(flags)
     g.verbose, g.quiet, g.output, g.format = f["verbose"], f["quiet"], f["output"], f["format"]
     g.color = use_color("never" if f["no_color"] else f["color"], sys.stderr)
@@ -300,7 +216,7 @@ def _write_stderr(text: str) -> None:
 def _setup_logging(verbose: int) -> None:
     from ._logging import StderrHandler, quiet_http_loggers
 
-    handler = StderrHandler(_globals.diagnostics())
+    handler = StderrHandler(current().diagnostics())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
@@ -393,50 +309,20 @@ def _options_of(command: str | None) -> list[str]:
         return []
 
 
-def load_commands() -> None:
-    """Import the command modules, which register themselves on ``app``."""
-    from . import (  # noqa: F401
-        _bench,
-        _completion,
-        _demo,
-        _devtoken,
-        _export,
-        _listen,
-        _relay,
-        _request,
-        _script,
-        _send,
-        _serve,
-        _worker,
-    )
-
-
-def run(args: list[str]) -> int:
-    """Parse ``args``, run the command, map failures to exit statuses."""
-    load_commands()
-    try:
-        status: int = app.meta(args)
-        return status
-    except (cyclopts.CycloptsError, UsageError) as exc:
-        return _usage_error(exc)
-    except KeyboardInterrupt:
-        return 130
-
-
 def run_parsed(flags: Mapping[str, Any], tokens: Sequence[str]) -> int:
     """:func:`run_with`, failures mapped to exit statuses as :func:`run` does."""
     try:
         return run_with(flags, tokens)
     except (cyclopts.CycloptsError, UsageError) as exc:
-        return _usage_error(exc)
+        return report_usage_error(exc)
     except KeyboardInterrupt:
         return 130
 
 
-def _usage_error(exc: BaseException) -> int:
+def report_usage_error(exc: BaseException) -> int:
     """Report a usage error in the one voice of every command: exit 2."""
     chain = getattr(exc, "command_chain", None)
-    command = chain[-1] if chain else _globals.command
+    command = chain[-1] if chain else current().command
     where = f"bus-events {command} --help" if command in command_names() else "bus-events --help"
-    _globals.diagnostics().error(f"{usage_message(exc)} (see: {where})")
+    current().diagnostics().error(f"{usage_message(exc)} (see: {where})")
     return EXIT_USAGE

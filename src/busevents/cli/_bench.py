@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app, current
+from ._base import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app, current
 from ._commands import run_client_command
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ._app import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, checking, current
+from ._base import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, checking, current
 
 #: Largest payload read from ``--payload`` (inline, ``@FILE`` or ``-``): local input is bounded.
 MAX_PAYLOAD = 16 * 1024 * 1024

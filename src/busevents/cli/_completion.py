@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_OK, UsageError, app, current
+from ._base import EXIT_OK, UsageError, app, current
 
 Shell = Literal["bash", "zsh", "fish"]
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from cyclopts import Parameter
 
-from ._app import EXIT_OK, Globals, UsageError, app, current
+from ._base import EXIT_OK, Globals, UsageError, app, current
 from ._commands import run_client_command
 from ._listen import EventWriter
 from ._serve import provider_module

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Duration, app, current
+from ._base import EXIT_FAILURE, EXIT_OK, Duration, app, current
 from ._serve import provider_module, secret
 
 __all__ = ["dev_token"]

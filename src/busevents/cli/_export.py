@@ -7,7 +7,7 @@ from typing import Annotated, Any, BinaryIO
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app
+from ._base import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app
 from ._commands import _client, run_client_command
 
 

@@ -155,7 +155,7 @@ def _setup_logging(diagnostics: Diagnostics) -> None:
 
 def _failure(exc: BaseException, globals_: dict[str, str], color: bool) -> int:
     """Report ``exc`` exactly as the full ``send`` does (loading the CLI only now)."""
-    from ._app import Globals
+    from ._base import Globals
     from ._commands import _status_for
 
     g = Globals(

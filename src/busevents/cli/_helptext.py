@@ -25,7 +25,8 @@ def render(command: str | None = None) -> str:
     pipe, 80 columns wide."""
     from rich.console import Console
 
-    from ._app import app, load_commands
+    from ._base import app
+    from ._main import load_commands
 
     load_commands()
     buffer = io.StringIO()
@@ -37,7 +38,8 @@ def render(command: str | None = None) -> str:
 
 def commands() -> list[str]:
     """The command names, in help order."""
-    from ._app import app, load_commands
+    from ._base import app
+    from ._main import load_commands
 
     load_commands()
     return sorted(name for name in app if not name.startswith("-"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app
+from ._base import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app
 from ._commands import _client, run_client_command
 from ._output import TextFormatter
 from ._stats import stats_line

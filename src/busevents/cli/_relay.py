@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app, current
+from ._base import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app, current
 
 if TYPE_CHECKING:
     from busevents import RelayRoute

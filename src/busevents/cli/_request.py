@@ -6,7 +6,7 @@ from typing import Annotated
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Globals, app
+from ._base import EXIT_FAILURE, EXIT_OK, Globals, app
 from ._commands import _client, _parse_payload, run_client_command
 from ._output import TextFormatter
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app
+from ._base import EXIT_FAILURE, EXIT_OK, Globals, UsageError, app
 from ._commands import _client, _mib, _parse_payload, run_client_command
 from ._output import escape_controls
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cyclopts import Parameter
 
-from ._app import EXIT_FAILURE, EXIT_OK, Duration, UsageError, app, current
+from ._base import EXIT_FAILURE, EXIT_OK, Duration, UsageError, app, current
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

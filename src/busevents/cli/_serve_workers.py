@@ -24,7 +24,7 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
 
-from ._app import EXIT_FAILURE, EXIT_OK, UsageError
+from ._base import EXIT_FAILURE, EXIT_OK, UsageError
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess

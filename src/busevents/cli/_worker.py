@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import Parameter
 
-from ._app import Duration, UsageError, app, current
+from ._base import Duration, UsageError, app, current
 
 if TYPE_CHECKING:
     from busevents import Worker
