@@ -109,6 +109,10 @@ async def test_a_bad_config_is_one_clear_line(
         (["--to-url", "http://127.0.0.1:2", "--name", "x", "--state-file", "s"], "exactly one of"),
         (["--once", "--to-url", "http://127.0.0.1:2"], "relay needs --name, --state-file"),
         (["--status"], "--status needs --state-file"),
+        (
+            ["--once", "--to-url", "http://127.0.0.1:2", "--name", "x", "--state-file", "s"],
+            "relay needs --environment-id",
+        ),
         (["--once", "--config", "c.toml", "--name", "x"], "drop --name"),
     ],
 )
