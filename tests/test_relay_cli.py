@@ -122,6 +122,16 @@ async def test_relay_usage_errors(run_cli, args: list[str], words: str) -> None:
     assert words in result.stderr
 
 
+async def test_export_after_takes_only_a_bounded_event_id(run_cli) -> None:
+    for after in ("9" * 5000 + "-0", "yesterday"):
+        result = await run_cli(
+            "--api-url", "http://127.0.0.1:9", "export", "--name", "x", "--after", after
+        )
+        assert result.status == 2
+        assert "--after: not an event id" in result.stderr
+        assert len(result.stderr) < 400
+
+
 async def test_export_then_import_publishes_each_event_once(
     cli_env: dict[str, str], tmp_path: Path, run_cli
 ) -> None:
