@@ -109,6 +109,10 @@ async def test_a_bad_config_is_one_clear_line(
         (["--to-url", "http://127.0.0.1:2", "--name", "x", "--state-file", "s"], "exactly one of"),
         (["--once", "--to-url", "http://127.0.0.1:2"], "relay needs --name, --state-file"),
         (["--status"], "--status needs --state-file"),
+        (
+            ["--once", "--to-url", "http://127.0.0.1:2", "--name", "x", "--state-file", "s"],
+            "relay needs --environment-id",
+        ),
         (["--once", "--config", "c.toml", "--name", "x"], "drop --name"),
     ],
 )
@@ -116,6 +120,16 @@ async def test_relay_usage_errors(run_cli, args: list[str], words: str) -> None:
     result = await run_cli("relay", *args)
     assert result.status == 2
     assert words in result.stderr
+
+
+async def test_export_after_takes_only_a_bounded_event_id(run_cli) -> None:
+    for after in ("9" * 5000 + "-0", "yesterday"):
+        result = await run_cli(
+            "--api-url", "http://127.0.0.1:9", "export", "--name", "x", "--after", after
+        )
+        assert result.status == 2
+        assert "--after: not an event id" in result.stderr
+        assert len(result.stderr) < 400
 
 
 async def test_export_then_import_publishes_each_event_once(

@@ -31,6 +31,13 @@ def export(
     Example: bus-events -o history.ndjson export --name example.ping --name example.job
     """
     names = list(dict.fromkeys(name))
+    if after is not None:
+        from busevents import parse_event_id
+
+        try:
+            parse_event_id(after)
+        except ValueError as exc:
+            raise UsageError(f"--after: {exc}") from None
 
     async def body(g: Globals) -> int:
         results = g.results()

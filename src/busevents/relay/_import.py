@@ -137,8 +137,9 @@ async def import_events(
     planned, errors = plan(events, environment_id)
     errors = sorted([*bad_lines, *errors])
     if errors:
-        for number, message in errors[:SHOWN_ERRORS] if on_error is not None else ():
-            on_error(number, message)
+        for number, message in errors[:SHOWN_ERRORS]:
+            if on_error is not None:
+                on_error(number, message)
         more = len(errors) - SHOWN_ERRORS
         raise BusEventsError(
             f"import: {len(errors)} line(s) cannot be imported"
