@@ -12,7 +12,6 @@ afterwards; nothing of its code is kept elsewhere.  Rows:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -108,7 +107,7 @@ def measure(opts: Options, rows: list[str], out: dict[str, Row]) -> None:
             return
         argv = [sys.executable, "-m", "benchmarks._provider"]
         with (
-            _background_in(tree, argv) as (old, old_proc),
+            background(argv, env=_env(tree), cwd=tree) as (old, old_proc),
             background(argv) as (new, new_proc),
         ):
             for index in range(rounds):
@@ -138,36 +137,3 @@ def measure(opts: Options, rows: list[str], out: dict[str, Row]) -> None:
         f"now {best_now[0]:,.0f}/s vs {best_base[0]:,.0f}/s; CPU per publish "
         f"{now_cpu:,.0f} vs {base_cpu:,.0f} µs = {base_cpu / now_cpu:.2f}x less"
     )
-
-
-@contextmanager
-def _background_in(
-    tree: Path, argv: list[str]
-) -> Iterator[tuple[dict[str, Any], subprocess.Popen[bytes]]]:
-    """:func:`background` with ``tree`` as the working directory and import root."""
-    env = {**os.environ, **_env(tree)}
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=tree,
-        env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the provider of {BASE_COMMIT} exited before it started")
-        yield json.loads(line), proc
-    finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()

@@ -67,7 +67,7 @@ def _source_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None:
 def _provider_phase(opts: Options, rows: list[str], out: dict[str, Row]) -> None:
     """Every row that talks to the reference provider, quiet rows first, load last."""
     todo = [r for r in rows if ROWS[r] in _PROVIDER_GROUPS or r in _PROVIDER_PUBLISH]
-    missing = missing_modules("hypercorn", "jwt")
+    missing = missing_modules("h11", "jwt", "prometheus_client")
     if missing:
         for row in todo:
             out[row] = Row.of(row, skipped=f"reference provider {missing}")

@@ -32,6 +32,7 @@ __all__ = [
     "progress",
     "run_worker",
     "started_worker",
+    "stop",
     "timed",
     "timed_pipeline",
 ]
@@ -101,7 +102,7 @@ def _readline(stream: IO[bytes], timeout: float) -> bytes:
     return box[0]
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     """Stop ``proc`` for good: close its stdin, then SIGTERM, then SIGKILL."""
     if proc.stdin is not None:
         with suppress(OSError):
@@ -121,18 +122,23 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def background(
-    argv: Sequence[str], *, timeout: float = 30.0, env: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    *,
+    timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
+    cwd: Path = ROOT,
 ) -> Iterator[tuple[dict[str, Any], subprocess.Popen[bytes]]]:
     """Start a server child; yield the JSON object of its first stdout line, and the process.
 
-    The child must exit when its stdin closes; it is killed otherwise.
+    The child must exit when its stdin closes; it is killed otherwise.  ``env`` is
+    added to :func:`child_env`'s (a ``PYTHONPATH`` there replaces this tree's).
     """
     proc = subprocess.Popen(
         list(argv),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        cwd=ROOT,
+        cwd=cwd,
         env=child_env(env),
     )
     try:
@@ -141,7 +147,7 @@ def background(
             raise WorkerError(f"{argv[2] if len(argv) > 2 else argv[0]} exited before it started")
         yield json.loads(line), proc
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def run_worker(kind: str, params: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:

@@ -70,6 +70,7 @@ _LEAF_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("trio (scheduler, checkpoints, cancel scopes)", ("trio/",)),
     ("contextlib / async generator glue", ("contextlib.py",)),
     ("caller loop (benchmarks/_run*.py)", ("benchmarks/_run",)),
+    ("provider HTTP layer (provider/_h11server.py)", ("busevents/provider/_h11server",)),
     ("provider (busevents/provider)", ("busevents/provider/",)),
     ("hypercorn", ("hypercorn/",)),
     ("PyJWT", ("jwt/",)),

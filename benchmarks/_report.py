@@ -192,7 +192,7 @@ def meta(opts: Options, started: float, load_start: tuple[float, ...]) -> dict[s
         "versions": {
             d: _version(d) for d in ("busevents", "httpx", "httpcore", "h11", "msgspec", "trio")
         }
-        | {d: _version(d) for d in ("aiohttp", "orjson", "nats-py", "hypercorn")}
+        | {d: _version(d) for d in ("aiohttp", "orjson", "nats-py", "h11")}
         | {
             "curl": _tool_version(["curl", "--version"]) if shutil.which("curl") else None,
             "jq": _tool_version(["jq", "--version"]) if shutil.which("jq") else None,

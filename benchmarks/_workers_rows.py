@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from ._procs import ROOT, bus_events, child_env, progress
+from ._procs import ROOT, bus_events, child_env, progress, stop
 from ._provider_rows import run_wrk, wrk_or_reason
 from ._rows import Options, Row, register
 
@@ -94,14 +93,7 @@ def _serve(workers: int, secret: str, prefix: str) -> Iterator[tuple[str, list[i
         pids = _workers_of(proc.pid) if workers > 1 else [proc.pid]
         yield match.group(1).decode(), pids
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        stop(proc)  # SIGTERM: the supervisor stops its workers
         with suppress(OSError, subprocess.SubprocessError):
             keys = _redis("--scan", "--pattern", prefix + "*").split()
             if keys:

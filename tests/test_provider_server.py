@@ -171,7 +171,7 @@ def test_public_names() -> None:
         assert hasattr(busevents.provider, name)
 
 
-@pytest.mark.parametrize("missing", ["jwt", "hypercorn"])
+@pytest.mark.parametrize("missing", ["jwt", "prometheus_client"])
 def test_missing_extra_says_what_to_install(missing: str) -> None:
     code = (
         f"import sys; sys.modules[{missing!r}] = None\n"

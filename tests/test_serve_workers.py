@@ -130,6 +130,16 @@ async def test_memory_backend_refuses_several_workers(run_cli) -> None:
     assert "redis or postgres" in result.stderr
 
 
+async def test_workers_that_cannot_reach_their_backend_exit_1(run_cli) -> None:
+    result = await run_cli(
+        *("serve", "--workers", "2", "--addr", "127.0.0.1:0", "--events-backend", "redis"),
+        *("--redis-addr", "127.0.0.1:1"),
+        env={"BUS_API_JWT_SECRET": SECRET},
+    )
+    assert result.status == 1, result.stderr
+    assert "cannot start" in result.stderr and "Events API on" not in result.stderr
+
+
 async def test_two_workers_share_one_port_and_their_events(
     supervisor: tuple[str, trio.Process],
 ) -> None:

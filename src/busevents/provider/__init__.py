@@ -55,7 +55,7 @@ Example::
         ...  # POST provider.url; GET provider.url + "/stream?name=example.ping"
 """
 
-# The dependency check must run before the submodules import hypercorn and jwt.
+# The dependency check must run before the submodules import jwt and prometheus_client.
 # ruff: noqa: E402
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ _MISSING = "the reference provider needs extra packages: pip install 'busevents[
 
 
 class ProviderDependencyError(ImportError):
-    """The ``provider`` extra (hypercorn, PyJWT) is not installed."""
+    """The ``provider`` extra (PyJWT, prometheus_client) is not installed."""
 
 
 try:
-    import hypercorn.trio  # noqa: F401
     import jwt  # noqa: F401
+    import prometheus_client  # noqa: F401
 except ImportError as _exc:
     raise ProviderDependencyError(_MISSING, name=_exc.name) from _exc
 

@@ -131,12 +131,8 @@ class _Exchange:
             if event is h11.NEED_DATA:
                 if parts:  # what arrived so far; the rest on the next call
                     return {"type": "http.request", "body": b"".join(parts), "more_body": True}
-                try:
-                    data = await self.stream.receive_some(_READ)
-                except _SOCKET_ERRORS:
-                    data = b""
+                data = await self._read()
                 if not data:
-                    self.peer_gone = True
                     return _DISCONNECT
                 conn.receive_data(data)
                 continue
@@ -149,16 +145,22 @@ class _Exchange:
         while not self.peer_gone:
             if len(conn.trailing_data[0]) >= _PIPELINE_LIMIT:
                 await trio.sleep_forever()  # read no more; the app ends this wait
-            try:
-                data = await self.stream.receive_some(_READ)
-            except _SOCKET_ERRORS:
-                data = b""
+            data = await self._read()
             if not data:
-                self.peer_gone = True
                 break
             with suppress(h11.LocalProtocolError):  # the peer had already closed
                 conn.receive_data(data)  # a pipelined request, answered later
         return _DISCONNECT
+
+    async def _read(self) -> bytes:
+        """The next bytes from the peer; ``b""`` (and ``peer_gone``) once it is gone."""
+        try:
+            data = await self.stream.receive_some(_READ)
+        except _SOCKET_ERRORS:
+            data = b""
+        if not data:
+            self.peer_gone = True
+        return bytes(data)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
