@@ -103,6 +103,10 @@ def run(opts: Options) -> dict[str, Any]:
         phases.append(lambda: _provider_phase(opts, rows, out))
     if any(ROWS[r] == "nats" for r in rows):
         phases.append(lambda: measure_nats(opts, rows, out))
+    if any(ROWS[r] == "scale" for r in rows):
+        from .scale import measure_scale
+
+        phases.append(lambda: measure_scale(opts.quick, rows, out))
     for phase in phases:
         try:
             phase()
