@@ -110,6 +110,10 @@ def run(opts: Options) -> dict[str, Any]:
     for module in _EXTRA:
         if {row for row, _, _ in module.TABLE} & set(rows):
             phases.append(lambda module=module: module.measure(opts, rows, out))
+    if any(ROWS[r] == "scale" for r in rows):
+        from .scale import measure_scale
+
+        phases.append(lambda: measure_scale(opts.quick, rows, out))
     for phase in phases:
         try:
             phase()

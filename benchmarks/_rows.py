@@ -75,7 +75,15 @@ _TABLE: tuple[tuple[str, str, str], ...] = (
     ("provider.wrk", "provider", "reference provider under wrk (POST, 8 connections)"),
     ("bench.cli", "bench", "bus-events bench --publishers 8 --listeners 0"),
     ("latency", "latency", "publish -> receive via reference provider"),
-    ("latency.fanout", "latency", "publish -> receive, 1,000 events/s, 10 listeners"),
+    (
+        "latency.fanout",
+        "latency",
+        "publish -> SDK receive, 1,000 events/s, 10 SDK listeners in 2 processes "
+        "(listener decode and CPU share included; provider alone: scale.fanout)",
+    ),
+    # issue 20: the subscription hub (benchmarks/scale.py)
+    ("scale.idle", "scale", "idle following streams: provider RSS per stream"),
+    ("scale.fanout", "scale", "publish -> receive, 1,000 events/s, 100 raw listeners"),
     # issue 14, item 7: the peer
     ("nats.pub", "nats", "nats-py publish (fire and forget, 200 B)"),
     ("nats.jspub", "nats", "nats-py JetStream publish (acked), 8 concurrent"),

@@ -109,6 +109,8 @@ def test_report_is_well_formed(report: dict[str, Any]) -> None:
         "bench.cli",
         "latency",
         "latency.fanout",
+        "scale.idle",
+        "scale.fanout",
         "nats.pub",
         "nats.jspub",
         "nats.sub",
