@@ -171,11 +171,21 @@ class Output:
             while chunk := await stream.receive_some(65536):
                 setattr(self, which, getattr(self, which) + chunk)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read, "stdout")
-            nursery.start_soon(read, "stderr")
-        await self.proc.wait()
-        self.done.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, "stdout")
+                nursery.start_soon(read, "stderr")
+            await self.proc.wait()
+        finally:
+            # A failing test cancels this: the process goes too, its pipes closed.
+            with trio.CancelScope(shield=True):
+                if self.proc.returncode is None:
+                    self.proc.kill()
+                await self.proc.wait()
+                for pipe in (self.proc.stdout, self.proc.stderr):
+                    if pipe is not None:
+                        await pipe.aclose()
+            self.done.set()
 
     async def until(self, what: str, condition: object, seconds: float = 30) -> None:
         with trio.fail_after(seconds):
@@ -201,7 +211,12 @@ class Edge:
             response = await self.http.post(
                 self.url,
                 json={"name": name, "payload": {"n": len(self.published) + i}},
-                headers={"Authorization": f"Bearer {self.env['BUS_API_TOKEN']}"},
+                # A new connection each time: a reload closes nginx's idle ones, and
+                # a POST on a connection closed under it is not safe to resend.
+                headers={
+                    "Authorization": f"Bearer {self.env['BUS_API_TOKEN']}",
+                    "Connection": "close",
+                },
             )
             assert response.status_code == 202, response.text
             self.published.append(response.json()["id"])
