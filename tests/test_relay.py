@@ -171,6 +171,7 @@ async def test_a_state_behind_the_destination_sends_nothing_twice(
         _assert_exactly_once(ids, await b.history("r.lag"), "a")
         saved = json.loads(state.read_text())
         assert saved["counters"]["forwarded"] == 9  # 4 or 7 of them recovered, not resent
+        assert saved["counters"]["received"] == 9  # counted once each, recovered ones too
         assert saved["cursors"]["r.lag"]["source"] == ids[-1]
 
 
