@@ -126,3 +126,29 @@ async def test_nothing_is_published_when_a_check_fails(
         ok = await run_cli(*_dest(b), "import", "--environment-id", "a", "good.ndjson")
         assert ok.status == 0, ok.stderr
         assert ok.out == "published 249 duplicates 0 skipped 0 failed 0\n"
+
+
+async def test_two_imports_of_one_file_at_once_store_each_event_once(
+    cli_env: dict[str, str], tmp_path: Path, run_cli
+) -> None:
+    """Both imports scan the destination before either publishes, so neither sees the
+    other's events: only the Idempotency-Key each copy carries (one per origin event)
+    keeps the destination from storing them twice."""
+    async with AsyncExitStack() as stack:
+        a, c = [await stack.enter_async_context(open_side(x, cli_env, tmp_path)) for x in "ac"]
+        sent = await a.publish("h.race", 40)
+        exported = await run_cli(*_dest(a), "-o", "a.ndjson", "export", "--name", "h.race")
+        assert exported.status == 0, exported.stderr
+        results = []
+
+        async def one() -> None:
+            results.append(
+                await run_cli(*_dest(c), "import", "--environment-id", "a", "a.ndjson")
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+        assert [r.status for r in results] == [0, 0], [r.stderr for r in results]
+        keys = _origin_keys(await c.history("h.race"))
+        assert sorted(keys) == sorted(("a", i) for i in sent)  # each once, none lost

@@ -45,7 +45,13 @@ from .._errors import APIError, BusEventsError, Forbidden, Unauthorized
 from .._groups import single_error
 from .._ids import event_id_key
 from .._retry import Backoff, RetryPolicy, is_retryable
-from ._origin import ORIGIN_ENVIRONMENT, ORIGIN_EVENT, SERVICE_AUDIENCE, check_service_token
+from ._origin import (
+    ORIGIN_ENVIRONMENT,
+    ORIGIN_EVENT,
+    SERVICE_AUDIENCE,
+    check_service_token,
+    origin_key,
+)
 from ._state import (
     Cursor,
     RelayLock,
@@ -375,7 +381,8 @@ class _Relay:
         )
         before = self.state.cursor(event.name).destination
         try:
-            accepted, _ = await dest.publish(request)
+            key = origin_key(self.route.environment_id, event.id)
+            accepted, _ = await dest.publish(request, idempotency_key=key)
         except APIError as exc:
             if is_retryable(exc) or isinstance(exc, Unauthorized | Forbidden):
                 raise

@@ -17,6 +17,7 @@ __all__ = [
     "ORIGIN_EVENT",
     "SERVICE_AUDIENCE",
     "check_service_token",
+    "origin_key",
     "token_audiences",
 ]
 
@@ -26,6 +27,16 @@ ORIGIN_ENVIRONMENT: Final = "bus.origin.environment.id"
 ORIGIN_EVENT: Final = "bus.origin.event.id"
 #: The audience of service tokens: providers keep ``bus.*`` metadata only from those.
 SERVICE_AUDIENCE: Final = "ai.hg.fi/internal"
+
+
+def origin_key(environment_id: str, event_id: str) -> str:
+    """The ``Idempotency-Key`` of an event copied from ``environment_id``: the same for
+    every copy of one origin event, so a retry or a rerun inside the provider's window
+    stores it once (a digest, so any environment id fits the key's 255 ASCII bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{len(environment_id)}:{environment_id}{event_id}".encode())
+    return "bus-origin-" + digest.hexdigest()[:40]
 
 
 def token_audiences(value: str) -> tuple[str, ...] | None:
