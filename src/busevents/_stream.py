@@ -110,7 +110,7 @@ class EventStream:
             and "content-length" not in headers
         )
         if self._unframed and spec.follow:
-            _warn_unframed(url, response.http_version)
+            _warn_unframed(url, getattr(response, "http_version", "HTTP/1.0"))
 
     def filter(
         self,

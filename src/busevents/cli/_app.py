@@ -36,7 +36,10 @@ from ._base import (
 )
 from ._output import use_color
 
+# The global flags' own names; commands import what they share from ``_base`` (also
+# re-exported here, for a command module written against the older layout).
 __all__ = [
+    "CHECKABLE",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
@@ -48,9 +51,11 @@ __all__ = [
     "check_mode",
     "checking",
     "current",
+    "meta_options",
     "report_usage_error",
     "run_parsed",
     "run_with",
+    "suggest",
     "usage_message",
 ]
 
