@@ -66,6 +66,7 @@ from ._base import (
     BackendUnavailable,
     Draft,
     IdClock,
+    PageSize,
     Selector,
     StoredEvent,
     Subscription,
@@ -89,8 +90,10 @@ _TRIM_EVERY = 256
 _LOCK_SCHEMA = 0x6275_7365  # "buse": serialises CREATE TABLE across processes
 _LOCK_PUBLISH = 0x6275_7370  # "busp": serialises inserts so commit order is seq order
 _LOCK_GROUPS = 0x6275_7367  # "busg": serialises group creation so the bounds hold
-#: Rows one reader takes per query (shared by every local stream of the name).
+#: Rows one reader takes per query (shared by every local stream of the name) at
+#: most, and the bytes it aims at (the count follows the events' mean size).
 _READ_COUNT = 256
+_READ_BYTES = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bus_events (
@@ -161,6 +164,7 @@ class PostgresBackend:
         self._max_groups_per_owner = max_groups_per_identity
         self._group_idle = group_idle
         self.fanout = Fanout(listener_queue, listener_queue_bytes)
+        self._read_size = PageSize(_READ_BYTES, _READ_COUNT, first=8)
         self._feeds = Feeds(self.fanout, self)
         self._groups = Groups(self._feeds, self, poll=options.poll_interval)
         self._where = f"PostgreSQL at {postgres_location(options.dsn)}"
@@ -345,11 +349,11 @@ class PostgresBackend:
         )
         end = int(row[0]) if row else 0
         position = end - self._history_limit
-        count, seen_bytes, seen = 1, 0, 0
+        size = PageSize(page_bytes, _READ_COUNT)
         while True:
 
             def query(
-                conn: psycopg.Connection[Any], after: int = position, limit: int = count
+                conn: psycopg.Connection[Any], after: int = position, limit: int = size.count()
             ) -> list[tuple[Any, ...]]:
                 return conn.execute(
                     "SELECT seq, ms, identity_id, body FROM bus_events"
@@ -358,18 +362,17 @@ class PostgresBackend:
                     (name, owner, owner, after, end, limit),
                 ).fetchall()
 
+            count = size.count()
             rows = await self._run(query)
             if not rows:
                 return
             page = [_row_event(name, row) for row in rows]
-            seen += len(page)
-            seen_bytes += sum(len(event.line) for event in page)
-            position = page[-1].seq
             del rows
+            size.saw(page)
+            position = page[-1].seq
             yield page
             if len(page) < count:
                 return
-            count = max(1, min(_READ_COUNT, page_bytes * seen // max(seen_bytes, 1)))
 
     # -- the hub's reads (see busevents.provider._hub) ----------------------------
 
@@ -384,12 +387,13 @@ class PostgresBackend:
         """Rows of ``name`` after ``position``; waits for a wake-up (or the poll) when none."""
         # Taken before the query: a NOTIFY after it sets this event, never lost.
         wakeup = self._wakeup(name)
+        count = self._read_size.count()
 
         def query(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             return conn.execute(
                 "SELECT seq, ms, identity_id, body FROM bus_events"
                 " WHERE name = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (name, position, _READ_COUNT),
+                (name, position, count),
             ).fetchall()
 
         with trio.CancelScope(shield=True):
@@ -398,6 +402,7 @@ class PostgresBackend:
             await self._wait(name, wakeup)
             return [], position
         events = [_row_event(name, row) for row in rows]
+        self._read_size.saw(events)
         await trio.lowlevel.checkpoint()
         return events, events[-1].seq
 
