@@ -33,6 +33,7 @@ __all__ = [
     "PageSize",
     "pages",
     "splice_id",
+    "too_many_groups",
 ]
 
 
@@ -111,6 +112,15 @@ class BackendLimit(Exception):
 
     The HTTP layer answers ``429``; the message says which bound and how to proceed.
     """
+
+
+def too_many_groups(limit: int, *, per_identity: bool) -> BackendLimit:
+    """The refusal of a unicast group beyond ``--max-groups`` (or the per-identity bound)."""
+    holder = "this identity" if per_identity else "the provider"
+    return BackendLimit(
+        f"{holder} holds its maximum of {limit} unicast groups: reuse an existing group "
+        "name, or wait for idle groups to expire"
+    )
 
 
 class Subscription(Protocol):

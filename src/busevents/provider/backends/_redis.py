@@ -67,7 +67,6 @@ from busevents import Delivery
 from .._config import RedisOptions
 from .._hub import Fanout, Feeds, Groups
 from ._base import (
-    BackendLimit,
     BackendUnavailable,
     Draft,
     IdClock,
@@ -77,6 +76,7 @@ from ._base import (
     Subscription,
     encode_envelope_tail,
     splice_id,
+    too_many_groups,
 )
 
 __all__ = ["RedisBackend", "redis_location"]
@@ -397,16 +397,9 @@ class RedisBackend:
         try:
             if await client.zscore(everyone, member) is None:
                 if await client.zcard(everyone) >= self._max_groups:
-                    raise BackendLimit(
-                        f"the provider holds its maximum of {self._max_groups} unicast groups: "
-                        "reuse an existing group name, or wait for idle groups to expire"
-                    )
+                    raise too_many_groups(self._max_groups, per_identity=False)
                 if await client.zcard(mine) >= self._max_groups_per_owner:
-                    raise BackendLimit(
-                        f"this identity holds its maximum of {self._max_groups_per_owner} "
-                        "unicast groups: reuse an existing group name, or wait for idle "
-                        "groups to expire"
-                    )
+                    raise too_many_groups(self._max_groups_per_owner, per_identity=True)
                 key = self._key(selector.name)
                 if await client.exists([key]):
                     await self._create_group(client, key, _group_name(selector), "$")
