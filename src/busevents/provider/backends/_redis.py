@@ -427,7 +427,7 @@ class RedisBackend:
         now = time.time() * 1000
         for selector in self._groups.active():
             member = _member(selector)
-            await client.zadd(self._registry(), {member: now}, condition=PureToken.XX)
+            await client.zadd(self._registry(), {member: now})
             await client.zadd(self._registry(_owner_tag(selector)), {member: now})
         cutoff = now - self._group_idle * 1000
         stale = await client.zrangebyscore(self._registry(), float("-inf"), cutoff)
