@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 from urllib.parse import urlsplit
 
@@ -17,7 +18,13 @@ import psycopg
 import pytest
 import trio
 
-from busevents.provider import mint_token
+from busevents.provider import (
+    PostgresOptions,
+    ProviderConfig,
+    RedisOptions,
+    mint_token,
+    open_provider,
+)
 
 from .conftest import SRC
 from .helpers import serve_subprocess
@@ -196,3 +203,60 @@ async def test_unicast_groups_are_bounded_and_freed_with_their_keys_and_rows(
             if kind == "postgres":
                 while group_rows(env["BUS_EVENTS_POSTGRES_DSN"]):  # noqa: ASYNC110
                     await trio.sleep(0.2)
+
+
+@pytest.fixture(params=["redis", "postgres"])
+def durable(request: pytest.FixtureRequest) -> ProviderConfig:
+    if request.param == "redis":
+        options = RedisOptions(
+            addr=request.getfixturevalue("redis_addr"),
+            prefix=request.getfixturevalue("redis_prefix"),
+        )
+        return ProviderConfig(
+            secret=SECRET.encode(), backend="redis", redis=options, listener_queue=4
+        )
+    dsn = request.getfixturevalue("postgres_dsn")
+    return ProviderConfig(
+        secret=SECRET.encode(),
+        backend="postgres",
+        postgres=PostgresOptions(dsn=dsn, poll_interval=0.5),
+        listener_queue=4,
+    )
+
+
+async def test_a_slow_listener_is_cut_on_the_durable_backends_too(
+    durable: ProviderConfig,
+) -> None:
+    async with open_provider(durable) as provider, httpx.AsyncClient(timeout=10) as http:
+        fanout = getattr(provider.backend, "fanout")  # noqa: B009 (durable backends only)
+        host, port = provider.origin.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        slow = trio.SocketStream(sock)
+        await slow.send_all(
+            b"GET /api/v1/events/stream?name=example.big HTTP/1.1\r\nHost: t\r\n"
+            b"Authorization: Bearer " + token("alice").encode() + b"\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await slow.receive_some(1)
+        assert head.startswith(b"HTTP/1.1 200")
+        published = 0
+        while fanout.slow_disconnects == 0:
+            assert published < 500, "the slow listener was never cut"
+            response = await http.post(
+                provider.url,
+                json={"name": "example.big", "payload": "x" * 65536},
+                headers=auth("alice"),
+            )
+            assert response.status_code == 202
+            published += 1
+            await trio.sleep(0.01)  # the name's reader hands it over meanwhile
+        # The slow stream ends (chunked terminator) after what it held.
+        data = b""
+        with trio.fail_after(20):
+            while not data.endswith(b"\r\n0\r\n\r\n"):
+                data += await slow.receive_some(1 << 20)
+        assert 0 < data.count(b'"name":"example.big"') < published
+        await slow.aclose()

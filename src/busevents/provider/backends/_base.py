@@ -30,8 +30,10 @@ __all__ = [
     "Subscription",
     "encode_envelope",
     "encode_envelope_tail",
+    "PageSize",
     "pages",
     "splice_id",
+    "too_many_groups",
 ]
 
 
@@ -110,6 +112,15 @@ class BackendLimit(Exception):
 
     The HTTP layer answers ``429``; the message says which bound and how to proceed.
     """
+
+
+def too_many_groups(limit: int, *, per_identity: bool) -> BackendLimit:
+    """The refusal of a unicast group beyond ``--max-groups`` (or the per-identity bound)."""
+    holder = "this identity" if per_identity else "the provider"
+    return BackendLimit(
+        f"{holder} holds its maximum of {limit} unicast groups: reuse an existing group "
+        "name, or wait for idle groups to expire"
+    )
 
 
 class Subscription(Protocol):
@@ -245,3 +256,29 @@ def pages(events: Iterable[StoredEvent], page_bytes: int) -> Iterator[list[Store
         size += len(event.line)
     if page:
         yield page
+
+
+class PageSize:
+    """How many events to ask a store for, so that one read holds about ``budget`` bytes.
+
+    Starts at ``first`` and then follows the mean size of the events seen, within
+    ``1 … most``: a read of big events asks for few, one of small events for many.
+    """
+
+    __slots__ = ("_bytes", "_events", "_first", "budget", "most")
+
+    def __init__(self, budget: int, most: int, first: int = 1) -> None:
+        self.budget = budget
+        self.most = most
+        self._first = first
+        self._bytes = 0
+        self._events = 0
+
+    def count(self) -> int:
+        if not self._events:
+            return self._first
+        return max(1, min(self.most, self.budget * self._events // max(self._bytes, 1)))
+
+    def saw(self, events: list[StoredEvent]) -> None:
+        self._events += len(events)
+        self._bytes += sum(len(event.line) for event in events)

@@ -42,7 +42,6 @@ from .._hub import Buffer, Fanout
 from .._idempotency import KeyMap, Replayed, accepted_body
 from .._names import compile_pattern
 from ._base import (
-    BackendLimit,
     Draft,
     IdClock,
     Selector,
@@ -50,6 +49,7 @@ from ._base import (
     Subscription,
     encode_envelope,
     pages,
+    too_many_groups,
 )
 
 __all__ = ["MemoryBackend", "MemoryStats"]
@@ -271,15 +271,9 @@ class MemoryBackend:
         self._expire_groups()
         owner = selector.identity
         if len(self._group_index) >= self._max_groups:
-            raise BackendLimit(
-                f"the provider holds its maximum of {self._max_groups} unicast groups: "
-                "reuse an existing group name, or wait for idle groups to expire"
-            )
+            raise too_many_groups(self._max_groups, per_identity=False)
         if self._groups_per_owner.get(owner, 0) >= self._max_groups_per_owner:
-            raise BackendLimit(
-                f"this identity holds its maximum of {self._max_groups_per_owner} unicast "
-                "groups: reuse an existing group name, or wait for idle groups to expire"
-            )
+            raise too_many_groups(self._max_groups_per_owner, per_identity=True)
         group = self._group_index[key] = _Group(selector, self._queue, self._queue_bytes)
         self._groups_per_owner[owner] = self._groups_per_owner.get(owner, 0) + 1
         if selector.pattern:

@@ -74,12 +74,14 @@ from ._base import (
     BackendUnavailable,
     Draft,
     IdClock,
+    PageSize,
     Selector,
     StoredEvent,
     Subscription,
     encode_envelope_tail,
     splice_id,
 )
+from ._postgres_groups import create_group, group_key, keep_groups
 
 __all__ = ["PostgresBackend", "postgres_location"]
 
@@ -88,7 +90,6 @@ _log = logging.getLogger("busevents.provider")
 # errors already say that the database is gone, once per request.
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 _T = TypeVar("_T")
-_Key = tuple[str, str, str]
 
 _CONNECT_TIMEOUT = 5.0
 #: Rows kept for followers even when ``history_limit`` is smaller (replay honours the limit).
@@ -96,9 +97,10 @@ _MIN_RETAIN = 1000
 _TRIM_EVERY = 256
 _LOCK_SCHEMA = 0x6275_7365  # "buse": serialises CREATE TABLE across processes
 _LOCK_PUBLISH = 0x6275_7370  # "busp": serialises inserts so commit order is seq order
-_LOCK_GROUPS = 0x6275_7367  # "busg": serialises group creation so the bounds hold
-#: Rows one reader takes per query (shared by every local stream of the name).
+#: Rows one reader takes per query (shared by every local stream of the name) at
+#: most, and the bytes it aims at (the count follows the events' mean size).
 _READ_COUNT = 256
+_READ_BYTES = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bus_events (
@@ -170,6 +172,7 @@ class PostgresBackend:
         self._max_groups_per_owner = max_groups_per_identity
         self._group_idle = group_idle
         self.fanout = Fanout(listener_queue, listener_queue_bytes)
+        self._read_size = PageSize(_READ_BYTES, _READ_COUNT, first=8)
         self._feeds = Feeds(self.fanout, self)
         self._groups = Groups(self._feeds, self, poll=options.poll_interval)
         self._window = idempotency_window
@@ -373,11 +376,11 @@ class PostgresBackend:
         )
         end = int(row[0]) if row else 0
         position = end - self._history_limit
-        count, seen_bytes, seen = 1, 0, 0
+        size = PageSize(page_bytes, _READ_COUNT)
         while True:
 
             def query(
-                conn: psycopg.Connection[Any], after: int = position, limit: int = count
+                conn: psycopg.Connection[Any], after: int = position, limit: int = size.count()
             ) -> list[tuple[Any, ...]]:
                 return conn.execute(
                     "SELECT seq, ms, identity_id, body FROM bus_events"
@@ -386,18 +389,17 @@ class PostgresBackend:
                     (name, owner, owner, after, end, limit),
                 ).fetchall()
 
+            count = size.count()
             rows = await self._run(query)
             if not rows:
                 return
             page = [_row_event(name, row) for row in rows]
-            seen += len(page)
-            seen_bytes += sum(len(event.line) for event in page)
-            position = page[-1].seq
             del rows
+            size.saw(page)
+            position = page[-1].seq
             yield page
             if len(page) < count:
                 return
-            count = max(1, min(_READ_COUNT, page_bytes * seen // max(seen_bytes, 1)))
 
     # -- the hub's reads (see busevents.provider._hub) ----------------------------
 
@@ -412,12 +414,13 @@ class PostgresBackend:
         """Rows of ``name`` after ``position``; waits for a wake-up (or the poll) when none."""
         # Taken before the query: a NOTIFY after it sets this event, never lost.
         wakeup = self._wakeup(name)
+        count = self._read_size.count()
 
         def query(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
             return conn.execute(
                 "SELECT seq, ms, identity_id, body FROM bus_events"
                 " WHERE name = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (name, position, _READ_COUNT),
+                (name, position, count),
             ).fetchall()
 
         with trio.CancelScope(shield=True):
@@ -426,12 +429,13 @@ class PostgresBackend:
             await self._wait(name, wakeup)
             return [], position
         events = [_row_event(name, row) for row in rows]
+        self._read_size.saw(events)
         await trio.lowlevel.checkpoint()
         return events, events[-1].seq
 
     async def claim(self, selector: Selector, limit: int) -> list[StoredEvent]:
         """Move the group's cursor past its next events in one transaction; those events."""
-        key = _group_key(selector)
+        key = group_key(selector)
         owner = selector.identity
 
         def claim(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -486,81 +490,23 @@ class PostgresBackend:
             yield buffer
 
     async def _open_group(self, selector: Selector) -> None:
-        key = _group_key(selector)
+        key = group_key(selector)
         total, per_owner = self._max_groups, self._max_groups_per_owner
-
-        def create(conn: psycopg.Connection[Any]) -> str | None:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_GROUPS,))
-                touched = conn.execute(
-                    "UPDATE bus_event_group_cursors SET updated_at = now()"
-                    " WHERE name = %s AND owner = %s AND grp = %s",
-                    key,
-                )
-                if touched.rowcount:
-                    return None
-                row = conn.execute(
-                    "SELECT count(*), count(*) FILTER (WHERE owner = %s)"
-                    " FROM bus_event_group_cursors",
-                    (key[1],),
-                ).fetchone()
-                everyone, mine = (int(row[0]), int(row[1])) if row else (0, 0)
-                if everyone >= total:
-                    return (
-                        f"the provider holds its maximum of {total} unicast groups: reuse "
-                        "an existing group name, or wait for idle groups to expire"
-                    )
-                if mine >= per_owner:
-                    return (
-                        f"this identity holds its maximum of {per_owner} unicast groups: "
-                        "reuse an existing group name, or wait for idle groups to expire"
-                    )
-                conn.execute(
-                    "INSERT INTO bus_event_group_cursors (name, owner, grp, last_seq)"
-                    " SELECT %s, %s, %s, coalesce(max(seq), 0) FROM bus_events"
-                    " ON CONFLICT DO NOTHING",
-                    key,
-                )
-                return None
-
-        refusal = await self._run(create)
+        refusal = await self._run(partial(create_group, key=key, total=total, per_owner=per_owner))
         if refusal is not None:
             raise BackendLimit(refusal)
 
     async def _keep_groups(self) -> None:
         """Mark this process's groups as used, and delete groups idle for ``group_idle``."""
         every = min(self._group_idle / 3, 10.0)
-        idle = self._group_idle
         while True:
             await trio.sleep(every)
-            keys = [_group_key(selector) for selector in self._groups.active()]
-
-            def keep(
-                conn: psycopg.Connection[Any], keys: list[tuple[str, str, str]] = keys
-            ) -> None:
-                with conn.transaction():
-                    for key in keys:
-                        conn.execute(
-                            "UPDATE bus_event_group_cursors SET updated_at = now()"
-                            " WHERE name = %s AND owner = %s AND grp = %s",
-                            key,
-                        )
-                    conn.execute(
-                        "DELETE FROM bus_event_group_cursors"
-                        " WHERE updated_at < now() - make_interval(secs => %s)",
-                        (idle,),
-                    )
-
+            keys = [group_key(selector) for selector in self._groups.active()]
             with contextlib.suppress(BackendUnavailable):
-                await self._run(keep)
+                await self._run(partial(keep_groups, keys=keys, idle=self._group_idle))
 
     # -- introspection -------------------------------------------------------
 
     def readers(self) -> int:
         """Name readers running in this process."""
         return self._feeds.readers()
-
-
-def _group_key(selector: Selector) -> _Key:
-    owner = "*" if selector.identity is None else "=" + selector.identity
-    return selector.name, owner, selector.group

@@ -69,15 +69,16 @@ from .._config import RedisOptions
 from .._hub import Fanout, Feeds, Groups
 from .._idempotency import REDIS_PUBLISH_SCRIPT, Replayed, accepted_parts, redis_key_suffix
 from ._base import (
-    BackendLimit,
     BackendUnavailable,
     Draft,
     IdClock,
+    PageSize,
     Selector,
     StoredEvent,
     Subscription,
     encode_envelope_tail,
     splice_id,
+    too_many_groups,
 )
 from ._redis_cluster import check_cluster, cluster_client, cluster_location, is_cluster
 
@@ -89,8 +90,10 @@ _log = logging.getLogger("busevents.provider")
 #: (a cancelled blocking command would leave its connection mid-reply), so this
 #: is also how long a closing stream may take to let go.
 _BLOCK_MS = 1000
-#: Entries one reader takes per ``XREAD`` (shared by every local stream of the name).
+#: Entries one reader takes per ``XREAD`` (shared by every local stream of the name)
+#: at most, and the bytes it aims at (the count follows the events' mean size).
 _READ_COUNT = 256
+_READ_BYTES = 1 << 20
 #: Connections of the command pool (publish, replay, claims, probes; multiplexed).
 _COMMAND_CONNECTIONS = 8
 #: Most names followed at once per process (one reader connection each).
@@ -176,6 +179,7 @@ class RedisBackend:
         self._client: coredis.Redis[bytes] | None = None
         self._reader: coredis.Redis[bytes] | None = None
         self.fanout = Fanout(listener_queue, listener_queue_bytes)
+        self._read_size = PageSize(_READ_BYTES, _READ_COUNT, first=8)
         self._feeds = Feeds(self.fanout, self)
         self._groups = Groups(self._feeds, self, poll=_BLOCK_MS / 1000)
         self._publish_script: Script[bytes] = Script(script=REDIS_PUBLISH_SCRIPT)
@@ -343,22 +347,22 @@ class RedisBackend:
                 return
             end = _text(last[0].identifier)
             start = "-"
-            count, seen_bytes, seen = 1, 0, 0
+            size = PageSize(page_bytes, _READ_COUNT)
             while True:
+                count = size.count()
                 chunk = await client.xrange(key, start, end, count=count)
-                page: list[StoredEvent] = []
-                for entry in chunk:
-                    event = self._event(selector.name, entry.identifier, entry.field_values)
-                    seen_bytes += len(event.line)
-                    seen += 1
-                    if owner is None or event.identity_id == owner:
-                        page.append(event)
+                events = [
+                    self._event(selector.name, entry.identifier, entry.field_values)
+                    for entry in chunk
+                ]
+                size.saw(events)
+                page = [e for e in events if owner is None or e.identity_id == owner]
+                del events
                 if page:
                     yield page
                 if len(chunk) < count:
                     return
                 start = "(" + _text(chunk[-1].identifier)
-                count = max(1, min(_READ_COUNT, page_bytes * seen // max(seen_bytes, 1)))
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
 
@@ -383,7 +387,7 @@ class RedisBackend:
             # connection; it returns within _BLOCK_MS anyway.
             with trio.CancelScope(shield=True):
                 result = await reader.xread(
-                    {self._key(name): position}, count=_READ_COUNT, block=_BLOCK_MS
+                    {self._key(name): position}, count=self._read_size.count(), block=_BLOCK_MS
                 )
         except _FAILURES as exc:
             raise self._unavailable(exc) from None
@@ -393,6 +397,7 @@ class RedisBackend:
                 events.append(self._event(name, entry.identifier, entry.field_values))
         if events:
             position = events[-1].id
+            self._read_size.saw(events)
         await trio.lowlevel.checkpoint()
         return events, position
 
@@ -453,16 +458,9 @@ class RedisBackend:
         try:
             if await client.zscore(everyone, member) is None:
                 if await client.zcard(everyone) >= self._max_groups:
-                    raise BackendLimit(
-                        f"the provider holds its maximum of {self._max_groups} unicast groups: "
-                        "reuse an existing group name, or wait for idle groups to expire"
-                    )
+                    raise too_many_groups(self._max_groups, per_identity=False)
                 if await client.zcard(mine) >= self._max_groups_per_owner:
-                    raise BackendLimit(
-                        f"this identity holds its maximum of {self._max_groups_per_owner} "
-                        "unicast groups: reuse an existing group name, or wait for idle "
-                        "groups to expire"
-                    )
+                    raise too_many_groups(self._max_groups_per_owner, per_identity=True)
                 key = self._key(selector.name)
                 if await client.exists([key]):
                     await self._create_group(client, key, _group_name(selector), "$")
@@ -490,7 +488,7 @@ class RedisBackend:
         now = time.time() * 1000
         for selector in self._groups.active():
             member = _member(selector)
-            await client.zadd(self._registry(), {member: now}, condition=PureToken.XX)
+            await client.zadd(self._registry(), {member: now})
             await client.zadd(self._registry(_owner_tag(selector)), {member: now})
         cutoff = now - self._group_idle * 1000
         stale = await client.zrangebyscore(self._registry(), float("-inf"), cutoff)
