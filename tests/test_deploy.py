@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from busevents.provider import mint_token
 from busevents.workers._metrics import WorkerMetrics
 
 from .helpers import serve_subprocess
+from .services import free_port, wait_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SECRET = "deploy-tests-secret-0123456789abcdef01234567"
@@ -55,12 +55,6 @@ def tool(name: str) -> str:
             pytest.fail(f"{message} ({REQUIRE_ENV}=1: .ci/run installs it)")
         pytest.skip(message)
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def substitute(text: str, replacements: dict[str, str]) -> str:
@@ -243,20 +237,6 @@ class Edge:
         return output
 
 
-async def _wait_for_port(port: int, proc: trio.Process, log: Path) -> None:
-    with trio.fail_after(20):
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"nginx exited: {await trio.Path(log).read_text()}")
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
-
-
 @pytest.fixture
 async def edge(
     tmp_path: Path, cli_env: dict[str, str], redis_addr: str, redis_prefix: str
@@ -324,7 +304,10 @@ async def edge(
         proc = await trio.lowlevel.open_process([*base, "-g", "daemon off; " + pid])
         command = [*base, "-g", pid]
         try:
-            await _wait_for_port(listen_port, proc, log)
+            try:
+                await wait_port(listen_port, 20)
+            except trio.TooSlowError:
+                raise AssertionError(f"nginx did not start: {log.read_text()}") from None
             token = mint_token(SECRET.encode(), subject="edge", scopes="events:send events:listen")
             cli = {
                 **cli_env,
