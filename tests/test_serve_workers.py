@@ -96,24 +96,26 @@ async def wait_until(predicate: object, seconds: float = 60) -> None:
 @pytest.fixture
 async def supervisor(
     cli_env: dict[str, str], redis_addr: str, redis_prefix: str
-) -> AsyncIterator[tuple[str, trio.Process]]:
+) -> AsyncIterator[tuple[str, trio.Process, str]]:
     env = {**cli_env, "BUS_API_JWT_SECRET": SECRET, "BUS_EVENTS_REDIS_ADDR": redis_addr}
     argv = [sys.executable, "-m", "busevents", "serve", "--addr", "127.0.0.1:0"]
     argv += ["--workers", "2", "--events-backend", "redis", "--redis-prefix", redis_prefix]
     # Redis readers block up to 1 s in a shielded XREAD: the grace leaves them time.
-    argv += ["--shutdown-grace", "5s"]
+    argv += ["--shutdown-grace", "5s", "--metrics-addr", "127.0.0.1:0"]
     proc = await trio.lowlevel.open_process(argv, env=env, stderr=subprocess.PIPE)
     workers: set[int] = set()
     try:
         assert proc.stderr is not None
         seen = b""
         with trio.fail_after(90):  # two interpreters start; the machine may be busy
-            while not (match := re.search(rb"on (http://\S+/api/v1/events)", seen)):
+            while not (metrics := re.search(rb"metrics on (http://\S+/metrics)", seen)):
                 chunk = await proc.stderr.receive_some(4096)
                 assert chunk, seen
                 seen += chunk
+        match = re.search(rb"on (http://\S+/api/v1/events)", seen)
+        assert match is not None, seen
         workers = children(proc.pid)
-        yield match.group(1).decode(), proc
+        yield match.group(1).decode(), proc, metrics.group(1).decode()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGKILL)
@@ -141,9 +143,9 @@ async def test_workers_that_cannot_reach_their_backend_exit_1(run_cli) -> None:
 
 
 async def test_two_workers_share_one_port_and_their_events(
-    supervisor: tuple[str, trio.Process],
+    supervisor: tuple[str, trio.Process, str],
 ) -> None:
-    url, proc = supervisor
+    url, proc, _ = supervisor
     workers = children(proc.pid)
     assert len(workers) == 2
     port = urlsplit(url).port
@@ -177,9 +179,9 @@ async def test_two_workers_share_one_port_and_their_events(
 
 
 async def test_sigterm_stops_every_worker_with_status_0(
-    supervisor: tuple[str, trio.Process],
+    supervisor: tuple[str, trio.Process, str],
 ) -> None:
-    url, proc = supervisor
+    url, proc, _ = supervisor
     workers = children(proc.pid)
     listener, _ = await connect(url)  # an open stream ends cleanly too
     try:
@@ -212,8 +214,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_a_killed_worker_is_restarted(supervisor: tuple[str, trio.Process]) -> None:
-    url, proc = supervisor
+async def test_a_killed_worker_is_restarted(supervisor: tuple[str, trio.Process, str]) -> None:
+    url, proc, _ = supervisor
     before = children(proc.pid)
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
@@ -236,3 +238,27 @@ async def test_a_killed_worker_is_restarted(supervisor: tuple[str, trio.Process]
                 await sock.aclose()
             break
     assert answer.startswith(b"HTTP/1.1 202"), answer
+
+
+async def test_every_worker_serves_the_metrics_address_on_one_port(
+    supervisor: tuple[str, trio.Process, str],
+) -> None:
+    _, proc, metrics_url = supervisor
+    port = urlsplit(metrics_url).port
+    assert port is not None and port != 0
+    workers = children(proc.pid)
+    answered: set[int] = set()
+    with trio.fail_after(60):
+        while answered != workers:
+            sock, client_port = await connect(metrics_url)
+            try:
+                answered.add(await owner(workers, port, client_port))
+                await sock.send_all(
+                    b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                reply = b""
+                while chunk := await sock.receive_some(65536):  # Connection: close
+                    reply += chunk
+            finally:
+                await sock.aclose()
+            assert reply.startswith(b"HTTP/1.1 200") and b"busevents_provider_" in reply

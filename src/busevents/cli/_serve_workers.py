@@ -126,12 +126,19 @@ def supervise(
     diag: Diagnostics,
 ) -> int:
     """Run ``workers`` provider processes on ``addr`` until SIGTERM/SIGINT; the exit status."""
+    holders: list[socket.socket] = []
     try:
-        holder = _hold(*addr)
+        for where in (addr, metrics) if metrics is not None else (addr,):
+            holders.append(_hold(*where))
     except OSError as exc:
-        diag.error(f"cannot listen on {addr[0]}:{addr[1]}: {exc.strerror or exc}")
+        diag.error(f"cannot listen on {where[0]}:{where[1]}: {exc.strerror or exc}")
+        for holder in holders:
+            holder.close()
         return EXIT_FAILURE
-    addr = (addr[0], holder.getsockname()[1])
+    # Port 0 chosen once: every worker (and every restart) binds the same port.
+    addr = (addr[0], holders[0].getsockname()[1])
+    if metrics is not None:
+        metrics = (metrics[0], holders[1].getsockname()[1])
     context = multiprocessing.get_context("spawn")
     wake_read, wake_write = socket.socketpair()
     wake_read.setblocking(False)
@@ -176,7 +183,8 @@ def supervise(
             signal.signal(signum, handler)
         wake_read.close()
         wake_write.close()
-        holder.close()
+        for holder in holders:
+            holder.close()
 
 
 def _wait_ready(slots: list[_Slot], signals: list[int], wake: socket.socket) -> str | None:
