@@ -304,3 +304,24 @@ async def test_a_replay_is_neither_a_backend_error_nor_a_new_event_in_the_metric
     assert sum(errors) == 0
     published = ("busevents_provider_publishes_total", (("prefix", "example.idem"),))
     assert got[published] == 1
+
+
+async def test_the_sdk_retrying_a_publish_whose_reply_was_lost_stores_it_once(
+    env: dict[str, str],
+) -> None:
+    """``publish(retries=N)`` without a key of the caller's: the SDK makes one and sends
+    it with every attempt, so the retry after the lost reply is answered with the first
+    attempt's acceptance and the provider holds the event once."""
+    from busevents import EventsClient, PublishRequest
+    from busevents.provider import mint_token
+
+    async with serving(env) as url, httpx.AsyncClient(timeout=30) as http:
+        target = httpx.URL(url)
+        token = mint_token(env["BUS_API_JWT_SECRET"].encode(), subject="alice")
+        async with reply_dropping_proxy(target.port or 80, drops=1) as port:
+            async with EventsClient(str(target.copy_with(port=port)), token) as client:
+                request = PublishRequest("example.idem", {"n": 7})
+                accepted, _ = await client.publish(request, retries=3)
+        stored = await replay(http, url, "example.idem")
+        assert len(stored) == 1, stored
+        assert accepted.name == "example.idem"
