@@ -1,5 +1,5 @@
-"""deploy/: the nginx configuration run for real in front of two providers, the
-HAProxy configuration checked by haproxy, the Prometheus rules by promtool.
+"""deploy/: the nginx and HAProxy configurations run for real in front of two
+providers (and checked by haproxy -c), the Prometheus rules by promtool.
 
 nginx runs as a child process in a private prefix on a loopback port, with TLS
 from a trustme CA, the shipped deploy/nginx/nginx.conf with only its addresses,
@@ -237,11 +237,72 @@ class Edge:
         return output
 
 
+def _nginx(
+    tmp_path: Path, upstream: list[str], port: int, chain: Path, key: Path
+) -> tuple[list[str], list[str], Path]:
+    """deploy/nginx/nginx.conf made local: (command to run, command prefix for -s, log)."""
+    nginx = tool("nginx")
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    temp = "".join(
+        f"    {kind}_temp_path {prefix / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    config = substitute(
+        (DEPLOY / "nginx" / "nginx.conf").read_text(),
+        {
+            "user www-data;": "user root;" if os.geteuid() == 0 else "",
+            # Old workers close their streams after 2 s (30 s shipped): the test waits less.
+            "worker_shutdown_timeout 30s;": "worker_shutdown_timeout 2s;",
+            "http {\n": "http {\n" + temp,
+            "/var/log/nginx/bus-events.access.log": str(prefix / "access.log"),
+            "server 127.0.0.1:8081 ": f"server {upstream[0]} ",
+            "server 127.0.0.1:8082 ": f"server {upstream[1]} ",
+            "listen 443 ssl;": f"listen 127.0.0.1:{port} ssl;",
+            "/etc/ssl/bus-events/fullchain.pem": str(chain),
+            "/etc/ssl/bus-events/privkey.pem": str(key),
+        },
+    )
+    (prefix / "nginx.conf").write_text(config)
+    log = prefix / "error.log"
+    base = [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(log)]
+    pid = f"pid {prefix / 'nginx.pid'};"
+    # `-s reload` finds the running one by the pid file.
+    return [*base, "-g", "daemon off; " + pid], [*base, "-g", pid], log
+
+
+def _haproxy(
+    tmp_path: Path, upstream: list[str], port: int, chain: Path, key: Path
+) -> tuple[list[str], list[str], Path]:
+    """deploy/haproxy/haproxy.cfg made local (no reload command: nginx's test covers it)."""
+    haproxy = tool("haproxy")
+    pem = tmp_path / "haproxy.pem"
+    pem.write_text(chain.read_text() + key.read_text())
+    config = substitute(
+        (DEPLOY / "haproxy" / "haproxy.cfg").read_text(),
+        {
+            "/etc/haproxy/certs/bus-events.pem": str(pem),
+            "bind :443": f"bind 127.0.0.1:{port}",
+            "server provider1 127.0.0.1:8081": f"server provider1 {upstream[0]}",
+            "server provider2 127.0.0.1:8082": f"server provider2 {upstream[1]}",
+        },
+    )
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    return [haproxy, "-db", "-f", str(path)], [], path
+
+
 @pytest.fixture
 async def edge(
-    tmp_path: Path, cli_env: dict[str, str], redis_addr: str, redis_prefix: str
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    cli_env: dict[str, str],
+    redis_addr: str,
+    redis_prefix: str,
 ) -> AsyncIterator[Edge]:
-    nginx = tool("nginx")
+    """nginx (or, parametrized, HAProxy) in front of two providers; the events base URL."""
+    kind = getattr(request, "param", "nginx")
+    tool(kind)
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     ca_file, chain, key = tmp_path / "ca.pem", tmp_path / "chain.pem", tmp_path / "key.pem"
@@ -273,41 +334,17 @@ async def edge(
 
             starting.start_soon(start)
             starting.start_soon(start)
-        prefix = tmp_path / "nginx"
-        prefix.mkdir()
-        listen_port = free_port()
-        temp = "".join(
-            f"    {kind}_temp_path {prefix / kind};\n"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
         upstream = [re.sub(r"^http://([^/]+)/.*", r"\1", url) for url, _, _ in providers]
-        config = substitute(
-            (DEPLOY / "nginx" / "nginx.conf").read_text(),
-            {
-                "user www-data;": "user root;" if os.geteuid() == 0 else "",
-                # Old workers close their streams after 2 s (30 s shipped): the test waits less.
-                "worker_shutdown_timeout 30s;": "worker_shutdown_timeout 2s;",
-                "http {\n": "http {\n" + temp,
-                "/var/log/nginx/bus-events.access.log": str(prefix / "access.log"),
-                "server 127.0.0.1:8081 ": f"server {upstream[0]} ",
-                "server 127.0.0.1:8082 ": f"server {upstream[1]} ",
-                "listen 443 ssl;": f"listen 127.0.0.1:{listen_port} ssl;",
-                "/etc/ssl/bus-events/fullchain.pem": str(chain),
-                "/etc/ssl/bus-events/privkey.pem": str(key),
-            },
-        )
-        (prefix / "nginx.conf").write_text(config)
-        log = prefix / "error.log"
-        base = [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(log)]
-        pid = f"pid {prefix / 'nginx.pid'};"
-        # In the foreground, a child of the test; `-s reload` finds it by the pid file.
-        proc = await trio.lowlevel.open_process([*base, "-g", "daemon off; " + pid])
-        command = [*base, "-g", pid]
+        listen_port = free_port()
+        local_config = _nginx if kind == "nginx" else _haproxy
+        argv, command, log = local_config(tmp_path, upstream, listen_port, chain, key)
+        # In the foreground, a child of the test.
+        proc = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL)
         try:
             try:
                 await wait_port(listen_port, 20)
             except trio.TooSlowError:
-                raise AssertionError(f"nginx did not start: {log.read_text()}") from None
+                raise AssertionError(f"{kind} did not start: {log.read_text()}") from None
             token = mint_token(SECRET.encode(), subject="edge", scopes="events:send events:listen")
             cli = {
                 **cli_env,
@@ -336,7 +373,8 @@ async def edge(
             stop.set()
 
 
-async def test_events_arrive_through_nginx_while_the_stream_is_open(edge: Edge) -> None:
+@pytest.mark.parametrize("edge", ["nginx", "haproxy"], indirect=True)
+async def test_events_arrive_through_the_proxy_while_the_stream_is_open(edge: Edge) -> None:
     async with trio.open_nursery() as nursery:
         listener = await edge.listen(nursery, "--name", "example.edge")
         await edge.holder()  # the stream is open on one of the providers
@@ -349,7 +387,8 @@ async def test_events_arrive_through_nginx_while_the_stream_is_open(edge: Edge) 
     assert [event["id"] for event in listener.lines] == edge.published
 
 
-async def test_a_provider_killed_mid_stream_is_an_error_through_nginx(edge: Edge) -> None:
+@pytest.mark.parametrize("edge", ["nginx", "haproxy"], indirect=True)
+async def test_a_provider_killed_mid_stream_is_an_error_through_the_proxy(edge: Edge) -> None:
     async with trio.open_nursery() as nursery:
         listener = await edge.listen(nursery, "--name", "example.edge")
         holder = await edge.holder()

@@ -21,7 +21,9 @@ MAX_DEPTH = 512
 
 # A JSON string (escapes included) or one bracket: strings are skipped whole, so
 # brackets inside them do not count.  Invalid JSON is left to the parser.
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# (The string pattern is "unrolled": runs of plain bytes are one step each, not
+# one alternation per byte, so a long string costs a scan, not a backtracking walk.)
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
 
 
