@@ -201,7 +201,11 @@ def fault_env() -> dict[str, str]:
 
 async def test_cli_delivers_complete_lines_then_exits_1(run_cli, fault_env) -> None:
     async with serve_raw(answer(stream_head() + GOOD + b'{"id":"3","na')) as url:
-        result = await run_cli("--api-url", url, "listen", "--name", "example.fault", env=fault_env)
+        # --no-follow: a snapshot may end by closing (no chunked framing) without the
+        # warning a following stream gets; its end in mid-line is still a failure.
+        result = await run_cli(
+            "--api-url", url, "listen", "--name", "example.fault", "--no-follow", env=fault_env
+        )
     assert result.status == 1
     assert result.stdout == GOOD
     assert "middle of a line" in result.stderr and result.stderr.count("\n") == 1
@@ -217,7 +221,9 @@ async def test_cli_count_and_correlation_split_lines_on_newline_only(
         b'{"id":"1-0",\r"name":"example.fault",\r"correlationId":"c","payload":1}\n',
         b'{"id":"2-0","name":"example.fault","correlationId":"c",\r"payload":2}\n',
     ]
-    async with serve_raw(answer(stream_head() + b"".join(lines))) as url:
+    # Chunked, with the terminating chunk: the stream ends cleanly after the lines.
+    body = stream_head(chunked=True) + chunk(b"".join(lines)) + b"0\r\n\r\n"
+    async with serve_raw(answer(body)) as url:
         result = await run_cli(
             "--api-url", url, "listen", "--name", "example.fault", *option, env=fault_env
         )
@@ -290,9 +296,9 @@ def _many_lines(n: int) -> bytes:
 
 async def test_cli_closed_stdout_ends_quietly(cli_env, fault_env) -> None:
     async def lots(stream: trio.SocketStream, head: bytes) -> None:
-        await stream.send_all(stream_head())
+        await stream.send_all(stream_head(chunked=True))
         for _ in range(200):
-            await stream.send_all(_many_lines(1000))
+            await stream.send_all(chunk(_many_lines(1000)))
 
     async with serve_raw(lots) as url:
         env = {**cli_env, **fault_env, "BUS_EVENTS_API_URL": url}

@@ -142,9 +142,7 @@ async def test_two_imports_of_one_file_at_once_store_each_event_once(
         results = []
 
         async def one() -> None:
-            results.append(
-                await run_cli(*_dest(c), "import", "--environment-id", "a", "a.ndjson")
-            )
+            results.append(await run_cli(*_dest(c), "import", "--environment-id", "a", "a.ndjson"))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(one)

@@ -42,8 +42,10 @@ async def test_a_worker_replies_with_the_request_correlation_id(provider: Runnin
             assert isinstance(readiness, Readiness) and readiness.is_ready
             await client.send("example.echo", {"n": 1}, correlation_id="req-42")
             await client.send("example.echo", {"n": 2})  # no correlation id of its own
-            first, second = await collect(replies, 2)
+            got = await collect(replies, 2)
             nursery.cancel_scope.cancel()
+    # The two handlers run at once (concurrency 16): their replies come in either order.
+    first, second = sorted(got, key=lambda reply: reply.payload_obj()["echo"]["n"])
     assert first.correlation_id == "req-42"
     assert first.payload_obj() == {"echo": {"n": 1}}
     assert first.identity_id == "alice"

@@ -244,7 +244,7 @@ def suggest(word: str, choices: list[str]) -> str:
 
 #: What a missing required option means, by (command, option).
 _MISSING = {
-    ("run", "--files"): "run needs at least one .bus file, e.g. bus-events run checks.bus",
+    ("run", "FILES"): "run needs at least one .bus file, e.g. bus-events run checks.bus",
     ("listen", "--name"): "listen needs --name, e.g. bus-events listen --name example.ping",
     ("request", "--name"): (
         "request needs --name and --response-name, e.g. bus-events request "
