@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 
 import h11
 
-from ._config import url_for_humans
+from ._config import Proxies, url_for_humans
 from ._errors import ConnectError, TransportError, bounded_text
 from ._http import MAX_BODY, USER_AGENT, Headers, Response, as_headers
 from ._responses import decode_body
@@ -39,8 +39,10 @@ __all__ = [
     "READ_SIZE",
     "UNSAFE_EVENTS",
     "Origin",
+    "PoolKey",
     "ProxyRoute",
     "Reply",
+    "Routes",
     "Tunnel",
     "IdleCheck",
     "finish",
@@ -79,6 +81,31 @@ class Origin:
         self.authority = authority.encode("idna" if not authority.isascii() else "ascii")
         # A plain request through a proxy names the whole URL (absolute-form).
         self.absolute = f"{self.scheme}://".encode() + self.authority + self.target
+
+
+PoolKey = tuple[str, str, int, str | None]
+
+
+class Routes:
+    """Where each request URL goes: its :class:`Origin`, its proxy (decided per URL,
+    ``NO_PROXY`` included) and the key of its connection pool; parsed once per URL."""
+
+    __slots__ = ("_cache", "_proxies")
+
+    def __init__(self, proxies: Proxies) -> None:
+        self._proxies = proxies
+        self._cache: dict[str, tuple[Origin, ProxyRoute | None, PoolKey]] = {}
+
+    def __call__(self, url: str) -> tuple[Origin, ProxyRoute | None, PoolKey]:
+        route = self._cache.get(url)
+        if route is None:
+            origin = Origin(url)
+            proxy = self._proxies.for_url(origin.scheme, origin.host, origin.port)
+            key = (origin.scheme, origin.host, origin.port, proxy)
+            route = (origin, ProxyRoute(proxy) if proxy is not None else None, key)
+            if len(self._cache) < 64:
+                self._cache[url] = route
+        return route
 
 
 class ProxyRoute:

@@ -40,8 +40,10 @@ from ._h11 import (
     READ_SIZE,
     IdleCheck,
     Origin,
+    PoolKey,
     ProxyRoute,
     Reply,
+    Routes,
     Tunnel,
     finish,
     post_bytes,
@@ -100,29 +102,17 @@ class LeanTransport:
         socket_options: Sequence[tuple[int, int, int]] = (),
         max_connections: int = 100,
     ) -> None:
-        self._proxies = proxies
+        self._route = Routes(proxies)
         self._ssl_context = ssl_context
         self._socket_options = tuple(socket_options)
-        self._origins: dict[str, tuple[Origin, ProxyRoute | None]] = {}
-        self._idle: dict[tuple[str, str, int, str | None], list[_Connection]] = {}
+        self._idle: dict[PoolKey, list[_Connection]] = {}
         self._slots = trio.Semaphore(max_connections)
         self._closed = False
-
-    def _route(self, url: str) -> tuple[Origin, ProxyRoute | None]:
-        route = self._origins.get(url)
-        if route is None:
-            origin = Origin(url)
-            proxy = self._proxies.for_url(origin.scheme, origin.host, origin.port)
-            route = (origin, ProxyRoute(proxy) if proxy is not None else None)
-            if len(self._origins) < 64:
-                self._origins[url] = route
-        return route
 
     async def post(self, url: str, headers: Headers, body: bytes) -> Response:
         if self._closed:
             raise TransportError(f"request to {url} failed: the client is closed", url=url)
-        origin, proxy = self._route(url)
-        key = (origin.scheme, origin.host, origin.port, proxy.url if proxy else None)
+        origin, proxy, key = self._route(url)
         async with self._slots:
             connection = self._take_idle(key)
             if connection is None:
@@ -147,7 +137,7 @@ class LeanTransport:
 
     # -- internals -----------------------------------------------------------
 
-    def _take_idle(self, key: tuple[str, str, int, str | None]) -> _Connection | None:
+    def _take_idle(self, key: PoolKey) -> _Connection | None:
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()  # the most recently used: least likely stale

@@ -43,8 +43,10 @@ from ._h11 import (
     READ_SIZE,
     IdleCheck,
     Origin,
+    PoolKey,
     ProxyRoute,
     Reply,
+    Routes,
     Tunnel,
     finish,
     post_bytes,
@@ -112,11 +114,10 @@ class SyncTransport:
         socket_options: Sequence[tuple[int, int, int]] = (),
         max_connections: int = 10,
     ) -> None:
-        self._proxies = proxies
+        self._route = Routes(proxies)
         self._ssl_context = ssl_context
         self._socket_options = tuple(socket_options)
-        self._routes: dict[str, tuple[Origin, ProxyRoute | None]] = {}
-        self._idle: dict[tuple[str, str, int, str | None], list[_Connection]] = {}
+        self._idle: dict[PoolKey, list[_Connection]] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._closed = False
@@ -124,8 +125,7 @@ class SyncTransport:
     def post(self, url: str, headers: Headers, body: bytes, timeout: float | None) -> Response:
         if self._closed:
             raise TransportError(f"request to {url} failed: the client is closed", url=url)
-        origin, proxy = self._route(url)
-        key = (origin.scheme, origin.host, origin.port, proxy.url if proxy else None)
+        origin, proxy, key = self._route(url)
         deadline = _Deadline(timeout)
         proxy_url = proxy.url if proxy else None
         with self._slots:
@@ -153,17 +153,7 @@ class SyncTransport:
             for connection in idle:
                 _close(connection.sock)
 
-    def _route(self, url: str) -> tuple[Origin, ProxyRoute | None]:
-        route = self._routes.get(url)
-        if route is None:
-            origin = Origin(url)
-            proxy = self._proxies.for_url(origin.scheme, origin.host, origin.port)
-            route = (origin, ProxyRoute(proxy) if proxy is not None else None)
-            if len(self._routes) < 64:
-                self._routes[url] = route
-        return route
-
-    def _take_idle(self, key: tuple[str, str, int, str | None]) -> _Connection | None:
+    def _take_idle(self, key: PoolKey) -> _Connection | None:
         with self._lock:
             idle = self._idle.get(key)
             while idle:
@@ -177,9 +167,7 @@ class SyncTransport:
                 _close(connection.sock)
         return None
 
-    def _release(
-        self, key: tuple[str, str, int, str | None], connection: _Connection, reusable: bool
-    ) -> None:
+    def _release(self, key: PoolKey, connection: _Connection, reusable: bool) -> None:
         with self._lock:
             if reusable and not self._closed:
                 self._idle.setdefault(key, []).append(connection)
