@@ -22,7 +22,7 @@ from cyclopts import Parameter
 from ._base import EXIT_FAILURE, EXIT_OK, Duration, Globals, UsageError, app
 from ._commands import _client, run_client_command
 from ._output import TextFormatter
-from ._stats import stats_line
+from ._stats import plural, stats_line
 
 if TYPE_CHECKING:
     from busevents import EventsClient, EventStream, RetryPolicy
@@ -145,7 +145,7 @@ def listen(
                 meter.finish()
         if count is not None and writer.written < count:
             diag.error(
-                f"{writer.written} of the {count} events asked for arrived before the "
+                f"{writer.written} of the {plural(count, 'event')} asked for arrived before the "
                 f"{writer.stopped_by}"
             )
             return EXIT_FAILURE
