@@ -33,7 +33,7 @@ from .._errors import BusEventsError, Forbidden, TransportError, Unauthorized
 from .._ids import parse_event_id
 from .._retry import is_retryable
 from ._engine import verify_origin_kept
-from ._origin import ORIGIN_ENVIRONMENT, ORIGIN_EVENT, check_service_token
+from ._origin import ORIGIN_ENVIRONMENT, ORIGIN_EVENT, check_service_token, origin_key
 
 __all__ = ["ImportResult", "import_events"]
 
@@ -169,7 +169,7 @@ async def import_events(
             identity_id=event.identity_id,
         )
         try:
-            accepted, _ = await client.publish(request)
+            accepted, _ = await client.publish(request, idempotency_key=origin_key(*key))
         except (Unauthorized, Forbidden, TransportError):
             raise
         except BusEventsError as exc:
