@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "busevents"
 CORE = [
     "_errors",
+    "_depth",
     "_ids",
     "_contracts",
     "_config",

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from ._contracts import Publisher as Publisher
     from ._contracts import PublishRequest as PublishRequest
     from ._contracts import StreamSpec as StreamSpec
+    from ._depth import MAX_DEPTH as MAX_DEPTH
+    from ._depth import nesting_error as nesting_error
     from ._errors import APIError as APIError
     from ._errors import BadRequest as BadRequest
     from ._errors import BusEventsError as BusEventsError

@@ -186,7 +186,7 @@ async def _read_envelopes(
     """
     import msgspec
 
-    from busevents import Event
+    from busevents import Event, nesting_error
 
     from ._send import MAX_LINE, _lines
 
@@ -198,6 +198,10 @@ async def _read_envelopes(
             if line is None:
                 errors.append((number, f"longer than {MAX_LINE >> 20} MiB: not an envelope"))
                 break
+            if (too_deep := nesting_error(line)) is not None:
+                # Counted, not left to the interpreter's recursion: the same on every Python.
+                errors.append((number, f"not an event envelope: {too_deep}"))
+                continue
             try:
                 events.append((number, decode(line)))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:

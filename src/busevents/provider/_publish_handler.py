@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from busevents import PublishRequest
+from busevents import PublishRequest, nesting_error
 
 from ._asgi import (
     DRAIN_SECONDS,
@@ -24,7 +24,6 @@ from ._asgi import (
     send_response,
     unavailable,
 )
-from ._depth import nesting_error
 from ._idempotency import (
     REPLAYED_HEADER,
     InvalidIdempotencyKey,

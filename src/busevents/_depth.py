@@ -1,4 +1,5 @@
-"""A counted bound on how deeply a publish body nests, the same on every Python.
+"""A counted bound on how deeply a JSON document nests, the same on every Python (the
+provider checks publish bodies with it, `import` every line).
 
 The stdlib parser gives up where the interpreter's recursion limit happens to
 be (about 1,000 levels on 3.11, further on 3.12+), so "too deep" used to depend
