@@ -20,15 +20,26 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 import trio
 
-from ._names import compile_pattern
-from .backends._base import BackendUnavailable, Selector, StoredEvent
+from busevents import Delivery
 
-__all__ = ["Buffer", "FeedSource", "Feeds", "Fanout", "GroupSource", "Groups", "Listener"]
+from ._names import compile_pattern
+from .backends._base import BackendUnavailable, Selector, StoredEvent, Subscription
+
+__all__ = [
+    "Buffer",
+    "FeedSource",
+    "Feeds",
+    "Fanout",
+    "GroupSource",
+    "Groups",
+    "HubSubscriptions",
+    "Listener",
+]
 
 _log = logging.getLogger("busevents.provider")
 
@@ -431,3 +442,33 @@ class Groups:
                 return
             for event in events:
                 buffer.offer(event)
+
+
+class HubSubscriptions:
+    """``subscribe`` of a durable backend: streams follow through this process's hub.
+
+    A broadcast listener joins the name's feed; a unicast consumer first opens its
+    group in the shared store (:meth:`_open_group`, which enforces the bounds), then
+    consumes through the group's local claimer.
+    """
+
+    _feeds: Feeds
+    _groups: Groups
+
+    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
+        """Follow the name through this process's hub: a listener, or a group's consumer.
+
+        Raises :class:`BackendLimit` when a new unicast group would exceed a bound.
+        """
+        if selector.delivery is Delivery.UNICAST:
+            return self._consume(selector)
+        return self._feeds.listening(selector)
+
+    @asynccontextmanager
+    async def _consume(self, selector: Selector) -> AsyncIterator[Subscription]:
+        await self._open_group(selector)
+        async with self._groups.consuming(selector) as buffer:
+            yield buffer
+
+    async def _open_group(self, selector: Selector) -> None:
+        raise NotImplementedError

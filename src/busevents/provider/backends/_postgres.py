@@ -47,7 +47,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -57,10 +57,8 @@ import psycopg_pool
 import trio
 from psycopg import sql
 
-from busevents import Delivery
-
 from .._config import PostgresOptions
-from .._hub import Fanout, Feeds, Groups
+from .._hub import Fanout, Feeds, Groups, HubSubscriptions
 from .._idempotency import (
     POSTGRES_PRUNE,
     POSTGRES_REMEMBER,
@@ -77,7 +75,6 @@ from ._base import (
     PageSize,
     Selector,
     StoredEvent,
-    Subscription,
     encode_envelope_tail,
     splice_id,
 )
@@ -149,7 +146,7 @@ def _row_event(name: str, row: tuple[Any, ...]) -> StoredEvent:
     return StoredEvent(seq, event_id, name, identity, "", splice_id(event_id, bytes(body)))
 
 
-class PostgresBackend:
+class PostgresBackend(HubSubscriptions):
     """Events in PostgreSQL; see the module docstring for tables and semantics.
 
     Not connected until :meth:`running` is entered (the app's lifespan does it).
@@ -473,21 +470,6 @@ class PostgresBackend:
         return [_row_event(selector.name, row) for row in rows]
 
     # -- subscribe -----------------------------------------------------------
-
-    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
-        """Follow the name through this process's hub: a listener, or a group's consumer.
-
-        Raises :class:`BackendLimit` when a new unicast group would exceed a bound.
-        """
-        if selector.delivery is Delivery.UNICAST:
-            return self._consume(selector)
-        return self._feeds.listening(selector)
-
-    @asynccontextmanager
-    async def _consume(self, selector: Selector) -> AsyncIterator[Subscription]:
-        await self._open_group(selector)
-        async with self._groups.consuming(selector) as buffer:
-            yield buffer
 
     async def _open_group(self, selector: Selector) -> None:
         key = group_key(selector)

@@ -52,7 +52,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -63,10 +63,8 @@ from coredis.commands.script import Script
 from coredis.retry import NoRetryPolicy
 from coredis.tokens import PureToken
 
-from busevents import Delivery
-
 from .._config import RedisOptions
-from .._hub import Fanout, Feeds, Groups
+from .._hub import Fanout, Feeds, Groups, HubSubscriptions
 from .._idempotency import REDIS_PUBLISH_SCRIPT, Replayed, accepted_parts, redis_key_suffix
 from ._base import (
     BackendUnavailable,
@@ -75,7 +73,6 @@ from ._base import (
     PageSize,
     Selector,
     StoredEvent,
-    Subscription,
     encode_envelope_tail,
     splice_id,
     too_many_groups,
@@ -133,7 +130,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisBackend:
+class RedisBackend(HubSubscriptions):
     """Events in Redis Streams; see the module docstring for layout and semantics.
 
     Not connected until :meth:`running` is entered (the app's lifespan does it).
@@ -434,21 +431,6 @@ class RedisBackend:
         return events
 
     # -- subscribe -----------------------------------------------------------
-
-    def subscribe(self, selector: Selector) -> AbstractAsyncContextManager[Subscription]:
-        """Follow the name through this process's hub: a listener, or a group's consumer.
-
-        Raises :class:`BackendLimit` when a new unicast group would exceed a bound.
-        """
-        if selector.delivery is Delivery.UNICAST:
-            return self._consume(selector)
-        return self._feeds.listening(selector)
-
-    @asynccontextmanager
-    async def _consume(self, selector: Selector) -> AsyncIterator[Subscription]:
-        await self._open_group(selector)
-        async with self._groups.consuming(selector) as buffer:
-            yield buffer
 
     async def _open_group(self, selector: Selector) -> None:
         client = self._client_or_raise()
