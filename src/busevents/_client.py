@@ -40,6 +40,7 @@ from ._errors import APIError, Timeout, TransportError
 from ._http import (
     DEFAULT_TIMEOUT,
     MAX_CONNECTIONS,
+    HttpxStream,
     HttpxTransport,
     RequestHeaders,
     Response,
@@ -50,8 +51,8 @@ from ._http import (
     keepalive_options,
 )
 from ._ndjson import DEFAULT_MAX_LINE
-from ._publish import LeanTransport
-from ._responses import format_seconds, read_bounded
+from ._publish import LeanTransport, StreamResponse
+from ._responses import format_seconds
 from ._tokens import TokenKeeper, TokenProvider
 
 if TYPE_CHECKING:
@@ -306,7 +307,9 @@ class EventsClient:
             if response.status_code != 401 or not await self._unauthorized(used, error):
                 raise error
 
-    def _api_error(self, response: httpx.Response | Response, body: bytes, url: str) -> APIError:
+    def _api_error(
+        self, response: Response | StreamResponse | HttpxStream, body: bytes, url: str
+    ) -> APIError:
         return error_for(response.status_code, response.headers, body, url, self._token.values)
 
     # -- stream ------------------------------------------------------------
@@ -353,28 +356,19 @@ class EventsClient:
         Raises :class:`APIError` subclasses when the provider refuses the stream
         (before any event).
         """
-        import httpx
-
         from ._stream import EventStream
 
         replay = replay or after is not None
         spec = StreamSpec(name, Delivery.parse(delivery), group, consumer, replay, follow, after)
+        query = urlencode(spec.to_params(), quote_via=quote)
         while True:
             used = await self._token.current()
-            request = self._http.build_request(
-                "GET",
-                self._stream_query_start + urlencode(spec.to_params(), quote_via=quote),
-                headers={"Accept": "application/x-ndjson"},
-            )
             with self._deadline(self.stream_url):
-                try:
-                    response = await self._http.send(request, stream=True)
-                except httpx.HTTPError as exc:
-                    raise httpx_error(exc, self.stream_url, self._stream_proxy) from exc
+                response = await self._open_stream(query, used)
             if response.status_code != 401:
                 break
             try:
-                body = await read_bounded(response)
+                body = await response.read_bounded()
             finally:
                 with trio.CancelScope(shield=True):
                     await response.aclose()
@@ -383,7 +377,7 @@ class EventsClient:
                 raise error
         try:
             if response.status_code != 200:
-                body = await read_bounded(response)
+                body = await response.read_bounded()
                 raise self._api_error(response, body, self.stream_url)
             stream = EventStream(
                 response,
@@ -400,6 +394,22 @@ class EventsClient:
         finally:
             with trio.CancelScope(shield=True):
                 await response.aclose()
+
+    async def _open_stream(self, query: str, token: str | None) -> StreamResponse | HttpxStream:
+        """The stream request sent and its response's head read, on the lean path (its
+        own connection, large reads) or through the caller's httpx transport."""
+        if isinstance(self._publisher, LeanTransport):
+            headers = self._request_headers.stream(token)
+            return await self._publisher.open_stream(self.stream_url, headers, query)
+        import httpx
+
+        request = self._http.build_request(
+            "GET", self._stream_query_start + query, headers={"Accept": "application/x-ndjson"}
+        )
+        try:
+            return HttpxStream(await self._http.send(request, stream=True))
+        except httpx.HTTPError as exc:
+            raise httpx_error(exc, self.stream_url, self._stream_proxy) from exc
 
     # -- helpers -----------------------------------------------------------
 

@@ -7,7 +7,10 @@ so both speak, parse and refuse exactly alike:
 * :class:`Origin` / :class:`ProxyRoute`: a request URL parsed once, and the
   ``http://`` proxy carrying it (absolute-form requests for http:// URLs, a
   ``CONNECT`` tunnel for https:// URLs);
-* :func:`post_bytes`: head and body in one buffer (one write per request);
+* :func:`post_bytes` / :func:`request_bytes`: head and body in one buffer (one
+  write per request);
+* :func:`response_head`: a streaming response's head (its body is read by the
+  caller, event by event of h11's);
 * :class:`Reply`: feeds h11 events into a bounded response;
 * :func:`finish`: the response, and whether the connection may be reused —
   never when a byte follows the response in h11's buffer, when the response had
@@ -46,7 +49,10 @@ __all__ = [
     "Tunnel",
     "IdleCheck",
     "finish",
+    "log_request",
     "post_bytes",
+    "request_bytes",
+    "response_head",
 ]
 
 _log = logging.getLogger("busevents.http")
@@ -128,14 +134,58 @@ def post_bytes(
     conn: h11.Connection, origin: Origin, proxy: ProxyRoute | None, headers: Headers, body: bytes
 ) -> bytes:
     """The bytes of a POST of ``body`` (``headers`` without Host and Content-Length)."""
+    return request_bytes(conn, b"POST", origin, proxy, headers, body)
+
+
+def request_bytes(
+    conn: h11.Connection,
+    method: bytes,
+    origin: Origin,
+    proxy: ProxyRoute | None,
+    headers: Headers,
+    body: bytes | None = None,
+    query: bytes = b"",
+) -> bytes:
+    """The bytes of a whole request, head and body in one buffer (one write):
+    ``headers`` without Host and Content-Length; ``body`` None for a GET;
+    ``query`` (encoded) is added to the URL's own query."""
     plain_proxy = proxy is not None and origin.scheme == "http"
-    head = [(b"Host", origin.authority), *headers, (b"Content-Length", b"%d" % len(body))]
+    head = [(b"Host", origin.authority), *headers]
+    if body is not None:
+        head.append((b"Content-Length", b"%d" % len(body)))
     if plain_proxy and proxy is not None and proxy.auth is not None:
         head.append((b"Proxy-Authorization", proxy.auth))
     target = origin.absolute if plain_proxy else origin.target
-    data = conn.send(h11.Request(method=b"POST", target=target, headers=head)) or b""
-    data += conn.send(h11.Data(data=body)) or b""
+    if query:
+        target += (b"&" if b"?" in origin.target else b"?") + query
+    data = conn.send(h11.Request(method=method, target=target, headers=head)) or b""
+    if body:
+        data += conn.send(h11.Data(data=body)) or b""
     return data + (conn.send(h11.EndOfMessage()) or b"")
+
+
+def response_head(conn: h11.Connection, url: str) -> h11.Response | None:
+    """The final response's head once h11 holds it (1xx heads are skipped), or None
+    when more data is needed.  Raises :class:`TransportError` when the connection
+    ended before a response (call ``conn.receive_data(b"")`` at EOF first)."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            return None
+        if type(event) is h11.Response:
+            return event
+        if type(event) is not h11.InformationalResponse:  # ConnectionClosed
+            raise TransportError(
+                f"request to {url} failed: the server closed the connection "
+                "without sending a response",
+                url=url,
+            )
+
+
+def log_request(method: str, url: str, status: int) -> None:
+    """httpx's request line at DEBUG (the CLI shows it from ``-vv`` on)."""
+    if _log.isEnabledFor(logging.DEBUG):
+        _log.debug('HTTP Request: %s %s "HTTP/1.1 %d %s"', method, url, status, _phrase(status))
 
 
 class Reply:
@@ -202,10 +252,7 @@ def finish(conn: h11.Connection, reply: Reply) -> tuple[Response, bool]:
     )
     if reusable:
         conn.start_next_cycle()
-    if _log.isEnabledFor(logging.DEBUG):  # httpx's request line; the CLI shows it at -vv
-        _log.debug(
-            'HTTP Request: POST %s "HTTP/1.1 %d %s"', reply.url, reply.status, _phrase(reply.status)
-        )
+    log_request("POST", reply.url, reply.status)
     content = b"".join(reply.chunks)
     encoding = headers.get("content-encoding")
     if encoding is None and len(content) <= MAX_BODY:

@@ -4,8 +4,8 @@ transports share.
 :class:`EventsClient` publishes through a :class:`Transport`: the lean one
 (:class:`~busevents._publish.LeanTransport`, h11 over trio streams, the fast
 default) or :class:`HttpxTransport` (when the caller hands in an httpx
-transport).  Streams are read through httpx (:func:`httpx_client`).  Both paths
-share, from here:
+transport); it streams the same way (:meth:`LeanTransport.open_stream`, or
+:class:`HttpxStream` over :func:`httpx_client`).  Both paths share, from here:
 
 * one response type, :class:`Response` (status, lower-case headers, a bounded
   and decoded body);
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from ._config import Proxies, url_for_humans
@@ -43,6 +43,7 @@ __all__ = [
     "MAX_BODY",
     "MAX_CONNECTIONS",
     "USER_AGENT",
+    "HttpxStream",
     "HttpxTransport",
     "RequestHeaders",
     "Response",
@@ -125,6 +126,13 @@ class RequestHeaders:
             headers.append((b"Idempotency-Key", idempotency_key.encode("ascii")))
         else:
             self._last_token, self._last = token, headers
+        return headers
+
+    def stream(self, token: str | None) -> Headers:
+        """The headers of a stream request (NDJSON back)."""
+        headers = [*self._base, (b"Accept", b"application/x-ndjson")]
+        if token:
+            headers.append((b"Authorization", b"Bearer " + token.encode("latin-1")))
         return headers
 
 
@@ -306,6 +314,32 @@ def httpx_client(
         trust_env=False,  # proxies and CAs are ours (above), decided the same on both paths
     )
     return client, proxy
+
+
+class HttpxStream:
+    """A streaming httpx response as the lean path's :class:`StreamResponse` looks:
+    the same attributes and methods, so :class:`EventStream` reads either."""
+
+    __slots__ = ("_response", "headers", "http_version", "read_errors", "status_code")
+
+    def __init__(self, response: httpx.Response) -> None:
+        import httpx
+
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self.http_version = response.http_version
+        #: What a body read raises when the connection fails.
+        self.read_errors: tuple[type[BaseException], ...] = (httpx.HTTPError,)
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_raw()
+
+    async def read_bounded(self, limit: int = MAX_BODY) -> bytes:
+        return (await read_body(self._response, limit))[0]
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 class HttpxTransport:

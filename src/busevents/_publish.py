@@ -1,11 +1,15 @@
-"""The lean transport: HTTP/1.1 POSTs on h11 over trio streams, keep-alive pooled.
+"""The lean transport: HTTP/1.1 on h11 over trio streams: keep-alive pooled POSTs,
+and streaming GETs read in large blocks.
 
-:class:`EventsClient` publishes through :class:`LeanTransport` unless the caller
-hands in an httpx transport (see ``_http.py``, the seam).  Why a second HTTP
-implementation: httpx + httpcore cost about ten times the client CPU of a
-minimal publisher per request (pool bookkeeping, header models, two writes per
-request), and publishing is where that cost is felt (benchmarks/README.md,
-issue 14).  What it keeps of httpx's behaviour, and where it is stricter:
+:class:`EventsClient` publishes and streams through :class:`LeanTransport` unless
+the caller hands in an httpx transport (see ``_http.py``, the seam).  Why a
+second HTTP implementation: httpx + httpcore cost about ten times the client CPU
+of a minimal publisher per request (pool bookkeeping, header models, two writes
+per request), and publishing is where that cost is felt (benchmarks/README.md,
+issue 14); a stream read through httpcore comes in its fixed 64 KiB reads, each
+passing four layers, where a listener that keeps up with its pipe wants a
+megabyte per read (issue 24).  What it keeps of httpx's behaviour, and where it
+is stricter:
 
 * every response is parsed by h11 and returned whole (body bounded, gzip or
   deflate inflated up to the bound), mapped by the caller like any other;
@@ -22,14 +26,20 @@ issue 14).  What it keeps of httpx's behaviour, and where it is stricter:
 * TLS with the client's verifying context (``trio.SSLStream``), SNI and host
   name checks;
 * no redirects: a 3xx is returned like any other status;
-* no deadline of its own: the caller's cancel scope bounds the whole exchange.
+* no deadline of its own: the caller's cancel scope bounds the whole exchange;
+* a stream (:meth:`LeanTransport.open_stream`) has a connection of its own,
+  opened like any other (proxy, TLS) and closed with it, never reused: its body
+  is h11's, handed out as h11 frames it (a block per read), and a body cut short
+  (a chunked stream without its last chunk, a short ``Content-Length``) is an
+  error, never a clean end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Final
 
 import h11
 import trio
@@ -46,12 +56,23 @@ from ._h11 import (
     Routes,
     Tunnel,
     finish,
+    log_request,
     post_bytes,
     protocol_error,
+    request_bytes,
+    response_head,
 )
-from ._http import Headers, Response, transport_error
+from ._http import MAX_BODY, Headers, Response, as_headers, transport_error
+from ._responses import decode_body, describe_cause
 
-__all__ = ["LeanTransport"]
+__all__ = ["STREAM_READ", "LeanTransport", "StreamResponse"]
+
+#: Bytes asked of the socket per read of a stream.  Large reads are what let a
+#: listener keep up with its pipe: per read, trio, h11 and the decoder each cost
+#: a fixed few microseconds, so 64 KiB reads (httpcore's) cost a sixth of the
+#: CLI's CPU (issue 24); a read returns what has arrived, so a quiet stream
+#: still hands out each event as it comes.
+STREAM_READ: Final = 1024 * 1024
 
 
 class _Connection:
@@ -126,6 +147,22 @@ class LeanTransport:
                 else:
                     await _close(connection.stream)
         return response
+
+    async def open_stream(self, url: str, headers: Headers, query: str = "") -> StreamResponse:
+        """GET ``url`` plus ``query`` (encoded; errors name ``url`` alone) on a
+        connection of its own; return once the response's head arrived (the
+        caller's cancel scope bounds that).  Close it with :meth:`StreamResponse.aclose`."""
+        if self._closed:
+            raise TransportError(f"request to {url} failed: the client is closed", url=url)
+        origin, proxy, _ = self._route(url)
+        connection = await self._connect(origin, proxy)
+        try:
+            head = await _stream_head(connection, origin, proxy, headers, query.encode("ascii"))
+        except BaseException:
+            await _close(connection.stream)
+            raise
+        log_request("GET", url, head.status_code)
+        return StreamResponse(connection, head, url, proxy.url if proxy else None)
 
     async def aclose(self) -> None:
         """Close every idle connection; requests in flight close theirs when done."""
@@ -203,6 +240,94 @@ async def _exchange(
     except h11.ProtocolError as exc:
         raise protocol_error(exc, url) from None
     return finish(conn, reply)
+
+
+async def _stream_head(
+    connection: _Connection,
+    origin: Origin,
+    proxy: ProxyRoute | None,
+    headers: Headers,
+    query: bytes,
+) -> h11.Response:
+    conn = connection.h11
+    url = origin.url
+    request = request_bytes(conn, b"GET", origin, proxy, headers, query=query)
+    try:
+        await connection.stream.send_all(request)
+        while (head := response_head(conn, url)) is None:
+            conn.receive_data(bytes(await connection.stream.receive_some(READ_SIZE)))
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise transport_error(exc, url, proxy=proxy.url if proxy else None) from exc
+    except h11.ProtocolError as exc:
+        raise protocol_error(exc, url) from None
+    return head
+
+
+class BodyReadError(TransportError):
+    """The connection failed while a stream's body was read; the message is the
+    reason alone (:class:`EventStream` turns it into :class:`StreamInterrupted`)."""
+
+
+class StreamResponse:
+    """A streaming response of the lean path: status, lower-case headers, and the
+    body as it arrives (:meth:`aiter_raw`), on a connection that :meth:`aclose`
+    closes.  A failure while reading the body is a :class:`BodyReadError`."""
+
+    __slots__ = ("_connection", "headers", "http_version", "proxy", "status_code", "url")
+
+    #: What a body read raises when the connection fails (see :class:`EventStream`).
+    read_errors: Final = (BodyReadError,)
+
+    def __init__(
+        self, connection: _Connection, head: h11.Response, url: str, proxy: str | None
+    ) -> None:
+        self._connection = connection
+        self.status_code = head.status_code
+        self.headers = as_headers(head.headers)
+        self.http_version = "HTTP/" + head.http_version.decode("ascii", "replace")
+        self.url = url
+        self.proxy = proxy
+
+    async def aiter_raw(self) -> AsyncGenerator[bytes, None]:
+        """The body's bytes, a block per read, as framed by h11; ends at the body's end."""
+        conn = self._connection.h11
+        stream = self._connection.stream
+        try:
+            while True:
+                event = conn.next_event()
+                kind = type(event)
+                if kind is h11.Data:
+                    yield event.data  # type: ignore[union-attr]
+                elif event is h11.NEED_DATA:
+                    # b"" at EOF (bytes() of bytes is the same object: no copy)
+                    conn.receive_data(bytes(await stream.receive_some(STREAM_READ)))
+                elif kind is h11.EndOfMessage:
+                    return
+                else:  # ConnectionClosed: nothing more will come
+                    raise BodyReadError(
+                        "the server closed the connection in the middle of the body", url=self.url
+                    )
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise BodyReadError(describe_cause(exc), url=self.url) from exc
+        except h11.ProtocolError as exc:
+            # A chunked body without its last chunk, a Content-Length not reached, bad framing.
+            raise BodyReadError(describe_cause(exc), url=self.url) from None
+
+    async def read_bounded(self, limit: int = MAX_BODY) -> bytes:
+        """At most ``limit`` bytes of the (decoded) body: an error body's diagnostic.
+        A failure ends the body where it broke (the status already says what matters)."""
+        body = bytearray()
+        with contextlib.suppress(BodyReadError):
+            async with contextlib.aclosing(self.aiter_raw()) as chunks:
+                async for data in chunks:
+                    body += data
+                    if len(body) > limit * 4:  # decode_body bounds what is kept; stop
+                        break
+        return decode_body(self.headers.get("content-encoding"), bytes(body), limit)[0]
+
+    async def aclose(self) -> None:
+        """Close the connection (a stream's connection is never reused)."""
+        await _close(self._connection.stream)
 
 
 def _close_now(stream: trio.abc.Stream) -> None:

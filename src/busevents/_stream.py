@@ -17,7 +17,6 @@ import zlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import msgspec
 import trio
 
@@ -27,6 +26,8 @@ from ._ndjson import NDJSONDecoder
 from ._responses import Inflater, describe_cause, format_seconds
 
 if TYPE_CHECKING:
+    from ._http import HttpxStream
+    from ._publish import StreamResponse
     from ._reconnect import RecentIds
 
 __all__ = ["EventStream"]
@@ -68,7 +69,7 @@ class EventStream:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: StreamResponse | HttpxStream,
         spec: StreamSpec,
         max_line: int,
         url: str,
@@ -84,6 +85,8 @@ class EventStream:
         self.url = url
         self.bytes_received = 0
         self._response = response
+        #: What a read raises when the connection fails (the transport's own errors).
+        self._read_errors = response.read_errors
         self._max_line = max_line
         self._chunks: AsyncIterator[bytes] | None = None
         self._decoder: NDJSONDecoder[Any] | None = None
@@ -110,7 +113,7 @@ class EventStream:
             and "content-length" not in headers
         )
         if self._unframed and spec.follow:
-            _warn_unframed(url, getattr(response, "http_version", "HTTP/1.0"))
+            _warn_unframed(url, response.http_version)
 
     def filter(
         self,
@@ -196,7 +199,7 @@ class EventStream:
         self._feed = decoder.feed_raw if raw else decoder.feed
         self._raw = raw
         try:
-            inflater = Inflater.of(self._response)
+            inflater = Inflater.for_encoding(self._response.headers.get("content-encoding"))
         except ValueError as exc:
             raise StreamError(
                 f"the stream from {self.url} came with {exc}, which busevents does not "
@@ -226,7 +229,7 @@ class EventStream:
             except StopAsyncIteration:
                 self._end()
                 return None
-            except httpx.HTTPError as exc:
+            except self._read_errors as exc:
                 self._broken = "failed"
                 raise self._interrupted(bounded_text(describe_cause(exc), 200)) from exc
             except zlib.error as exc:

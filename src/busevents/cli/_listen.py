@@ -115,6 +115,7 @@ def listen(
 
         from busevents import RetryPolicy
 
+        _keep_heap_slack()
         diag = g.diagnostics()
         results = g.results()
         # A one-shot command reconnects only when asked: by --retry or by the variable.
@@ -192,6 +193,33 @@ async def _listen(
         on_retry=retrying,
         **options,
     )
+
+
+#: Slack glibc's heap keeps when it shrinks (``M_TOP_PAD``), for :func:`_keep_heap_slack`.
+HEAP_SLACK = 16 * 1024 * 1024
+
+
+def _keep_heap_slack() -> None:
+    """Let glibc keep 16 MiB of freed heap instead of handing it back to the kernel.
+
+    A fast stream passes a few megabytes of short-lived buffers per read (the
+    socket's, h11's, the validated block); by default glibc returns the heap's
+    top to the kernel whenever a megabyte or two is free, and the next read
+    faults every page back in: 40,000 to 120,000 minor page faults and about
+    0.1 s of system time per 200 MB, a fifth of the whole listen
+    (benchmarks/README.md, issue 24).  This process is ours, so the allocator
+    is tuned here, once; the SDK leaves its host's allocator alone.  Elsewhere
+    than glibc this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):  # musl and others: no mallopt
+        return
+    mallopt(-2, HEAP_SLACK)  # M_TOP_PAD
 
 
 @asynccontextmanager
