@@ -99,6 +99,9 @@ def derive(out: dict[str, Row]) -> None:
     cli = out.get("cli")
     if cli and cli.value and hc:
         cli.note = f"/ H(check) = {cli.value / hc:.2f}"
+        lean = serial(rate("T.lean"), rate("D.check"))
+        if lean:  # the ceiling of the CLI's own path: its transport, then the check
+            cli.note += f"; / H(T.lean, check) = {cli.value / lean:.2f}"
     batches, aio = rate("sdk.batches"), rate("aiohttp.lines")
     if batches and aio:
         out["aiohttp.lines"].note = f"sdk.batches / this = {batches / aio:.1f}"

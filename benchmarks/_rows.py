@@ -36,6 +36,7 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
 _TABLE: tuple[tuple[str, str, str], ...] = (
     # issue 3: the listen path, from the raw source server
     ("T", "transfer", "httpx aiter_raw(), no decode (transfer limit)"),
+    ("T.lean", "transfer", "SDK lean transport aiter_raw(), no decode (its transfer limit)"),
     ("D", "decode", "msgspec decode_lines(Event), memory, 64 KiB"),
     ("D.check", "decode", "msgspec decode_lines(id+name check), memory"),
     ("D.feed", "decode", "SDK NDJSONDecoder.feed(Event), memory, 64 KiB"),
@@ -103,7 +104,7 @@ DEPENDS: dict[str, tuple[str, ...]] = {
     "sdk.batches": ("H",),
     "sdk.raw": ("T", "D.check"),
     "D.feed": ("D",),
-    "cli": ("D", "T", "D.check"),
+    "cli": ("D", "T", "D.check", "T.lean"),
     "httpx.lines": ("sdk.iter",),
     "aiohttp.lines": ("sdk.iter", "sdk.batches"),
     "curl.jq": ("cli",),

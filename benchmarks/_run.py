@@ -12,7 +12,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from . import _run_nats, _run_publish, _workload
@@ -96,6 +97,40 @@ async def _transfer_once(http: Any, url: str) -> tuple[int, str | None, dict[str
         async for chunk in response.aiter_raw():
             size += len(chunk)
             prev, last = last, chunk
+    return size // _workload.LINE_SIZE, _last_id_of(prev + last), {"bytes": size}
+
+
+@asynccontextmanager
+async def _lean_transport() -> AsyncIterator[Any]:
+    import ssl
+
+    from busevents._config import Proxies
+    from busevents._publish import LeanTransport
+    from busevents.cli._listen import _keep_heap_slack
+
+    _keep_heap_slack()  # the CLI's allocator setting: this row is the CLI path's ceiling
+    lean = LeanTransport(proxies=Proxies(), ssl_context=ssl.create_default_context)
+    try:
+        yield lean
+    finally:
+        await lean.aclose()
+
+
+async def _transfer_lean_once(lean: Any, url: str) -> tuple[int, str | None, dict[str, Any]]:
+    """T.lean: what the SDK's own stream transport (h11 over trio, 1 MiB reads) delivers
+    through ``aiter_raw()``, nothing decoded: the listener's transfer ceiling."""
+    from busevents._http import RequestHeaders
+
+    size = 0
+    prev = last = b""
+    base, _, query = _stream_url(url).partition("?")
+    response = await lean.open_stream(base, RequestHeaders().stream(None), query)
+    try:
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            prev, last = last, chunk
+    finally:
+        await response.aclose()
     return size // _workload.LINE_SIZE, _last_id_of(prev + last), {"bytes": size}
 
 
@@ -292,6 +327,9 @@ def _multi(params: Params) -> Result:
 KINDS: dict[str, Callable[[Params], Result]] = {
     "transfer": lambda p: _repeat_trio(
         p, _httpx_client, lambda http: _transfer_once(http, p["url"])
+    ),
+    "transfer-lean": lambda p: _repeat_trio(
+        p, _lean_transport, lambda lean: _transfer_lean_once(lean, p["url"])
     ),
     "decode": _decode,
     "sdk": lambda p: _repeat_trio(

@@ -37,6 +37,7 @@ __all__ = ["ROUND_ROWS", "SLOW_ROWS", "STREAM_ROWS", "measure_rss", "measure_thr
 #: Interleaved in rounds, in this order; the slow ones stream ``slow_events``.
 ROUND_ROWS = (
     "T",
+    "T.lean",
     "D",
     "D.check",
     "D.feed",
@@ -57,6 +58,7 @@ STREAM_ROWS = frozenset((*ROUND_ROWS, *SLOW_ROWS, "rss"))
 #: Rows measured by a ``benchmarks._run`` worker: kind and extra parameters.
 WORKER_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "T": ("transfer", {}),
+    "T.lean": ("transfer-lean", {}),
     "D": ("decode", {"type": "event"}),
     "D.check": ("decode", {"type": "check"}),
     "D.feed": ("decode", {"type": "event", "framing": True}),
