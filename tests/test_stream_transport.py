@@ -5,6 +5,8 @@ and each stream has a connection of its own that the client closes."""
 
 from __future__ import annotations
 
+import sys
+
 import httpx
 import pytest
 import trio
@@ -115,3 +117,28 @@ async def test_each_stream_has_its_own_connection_which_the_client_closes() -> N
         with trio.fail_after(10):
             await all_closed.wait()
     assert (opened, closed) == (3, 3)
+
+
+async def test_a_stream_on_the_default_transport_never_loads_httpx() -> None:
+    """The lean path is the whole path: a listener process imports neither httpx nor
+    httpcore (a real process, its modules listed at the end)."""
+
+    async def handler(stream: trio.SocketStream, request: bytes) -> None:
+        body = b"".join(EVENTS[:5])
+        await stream.send_all(head(b"Content-Length: %d\r\n" % len(body)) + body)
+
+    child = (
+        "import sys, trio\n"
+        "from busevents import EventsClient\n"
+        "async def main():\n"
+        "    async with EventsClient(sys.argv[1], 'a.b.c') as client:\n"
+        f"        async with client.listen({NAME!r}, replay=True, follow=False) as stream:\n"
+        "            ids = [event.id async for event in stream]\n"
+        "    print(len(ids), sorted({'httpx', 'httpcore'} & set(sys.modules)))\n"
+        "trio.run(main)\n"
+    )
+    async with serve_raw(handler) as base:
+        done = await trio.run_process(
+            [sys.executable, "-c", child, base], capture_stdout=True, capture_stderr=True
+        )
+    assert done.stdout.decode().split(None, 1) == ["5", "[]\n"], done.stderr
