@@ -125,7 +125,13 @@ class ProviderMetrics:
     def delivered(self, name: str, delivery: str, count: int) -> None:
         """Count ``count`` events written to a stream of ``name``."""
         if count:
-            self._child(self._deliveries, self._prefix(name), delivery).inc(count)
+            self.deliveries(name, delivery).inc(count)
+
+    def deliveries(self, name: str, delivery: str) -> Any:
+        """The counter of events written to streams of ``name``: a stream looks it up
+        once, then counts each batch with ``inc(n)`` (a lookup per batch was a tenth
+        of a delivery's cost)."""
+        return self._child(self._deliveries, self._prefix(name), delivery)
 
     def auth_failure(self, reason: str) -> None:
         """Count one refused request."""
