@@ -22,8 +22,7 @@ publisher inventing names cannot grow the exposition without bound.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -125,7 +124,13 @@ class ProviderMetrics:
     def delivered(self, name: str, delivery: str, count: int) -> None:
         """Count ``count`` events written to a stream of ``name``."""
         if count:
-            self._child(self._deliveries, self._prefix(name), delivery).inc(count)
+            self.deliveries(name, delivery).inc(count)
+
+    def deliveries(self, name: str, delivery: str) -> Any:
+        """The counter of events written to streams of ``name``: a stream looks it up
+        once, then counts each batch with ``inc(n)`` (a lookup per batch was a tenth
+        of a delivery's cost)."""
+        return self._child(self._deliveries, self._prefix(name), delivery)
 
     def auth_failure(self, reason: str) -> None:
         """Count one refused request."""
@@ -136,18 +141,37 @@ class ProviderMetrics:
         route = route if route in _ROUTES else "other"
         self._child(self._durations, route, str(status)).observe(seconds)
 
-    @contextmanager
-    def backend_call(self, operation: str) -> Iterator[None]:
-        """Time a backend operation; count it as an error when it raises."""
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception:
-            self._child(self._backend_errors, operation).inc()
-            raise
-        finally:
-            self._child(self._backend_seconds, operation).observe(time.perf_counter() - start)
+    def backend_call(self, operation: str) -> _BackendCall:
+        """Time a backend operation (a ``with`` block); count it as an error when it raises."""
+        return _BackendCall(self, operation)
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+class _BackendCall:
+    """:meth:`ProviderMetrics.backend_call`: a plain class, not a generator-based context
+    manager, which cost a publish as much as the histogram it feeds."""
+
+    __slots__ = ("_metrics", "_operation", "_start")
+
+    def __init__(self, metrics: ProviderMetrics, operation: str) -> None:
+        self._metrics = metrics
+        self._operation = operation
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        metrics, operation = self._metrics, self._operation
+        if kind is not None and issubclass(kind, Exception):
+            metrics._child(metrics._backend_errors, operation).inc()
+        elapsed = time.perf_counter() - self._start
+        metrics._child(metrics._backend_seconds, operation).observe(elapsed)

@@ -27,6 +27,7 @@ from ._asgi import (
     unavailable,
 )
 from ._auth import INTERNAL_AUDIENCE
+from ._h11server import BODY_WRITER, BodyWriter, chunk
 from ._names import InvalidParameter, check_flag, check_label, check_name, has_wildcard
 from .backends._base import BackendLimit, BackendUnavailable, Selector, StoredEvent, Subscription
 
@@ -55,6 +56,7 @@ class StreamHandler:
 
     def __init__(self, app: EventsApp) -> None:
         self.app = app
+        self._shared = _SharedChunk()
         config = app.config
         # Replay pages in flight, all streams together (see ``_replay``).
         self._budget = trio.CapacityLimiter(max(1, config.replay_bytes // config.replay_page_bytes))
@@ -82,8 +84,10 @@ class StreamHandler:
         delivery = spec.delivery.value
         gauge = self.app.metrics.open_streams.labels(delivery)
         gauge.inc()
+        # Under the provider's own server, live events go straight to the socket.
+        writer: BodyWriter | None = scope.get("extensions", {}).get(BODY_WRITER)
         try:
-            await self._write_stream(receive, send, spec, selector, started, after)
+            await self._write_stream(receive, send, spec, selector, started, after, writer)
         finally:
             gauge.dec()
 
@@ -139,6 +143,7 @@ class StreamHandler:
         selector: Selector,
         started: float,
         after: tuple[int, int] | None,
+        writer: BodyWriter | None,
     ) -> None:
         sent = False
 
@@ -149,7 +154,9 @@ class StreamHandler:
 
         try:
             with single_error():
-                await self._write_stream_body(receive, send_once, spec, selector, started, after)
+                await self._write_stream_body(
+                    receive, send_once, spec, selector, started, after, writer
+                )
         except BackendLimit as exc:
             if sent:
                 raise
@@ -169,6 +176,7 @@ class StreamHandler:
         selector: Selector,
         started: float,
         after: tuple[int, int] | None,
+        writer: BodyWriter | None,
     ) -> None:
         start = {"type": "http.response.start", "status": 200, "headers": _STREAM_HEADERS}
         end = {"type": "http.response.body", "body": b"", "more_body": False}
@@ -203,7 +211,8 @@ class StreamHandler:
             if spec.replay:
                 seen = await self._replay(send, selector, after, delivery, begin)
             await begin()
-            await self._follow(send, subscription, seen, spec)
+            out = _BodyOut(send) if writer is None else _DirectOut(send, writer, self._shared)
+            await self._follow(out, subscription, seen, spec)
             nursery.cancel_scope.cancel()
         if began:
             await send(end)
@@ -261,38 +270,117 @@ class StreamHandler:
             self.app.metrics.delivered(name, delivery, count)
 
     async def _follow(
-        self, send: Send, subscription: Subscription, seen: int, spec: StreamSpec
+        self, out: _BodyOut, subscription: Subscription, seen: int, spec: StreamSpec
     ) -> None:
-        """Write live events until the backend ends the subscription or the app closes."""
+        """Write live events until the backend ends the subscription or the app closes.
+
+        The hot path of fan-out: per batch, one wake-up and one write.  The wait
+        for events runs in a cancel scope (shutdown, and the keep-alive
+        deadline), entered once per keep-alive period rather than per batch: its
+        deadline is the last write plus ``keepalive``, re-armed only when it
+        passes.  Writes inside the scope never wait (:meth:`_BodyOut.put`), so
+        neither a stop nor a keep-alive deadline can cut a chunk in half; what
+        the socket does not take at once is sent after the scope, waiting.
+        """
         keepalive = self.app.config.keepalive or math.inf
         limit = _BATCH_LIMIT[spec.delivery]
-        delivery = spec.delivery.value
+        counter = self.app.metrics.deliveries(spec.name, spec.delivery.value)
         key = object()
-        metrics = self.app.metrics
+        last = trio.current_time()  # the last write: keep-alive lines follow silence
         try:
             while not self.app.closing:
-                batch: list[StoredEvent] | None = None
-                with trio.move_on_after(keepalive) as wait:
+                rest, ended = b"", False
+                with trio.CancelScope(deadline=last + keepalive) as wait:
                     self.app.waits[key] = wait
-                    batch = await subscription.receive_batch(limit)
-                if batch is None:
+                    while not rest:
+                        batch = await subscription.receive_batch(limit)
+                        if not batch:
+                            ended = True
+                            break
+                        if seen:
+                            batch = [event for event in batch if event.seq > seen]
+                            if not batch:
+                                continue
+                            seen = 0  # sequences only grow: later batches are all new
+                        if len(batch) == 1:
+                            rest = out.put(batch[0].line, shared=True)
+                        else:
+                            rest = out.put(b"".join([e.line for e in batch]))
+                        counter.inc(len(batch))
+                        last = trio.current_time()
+                if ended:
+                    self.app.metrics.slow_consumers.inc()
+                    return
+                if rest:
+                    await out.flush(rest)
+                elif wait.cancelled_caught:
                     if self.app.closing:
                         return
-                    await send({"type": "http.response.body", "body": b"\n", "more_body": True})
-                    continue
-                if not batch:
-                    metrics.slow_consumers.inc()
-                    return
-                if seen:
-                    batch = [event for event in batch if event.seq > seen]
-                    if not batch:
-                        continue
-                    seen = 0  # sequences only grow: later batches are all new
-                body = batch[0].line if len(batch) == 1 else b"".join(e.line for e in batch)
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-                metrics.delivered(spec.name, delivery, len(batch))
+                    if trio.current_time() >= last + keepalive:
+                        await out.flush(out.put(b"\n"))
+                        last = trio.current_time()
+                    # else events were written since the deadline was set: re-arm it
         finally:
             self.app.waits.pop(key, None)
+
+
+class _BodyOut:
+    """A following stream's body: :meth:`put` writes what goes out without waiting,
+    :meth:`flush` the rest.  This one sends ASGI messages (any ASGI server); see
+    :class:`_DirectOut` for the provider's own server."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+
+    def put(self, body: bytes, *, shared: bool = False) -> bytes:
+        """Write what can go out now; return the rest, for :meth:`flush`.
+
+        ``shared``: the same ``body`` object goes to many streams (one event).
+        """
+        return body
+
+    async def flush(self, rest: bytes) -> None:
+        """Write what :meth:`put` left, waiting for the peer."""
+        await self._send({"type": "http.response.body", "body": rest, "more_body": True})
+
+
+class _SharedChunk:
+    """The chunk of the last single-event body framed: the streams of one event,
+    woken one after another, frame its line once and share the bytes."""
+
+    __slots__ = ("body", "chunk")
+
+    def __init__(self) -> None:
+        self.body = b""
+        self.chunk = chunk(b"")
+
+    def of(self, body: bytes) -> bytes:
+        if body is not self.body:
+            self.chunk = chunk(body)
+            self.body = body  # held, so that its id is not reused while cached
+        return self.chunk
+
+
+class _DirectOut(_BodyOut):
+    """Body bytes straight to the socket, through the lean server's :class:`BodyWriter`."""
+
+    __slots__ = ("_chunked", "_shared", "_writer")
+
+    def __init__(self, send: Send, writer: BodyWriter, shared: _SharedChunk) -> None:
+        super().__init__(send)
+        self._writer = writer
+        self._chunked = writer.chunked
+        self._shared = shared
+
+    def put(self, body: bytes, *, shared: bool = False) -> bytes:
+        if self._chunked:
+            body = self._shared.of(body) if shared else chunk(body)
+        return self._writer.write_now(body)
+
+    async def flush(self, rest: bytes) -> None:
+        await self._writer.write(rest)
 
 
 def _after(history: list[StoredEvent], after: tuple[int, int] | None) -> list[StoredEvent]:

@@ -186,11 +186,13 @@ class IdClock:
     never goes backwards even if the wall clock does.
     """
 
-    __slots__ = ("_last_ms", "_seq")
+    __slots__ = ("_last_ms", "_second", "_second_text", "_seq")
 
     def __init__(self) -> None:
         self._last_ms = -1
         self._seq = 0
+        self._second = -1
+        self._second_text = ""
 
     def next(self) -> tuple[str, str]:
         """A fresh ``(id, time)`` pair; time is UTC with microseconds and ``Z``."""
@@ -202,12 +204,14 @@ class IdClock:
         else:
             self._seq += 1
         seconds, rest_ns = divmod(now_ns, 1_000_000_000)
-        t = time.gmtime(seconds)
-        stamp = (
-            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{rest_ns // 1000:06d}Z"
-        )
-        return f"{self._last_ms}-{self._seq}", stamp
+        if seconds != self._second:  # the calendar part, formatted once a second
+            t = time.gmtime(seconds)
+            self._second = seconds
+            self._second_text = (
+                f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+                f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            )
+        return f"{self._last_ms}-{self._seq}", f"{self._second_text}.{rest_ns // 1000:06d}Z"
 
 
 def encode_envelope(draft: Draft, event_id: str, stamp: str) -> bytes:
