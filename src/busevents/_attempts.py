@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError, TransportError, bounded_text
 from ._http import MAX_BODY, Response
 from ._responses import Headers, api_error
-from ._retry import Backoff, RetryPolicy, is_retryable
 
 if TYPE_CHECKING:
     import msgspec
 
     from ._contracts import Accepted, PublishRequest
+    from ._retry import Backoff
 
 __all__ = [
-    "PUBLISH_RETRY",
     "Attempts",
     "acceptance",
     "accepted_fields",
@@ -36,9 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("busevents")
-
-#: The backoff of publish retries.
-PUBLISH_RETRY: Final = RetryPolicy(min_delay=0.5, max_delay=10.0)
 
 
 def encode(value: Any) -> bytes:
@@ -115,11 +111,15 @@ class Attempts:
         self.body = body
         self.key = key
         self.retries = retries
-        self._backoff = Backoff(PUBLISH_RETRY)
+        self._backoff: Backoff | None = None  # at the first failure
 
     def wait_after(self, error: APIError | TransportError) -> float:
         """Seconds to wait before trying again after ``error``; raises it when no
         retry is left or retrying cannot help."""
+        from ._retry import PUBLISH_RETRY, Backoff, is_retryable
+
+        if self._backoff is None:
+            self._backoff = Backoff(PUBLISH_RETRY)
         backoff = self._backoff
         if backoff.failures == self.retries or (
             isinstance(error, APIError) and not is_retryable(error)

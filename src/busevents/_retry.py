@@ -36,7 +36,7 @@ from ._errors import (
 if TYPE_CHECKING:
     import random
 
-__all__ = ["Backoff", "RetryPolicy", "is_retryable"]
+__all__ = ["PUBLISH_RETRY", "Backoff", "RetryPolicy", "is_retryable"]
 
 RETRY_ENV: Final = "BUS_EVENTS_LISTENER_RETRY"
 RETRY_MIN_ENV: Final = "BUS_EVENTS_LISTENER_RETRY_MIN"
@@ -160,6 +160,10 @@ class RetryPolicy:
         if retry_after:
             delay = max(delay, min(retry_after, self.max_retry_after))
         return delay
+
+
+#: The backoff of publish retries.
+PUBLISH_RETRY: Final = RetryPolicy(min_delay=0.5, max_delay=10.0)
 
 
 class Backoff:
