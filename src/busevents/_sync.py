@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import h11
 
-from ._attempts import Attempts, acceptance, accepted_fields, as_raw, error_for
+from ._attempts import (
+    Attempts,
+    acceptance,
+    accepted_fields,
+    as_raw,
+    error_for,
+    request_body,
+    retry_identity,
+)
 from ._config import (
     Proxies,
     Token,
@@ -185,7 +193,14 @@ class SyncTransport:
         # an import that a publish to 127.0.0.1 need not pay.
         # (bytes work at run time; the stubs say str)
         address: tuple[Any, int] = (host.encode("ascii") if host.isascii() else host, port)
-        sock = socket.create_connection(address, timeout=deadline.left())
+        try:
+            sock = socket.create_connection(address, timeout=deadline.left())
+        except (TimeoutError, socket.gaierror):
+            raise
+        except OSError as exc:
+            # trio's words (EventsClient's open_tcp_stream), so that both clients say the same
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(f"all attempts to connect to {where} failed") from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for level, option, value in self._socket_options:
@@ -358,11 +373,16 @@ class SyncClient:
         (the semantics of :meth:`EventsClient.publish`)."""
         return self._attempt(Attempts(request, retries, idempotency_key), acceptance)
 
-    def _publish_encoded(self, attempts: Attempts) -> tuple[str, str, bytes]:
-        """Publish a body encoded already; return the accepted event's name and id and the
-        provider's JSON body.  For the CLI's fast ``send``: it loads no msgspec when the
-        acceptance is plain (see :func:`~busevents._attempts.accepted_fields`)."""
-        return self._attempt(attempts, accepted_fields)
+    def _publish_json(
+        self, name: str, payload: bytes, *, correlation_id: str | None = None, retries: int = 0
+    ) -> tuple[str, str, bytes]:
+        """``publish(PublishRequest(name, Raw(payload), correlation_id), retries=retries)``
+        for a ``payload`` that is JSON already, returning the accepted event's name and id
+        and the provider's JSON body: the same bytes sent, the same acceptance and errors,
+        without loading msgspec for a plain acceptance.  For the CLI's fast ``send``."""
+        correlation_id, key = retry_identity(correlation_id, retries, None)
+        body = request_body(name, payload, correlation_id)
+        return self._attempt(Attempts.encoded(body, retries, key), accepted_fields)
 
     def _attempt(self, attempts: Attempts, accept: Callable[[Response, str, list[str]], T]) -> T:
         while True:

@@ -20,7 +20,7 @@ Nor msgspec, whose import costs more than the rest of this path: the payload is
 read and written again with the standard library's ``json``, whose result is
 byte for byte msgspec's for plain JSON (see :func:`_plain_payload`; anything else
 goes through msgspec, as the full command does), and a plain acceptance is read
-the same way (``_attempts.accepted_fields``).  Failures are reported by
+the same way (``SyncClient._publish_json``).  Failures are reported by
 :func:`_report`, in the full command's words, without loading the CLI.
 """
 
@@ -98,23 +98,16 @@ def fast_send(args: list[str]) -> int | None:
     if parsed is None:
         return None
     globals_, options = parsed
-    from .._config import parse_duration
-    from .._errors import ConfigError
+    from busevents import ConfigError, parse_duration
 
     payload = _payload_json(options.get("--payload", "null"))
     try:
         timeout = parse_duration(globals_["--timeout"]) if "--timeout" in globals_ else 30.0
     except ConfigError:
         return None  # the full command says what is wrong, in its own words
-    if payload is None:
-        return None
-    from .._attempts import Attempts, retry_identity
-
-    retries = int(options.get("--retry", "0"))
-    correlation_id, key = retry_identity(options.get("--correlation-id"), retries, None)
-    body = _body(options["--name"], payload, correlation_id)
-    if body is None:
-        return None
+    name, correlation_id = options["--name"], options.get("--correlation-id")
+    if payload is None or not _utf8(name) or not _utf8(correlation_id or ""):
+        return None  # not UTF-8: the full command's to report (msgspec cannot encode it)
     from ._output import Diagnostics, Results, escape_controls, use_color
 
     quiet = "--quiet" in globals_
@@ -127,7 +120,7 @@ def fast_send(args: list[str]) -> int | None:
     results = Results(None, quiet=quiet)
     json_format = globals_.get("--format") == "json"
 
-    from .._sync import SyncClient
+    from busevents import SyncClient
 
     # A one-shot publish needs no event loop: SyncClient speaks the same HTTP, blocking.
     ca: dict[str, Any] = {"ca_file": globals_["--ca-file"]} if "--ca-file" in globals_ else {}
@@ -140,11 +133,16 @@ def fast_send(args: list[str]) -> int | None:
                 timeout=timeout,
                 **ca,
             ) as client:
-                name, event_id, raw = client._publish_encoded(Attempts.encoded(body, retries, key))
+                accepted_name, event_id, raw = client._publish_json(
+                    name,
+                    payload,
+                    correlation_id=correlation_id,
+                    retries=int(options.get("--retry", "0")),
+                )
             if json_format:
                 results.write(raw.strip() + b"\n")
             else:
-                text = f"accepted {name} {event_id}"
+                text = f"accepted {accepted_name} {event_id}"
                 results.write(escape_controls(text).encode() + b"\n")
         finally:
             results.close()
@@ -176,7 +174,7 @@ def _payload_json(text: str) -> bytes | None:
     except UnicodeEncodeError:
         return None
     if data.count(b"[") + data.count(b"{") > _PLAIN_DEPTH:
-        from .._depth import nesting_error
+        from busevents import nesting_error
 
         if nesting_error(data, _PLAIN_DEPTH) is not None:
             return None
@@ -232,22 +230,12 @@ def _plain_float(text: str) -> float:
     return value
 
 
-def _body(name: str, payload: bytes, correlation_id: str | None) -> bytes | None:
-    """``PublishRequest(name, payload, correlation_id)`` as msgspec encodes it; None
-    for a string that is not UTF-8 (the full command's to report)."""
-    import json
-
-    parts = ['{"name":', json.dumps(name, ensure_ascii=False)]
+def _utf8(text: str) -> bool:
     try:
-        head = "".join(parts).encode()
-        tail = (
-            ',"correlationId":' + json.dumps(correlation_id, ensure_ascii=False) + "}"
-            if correlation_id is not None
-            else "}"
-        ).encode()
-    except UnicodeEncodeError:
-        return None
-    return head + b',"payload":' + payload + tail
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a byte of the command line not UTF-8)
+        return False
+    return True
 
 
 # -- failures, in the full command's words ------------------------------------------
@@ -266,7 +254,7 @@ def _setup_logging(diagnostics: Diagnostics) -> None:
 def _report(exc: BaseException, diagnostics: Diagnostics) -> int | None:
     """Report ``exc`` on stderr and give its exit status, as the full ``send`` does
     (``_commands._status_for``; a test holds the two alike); None for a bug."""
-    from .._errors import BusEventsError, ConfigError, ExitStatus, Forbidden, Unauthorized
+    from busevents import BusEventsError, ConfigError, ExitStatus, Forbidden, Unauthorized
 
     if isinstance(exc, KeyboardInterrupt):
         return 130
