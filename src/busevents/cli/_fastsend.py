@@ -16,7 +16,7 @@ the same writers and mapped to the same exit statuses as the full ``send``.
 It publishes with :class:`SyncClient` (the same HTTP, blocking): no trio, no
 event loop to start.
 
-Nor msgspec, whose import costs more than the rest of this path: the payload is
+Nor msgspec, whose import alone cost this path about 14 ms: the payload is
 read and written again with the standard library's ``json``, whose result is
 byte for byte msgspec's for plain JSON (see :func:`_plain_payload`; anything else
 goes through msgspec, as the full command does), and a plain acceptance is read
