@@ -19,19 +19,19 @@ rewords them to its options.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import os
 import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError, TokenError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "CA_FILE_ENV",
@@ -100,7 +100,9 @@ def normalize_events_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
-_USERINFO = re.compile(r"^[^/?#]*@")
+# The patterns of this module are compiled where used (re's cache keeps them): the
+# start-up of a one-shot ``send`` need not pay for those it does not use.
+_USERINFO = r"^[^/?#]*@"
 
 
 def _without_userinfo(url: str) -> str:
@@ -109,8 +111,8 @@ def _without_userinfo(url: str) -> str:
         return url
     scheme, slashes, rest = url.partition("//")
     if not slashes:  # no "//": whatever precedes an "@" in the first segment
-        return _USERINFO.sub("…@", url)
-    return scheme + slashes + _USERINFO.sub("…@", rest)
+        return re.sub(_USERINFO, "…@", url)
+    return scheme + slashes + re.sub(_USERINFO, "…@", rest)
 
 
 def resolve_url(api_url: str | None, env: Mapping[str, str] | None = None) -> str:
@@ -125,7 +127,7 @@ def resolve_url(api_url: str | None, env: Mapping[str, str] | None = None) -> st
     return normalize_events_url(url)
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)"
 _UNIT_SECONDS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -148,8 +150,9 @@ def parse_duration(text: str) -> float:
     if body == "0":
         return 0.0
     pos, total = 0, 0.0
+    part = re.compile(_DURATION_PART)
     while pos < len(body):
-        m = _DURATION_PART.match(body, pos)
+        m = part.match(body, pos)
         if not m:
             break
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
@@ -167,6 +170,8 @@ def parse_duration(text: str) -> float:
 def config_root(env: Mapping[str, str] | None = None) -> Path:
     """The user's Bus config root: ``BUS_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/bus``,
     else ``~/.config/bus`` on Unix-like systems (the platform's user config dir elsewhere)."""
+    from pathlib import Path  # here: a token from the environment needs no path
+
     env = os.environ if env is None else env
     if env.get("BUS_CONFIG_DIR"):
         return Path(env["BUS_CONFIG_DIR"]).expanduser()
@@ -179,14 +184,16 @@ def config_root(env: Mapping[str, str] | None = None) -> Path:
     return platformdirs.user_config_path("bus", appauthor=False, roaming=True)
 
 
-_NOT_TOKEN_CHARS = re.compile(r"[^\x21-\x7e]")
+_NOT_TOKEN_CHARS = r"[^\x21-\x7e]"
 
 
 def check_token(value: str, source: str) -> str:
     """Return ``value`` if it can be sent as a bearer token: printable ASCII, no
     space.  Otherwise raise :class:`TokenError` naming ``source`` and what is
     wrong, never the value (an HTTP library would put it in its own error)."""
-    bad = _NOT_TOKEN_CHARS.search(value)
+    if value.isascii() and value.isprintable() and " " not in value:
+        return value  # all of it in \x21-\x7e (what the search below would say)
+    bad = re.search(_NOT_TOKEN_CHARS, value)
     if bad is None:
         return value
     char = bad.group()
@@ -259,6 +266,10 @@ def token_expiry(value: str) -> float | None:
     parts = value.split(".")
     if len(parts) != 3:
         return None
+    import base64
+    import binascii
+    import json
+
     segment = parts[1]
     try:
         claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
@@ -344,11 +355,15 @@ def find_token(
     """
     env = os.environ if env is None else env
     if token_file is not None:
+        from pathlib import Path
+
         return _read_token_file(Path(token_file).expanduser(), "token_file=")
     value = env.get(TOKEN_ENV, "").strip()
     if value:
         return Token(value, TOKEN_ENV)
     if env.get(TOKEN_FILE_ENV, "").strip():
+        from pathlib import Path
+
         return _read_token_file(Path(env[TOKEN_FILE_ENV].strip()).expanduser(), TOKEN_FILE_ENV)
     default = config_root(env) / "auth" / "api-token"
     if default.exists():

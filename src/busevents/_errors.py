@@ -65,8 +65,10 @@ class ExitStatus(enum.IntEnum):
 #: The longest diagnostic taken from a provider, in characters.
 MAX_DIAGNOSTIC = 300
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
-_TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+# Compiled at the first diagnostic (re's cache keeps them): a publish that succeeds
+# need not pay for them at start-up.
+_CONTROL = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+"
+_TAGS = r"(?is)<(script|style)\b.*?</\1\s*>|<[^>]*>"
 
 
 def bounded_text(text: str | bytes, limit: int = MAX_DIAGNOSTIC) -> str:
@@ -81,8 +83,8 @@ def bounded_text(text: str | bytes, limit: int = MAX_DIAGNOSTIC) -> str:
     else:
         text = text[: limit * 8]
     if "<" in text and ">" in text:
-        text = _TAGS.sub(" ", text)
-    text = " ".join(_CONTROL.sub(" ", text).split())
+        text = re.sub(_TAGS, " ", text)
+    text = " ".join(re.sub(_CONTROL, " ", text).split())
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
     return text

@@ -24,7 +24,6 @@ readable (``poll``) is closed, not reused.
 
 from __future__ import annotations
 
-import base64
 import logging
 import select
 from typing import Final
@@ -126,6 +125,8 @@ class ProxyRoute:
         self.port = parts.port or 80
         self.auth: bytes | None = None
         if parts.username is not None:
+            import base64  # only for a proxy with credentials
+
             pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
             self.auth = b"Basic " + base64.b64encode(pair.encode())
 

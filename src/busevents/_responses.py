@@ -10,12 +10,8 @@ from __future__ import annotations
 import re
 import time
 import zlib
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Final, Protocol
 
-import msgspec
-
-from ._contracts import ErrorBody
 from ._errors import (
     APIError,
     BadRequest,
@@ -48,7 +44,6 @@ __all__ = [
 #: The most of a response body that is read (acceptance or error), in bytes.
 MAX_BODY: Final = 64 * 1024
 
-_decode_error_body = msgspec.json.Decoder(ErrorBody).decode
 _SCOPE = re.compile(r"^[A-Za-z0-9:._*-]{1,64}$")
 
 
@@ -214,11 +209,19 @@ STATUS_ERRORS: dict[int, type[APIError]] = {
 
 def api_error(status: int, headers: Headers, body: bytes, url: str) -> APIError:
     """The typed error for an error response, its diagnostic bounded and printable."""
+    # msgspec, the wire types and http's phrases only here: a publish that succeeds
+    # (the sync path's start-up) need not pay for them.
+    from http import HTTPStatus
+
+    import msgspec
+
+    from ._contracts import ErrorBody
+
     code: str | None = None
     message = ""
     scopes: tuple[str, ...] = ()
     try:
-        parsed = _decode_error_body(body)
+        parsed = msgspec.json.decode(body, type=ErrorBody)
     except (msgspec.DecodeError, msgspec.ValidationError):
         message = bounded_text(body)
     else:

@@ -18,10 +18,9 @@
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ._config import parse_duration
 from ._errors import (
@@ -34,7 +33,10 @@ from ._errors import (
     TransportError,
 )
 
-__all__ = ["Backoff", "RetryPolicy", "is_retryable"]
+if TYPE_CHECKING:
+    import random
+
+__all__ = ["PUBLISH_RETRY", "Backoff", "RetryPolicy", "is_retryable"]
 
 RETRY_ENV: Final = "BUS_EVENTS_LISTENER_RETRY"
 RETRY_MIN_ENV: Final = "BUS_EVENTS_LISTENER_RETRY_MIN"
@@ -92,6 +94,7 @@ class RetryPolicy:
     Raises :class:`ConfigError` for a non-positive ``min_delay`` or
     ``max_delay < min_delay``.
 
+    >>> import random
     >>> RetryPolicy(min_delay=0.5, max_delay=10).delay(3, rng=random.Random(1)) <= 4.0
     True
     """
@@ -147,11 +150,20 @@ class RetryPolicy:
         least that, capped at ``max_retry_after``.
         """
         ceiling = min(self.max_delay, self.min_delay * 2.0 ** min(attempt, 64))
-        uniform = rng.uniform if rng is not None else random.uniform
+        if rng is None:
+            import random  # at the first retry: a publish that succeeds need not load it
+
+            uniform = random.uniform
+        else:
+            uniform = rng.uniform
         delay = uniform(self.min_delay, ceiling)
         if retry_after:
             delay = max(delay, min(retry_after, self.max_retry_after))
         return delay
+
+
+#: The backoff of publish retries.
+PUBLISH_RETRY: Final = RetryPolicy(min_delay=0.5, max_delay=10.0)
 
 
 class Backoff:

@@ -15,6 +15,13 @@ reported by the one parser that owns it.  Results and failures are written by
 the same writers and mapped to the same exit statuses as the full ``send``.
 It publishes with :class:`SyncClient` (the same HTTP, blocking): no trio, no
 event loop to start.
+
+Nor msgspec, whose import alone cost this path about 14 ms: the payload is
+read and written again with the standard library's ``json``, whose result is
+byte for byte msgspec's for plain JSON (see :func:`_plain_payload`; anything else
+goes through msgspec, as the full command does), and a plain acceptance is read
+the same way (``SyncClient._publish_json``).  Failures are reported by
+:func:`_report`, in the full command's words, without loading the CLI.
 """
 
 from __future__ import annotations
@@ -91,15 +98,16 @@ def fast_send(args: list[str]) -> int | None:
     if parsed is None:
         return None
     globals_, options = parsed
-    import msgspec
-
     from busevents import ConfigError, parse_duration
 
+    payload = _payload_json(options.get("--payload", "null"))
     try:
-        payload: Any = msgspec.json.decode(options.get("--payload", "null").encode())
         timeout = parse_duration(globals_["--timeout"]) if "--timeout" in globals_ else 30.0
-    except (msgspec.DecodeError, ConfigError):
+    except ConfigError:
         return None  # the full command says what is wrong, in its own words
+    name, correlation_id = options["--name"], options.get("--correlation-id")
+    if payload is None or not _utf8(name) or not _utf8(correlation_id or ""):
+        return None  # not UTF-8: the full command's to report (msgspec cannot encode it)
     from ._output import Diagnostics, Results, escape_controls, use_color
 
     quiet = "--quiet" in globals_
@@ -112,7 +120,7 @@ def fast_send(args: list[str]) -> int | None:
     results = Results(None, quiet=quiet)
     json_format = globals_.get("--format") == "json"
 
-    from busevents import PublishRequest, SyncClient
+    from busevents import SyncClient
 
     # A one-shot publish needs no event loop: SyncClient speaks the same HTTP, blocking.
     ca: dict[str, Any] = {"ca_file": globals_["--ca-file"]} if "--ca-file" in globals_ else {}
@@ -125,22 +133,112 @@ def fast_send(args: list[str]) -> int | None:
                 timeout=timeout,
                 **ca,
             ) as client:
-                request = PublishRequest(
-                    name=options["--name"],
-                    payload=msgspec.Raw(msgspec.json.encode(payload)),
-                    correlation_id=options.get("--correlation-id"),
+                accepted_name, event_id, raw = client._publish_json(
+                    name,
+                    payload,
+                    correlation_id=correlation_id,
+                    retries=int(options.get("--retry", "0")),
                 )
-                accepted, raw = client.publish(request, retries=int(options.get("--retry", "0")))
             if json_format:
                 results.write(raw.strip() + b"\n")
             else:
-                text = f"accepted {accepted.name} {accepted.id}"
+                text = f"accepted {accepted_name} {event_id}"
                 results.write(escape_controls(text).encode() + b"\n")
         finally:
             results.close()
     except BaseException as exc:
-        return _failure(exc, globals_, color)
+        status = _report(exc, diagnostics)
+        if status is None:
+            raise
+        return status
     return 0
+
+
+# -- the payload and the body, as msgspec writes them --------------------------------
+
+#: Payloads nesting deeper than this go to the full command: the provider refuses
+#: more than 512 levels, and near the recursion limit the two paths' stacks differ.
+_PLAIN_DEPTH = 400
+
+
+class _NotPlain(Exception):
+    """A value the stdlib ``json`` might not read or write exactly as msgspec does."""
+
+
+def _payload_json(text: str) -> bytes | None:
+    """The payload as the full ``send`` sends it (msgspec decodes the text, then encodes
+    the value), or None when the full command must judge it (invalid JSON: its usage
+    error; text that is not UTF-8, or nests very deeply: whatever it does)."""
+    try:
+        data = text.encode()
+    except UnicodeEncodeError:
+        return None
+    if data.count(b"[") + data.count(b"{") > _PLAIN_DEPTH:
+        from busevents import nesting_error
+
+        if nesting_error(data, _PLAIN_DEPTH) is not None:
+            return None
+    plain = _plain_payload(text)
+    if plain is not None:
+        return plain
+    import msgspec  # what is not plain: msgspec itself, as the full command
+
+    try:
+        return msgspec.json.encode(msgspec.json.decode(data))
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def _plain_payload(text: str) -> bytes | None:
+    """msgspec's encoding of the value of ``text``, made by the stdlib ``json``; None
+    when the two might differ, or ``json`` refuses it.
+
+    They agree on objects (a repeated key: the last value, at the first place),
+    arrays, strings (the same escapes, UTF-8 unescaped), true, false, null, integers
+    and floats that both write alike.  Not plain: NaN and Infinity (``json`` reads
+    them, msgspec does not), integers of more than 18 digits (msgspec's range), floats
+    that ``repr`` writes with an exponent (msgspec writes ``1e16``, not ``1e+16``) or
+    that overflow, lone surrogates (``json`` reads ``"\\ud800"``, msgspec does not).
+    """
+    import json
+
+    try:
+        value = json.loads(
+            text, parse_constant=_not_plain, parse_int=_short_int, parse_float=_plain_float
+        )
+        out = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return out.encode()
+    except (ValueError, RecursionError, _NotPlain):  # UnicodeEncodeError is a ValueError
+        return None
+
+
+def _not_plain(text: str) -> Any:
+    raise _NotPlain
+
+
+def _short_int(text: str) -> int:
+    if len(text) > 18:
+        raise _NotPlain
+    return int(text)
+
+
+def _plain_float(text: str) -> float:
+    value = float(text)
+    written = repr(value)
+    if "e" in written or "n" in written:  # 1e+16, 1e-05; inf, nan
+        raise _NotPlain
+    return value
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a byte of the command line not UTF-8)
+        return False
+    return True
+
+
+# -- failures, in the full command's words ------------------------------------------
 
 
 def _setup_logging(diagnostics: Diagnostics) -> None:
@@ -153,19 +251,32 @@ def _setup_logging(diagnostics: Diagnostics) -> None:
     root.setLevel(logging.WARNING)
 
 
-def _failure(exc: BaseException, globals_: dict[str, str], color: bool) -> int:
-    """Report ``exc`` exactly as the full ``send`` does (loading the CLI only now)."""
-    from ._base import Globals
-    from ._commands import _status_for
+def _report(exc: BaseException, diagnostics: Diagnostics) -> int | None:
+    """Report ``exc`` on stderr and give its exit status, as the full ``send`` does
+    (``_commands._status_for``; a test holds the two alike); None for a bug."""
+    from busevents import BusEventsError, ConfigError, ExitStatus, Forbidden, Unauthorized
 
-    g = Globals(
-        quiet="--quiet" in globals_,
-        format="json" if globals_.get("--format") == "json" else "text",
-        color=color,
-        api_url=globals_.get("--api-url"),
-        token_file=globals_.get("--token-file"),
-    )
-    status = _status_for(exc, g)
-    if status is None:
-        raise exc
-    return status
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, ConfigError):
+        diagnostics.error(str(exc))
+        return ExitStatus.USAGE
+    if isinstance(exc, BusEventsError):
+        diagnostics.error(str(exc))
+        # not for a reserved name (no scope opens it, so no hint helps)
+        if isinstance(exc, Forbidden) and (
+            exc.required_scopes or "reserved" not in exc.message.lower()
+        ):
+            diagnostics.hint(f"get a token with the scope it needs: {exc.hint}")
+        if isinstance(exc, Unauthorized) and exc.hint:
+            diagnostics.hint(exc.hint)
+        return ExitStatus.FAILURE
+    if isinstance(exc, BrokenPipeError):
+        from . import _silence_stdout
+
+        _silence_stdout()
+        return ExitStatus.OK
+    if isinstance(exc, OSError):
+        diagnostics.error(f"cannot write results: {exc.strerror or exc}")
+        return ExitStatus.FAILURE
+    return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
@@ -26,8 +25,10 @@ _BOLD = "\x1b[1m"
 _RESET = "\x1b[0m"
 
 
-#: C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+#: C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows
+#: (compiled at first use: start-up of the fast ``send`` need not pay for it).
+_CONTROLS = "[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]"
+_controls: re.Pattern[str] | None = None
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -45,7 +46,12 @@ def escape_controls(text: str) -> str:
     it must not retitle, clear or rewrite the reader's terminal.  JSON output
     is never passed through this: it stays byte-exact.
     """
-    return _CONTROLS.sub(_escaped, text)
+    if text.isascii() and text.isprintable():  # no C0 control, no DEL; nothing else is ASCII
+        return text
+    global _controls
+    if _controls is None:
+        _controls = re.compile(_CONTROLS)
+    return _controls.sub(_escaped, text)
 
 
 def use_color(mode: ColorMode, stream: object) -> bool:
@@ -167,6 +173,8 @@ class TextFormatter:
     """
 
     def __init__(self, terminal: bool) -> None:
+        import shutil
+
         self.width = shutil.get_terminal_size().columns if terminal else None
         self.name_width = 12
 
@@ -190,7 +198,7 @@ class TextFormatter:
         return (head + payload + "\n").encode()
 
 
-_SDK_ARGUMENT = re.compile(r"(?<![\w.-])(api_url|token_file|timeout)=")
+_SDK_ARGUMENT = r"(?<![\w.-])(api_url|token_file|timeout)="
 
 
 def cli_wording(message: str) -> str:
@@ -198,4 +206,4 @@ def cli_wording(message: str) -> str:
     if "=" not in message:
         return message
     message = message.replace("pass token_file= or", "use --token-file PATH or")
-    return _SDK_ARGUMENT.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return re.sub(_SDK_ARGUMENT, lambda m: "--" + m.group(1).replace("_", "-"), message)
