@@ -140,7 +140,7 @@ def measure_send(opts: Options, rows: list[str], out: dict[str, Row], url: str, 
         r.details["runs_seconds"] = [round(t, 4) for t in times[row]]
     cli, curl_row = out.get("send.cli"), out.get("send.curl")
     if cli and cli.value and pairs:
-        cli.ratio, cli.ratio_of, cli.target = statistics.median(pairs), "/ python (paired)", "<= 8"
+        cli.ratio, cli.ratio_of, cli.target = statistics.median(pairs), "/ python (paired)", "<= 5"
         cli.details["paired_ratios"] = [round(p, 2) for p in pairs]
         if curl_row and curl_row.value:
             cli.note = f"/ curl POST = {cli.value / curl_row.value:.1f}; medians of {len(pairs)}"
