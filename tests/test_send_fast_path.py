@@ -9,7 +9,6 @@ forced with ``-C .`` (a flag outside the fast form), as in ``test_cli_send_fast`
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import socket
@@ -24,18 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from busevents import (
-    APIError,
-    BadRequest,
-    ConfigError,
-    ConnectError,
-    Forbidden,
     PublishRequest,
-    RateLimited,
-    ServerError,
-    Timeout,
-    TokenError,
-    TransportError,
-    Unauthorized,
 )
 from busevents._attempts import acceptance, accepted_fields, request_body, retry_identity
 from busevents._http import Response
@@ -280,54 +268,6 @@ def test_acceptance_too_long_matches_msgspec() -> None:
 )
 def test_generated_acceptances_match_msgspec(fields: dict[str, Any]) -> None:
     _same_acceptance(json.dumps(fields).encode())
-
-
-# -- failures: the full command's words and statuses ----------------------------------
-
-
-def _errors() -> list[BaseException]:
-    return [
-        ConfigError("no Events API URL: pass api_url= or set BUS_EVENTS_API_URL"),
-        TokenError("no bearer token: pass token_file= or set BUS_API_TOKEN"),
-        ConnectError("cannot connect to http://127.0.0.1:1/api/v1/events: refused", url=URL),
-        TransportError("request to x failed: \x1b[31mred", url=URL),
-        Timeout("no answer from x within 1s (the timeout= limit)", url=URL, timeout=1.0),
-        Unauthorized(401, "invalid_auth", "token has expired", url=URL),
-        Unauthorized(401, "invalid_auth", "bad signature", url=URL),
-        Unauthorized(401, None, "who?", url=URL),
-        Forbidden(403, "forbidden", "missing scope", url=URL, required_scopes=("events:send",)),
-        Forbidden(403, "forbidden", "the name is reserved", url=URL),
-        Forbidden(403, "forbidden", "the name is reserved", url=URL, required_scopes=("a",)),
-        BadRequest(400, "bad_request", "invalid name", url=URL),
-        RateLimited(429, None, "slow down", url=URL, retry_after=2.0),
-        ServerError(503, None, "down", url=URL),
-        APIError(202, None, "not an acceptance", url=URL),
-        OSError(5, "Input/output error"),
-        OSError("no errno"),
-        KeyboardInterrupt(),
-        ValueError("a bug"),
-    ]
-
-
-@pytest.mark.parametrize("color", [False, True])
-@pytest.mark.parametrize("quiet", [False, True])
-def test_report_matches_the_full_command(
-    color: bool, quiet: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from busevents.cli._base import Globals
-    from busevents.cli._commands import _status_for
-    from busevents.cli._output import Diagnostics
-
-    g = Globals(quiet=quiet, format="text", color=color)
-    for exc in _errors():
-        full_err = io.StringIO()
-        monkeypatch.setattr(sys, "stderr", full_err)
-        full = _status_for(exc, g)
-        fast_err = io.StringIO()
-        monkeypatch.setattr(sys, "stderr", fast_err)
-        fast = _fastsend._report(exc, Diagnostics(color=color, quiet=quiet))
-        monkeypatch.undo()
-        assert (fast, fast_err.getvalue()) == (full, full_err.getvalue()), repr(exc)
 
 
 # -- as subprocesses: the same output, no heavy import ---------------------------------

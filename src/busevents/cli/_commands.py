@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from ._base import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Globals, UsageError, checking, current
+from ._base import EXIT_FAILURE, EXIT_OK, Globals, UsageError, checking, current
 
 #: Largest payload read from ``--payload`` (inline, ``@FILE`` or ``-``): local input is bounded.
 MAX_PAYLOAD = 16 * 1024 * 1024
 
 if TYPE_CHECKING:
-    from busevents import EventsClient, Forbidden
+    from busevents import EventsClient
 
 
 def run_client_command(body: Callable[[Globals], Awaitable[int]]) -> int:
@@ -74,46 +74,11 @@ async def _until_signalled(
     return EXIT_FAILURE  # cancelled by a signal; the caller reports 128 + signum
 
 
-def _reserved(exc: Forbidden) -> bool:
-    """The provider said the name is reserved: no scope opens it, so no hint helps."""
-    return not exc.required_scopes and "reserved" in exc.message.lower()
-
-
 def _status_for(exc: BaseException, g: Globals) -> int | None:
     """Report ``exc`` on stderr and give its exit status; None for a bug (re-raised)."""
-    from busevents import BusEventsError, ConfigError, Forbidden, Unauthorized
+    from ._output import report_failure
 
-    diag = g.diagnostics()
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, ConfigError):
-        diag.error(str(exc))
-        return EXIT_USAGE
-    if isinstance(exc, BusEventsError):
-        diag.error(str(exc))
-        if isinstance(exc, Forbidden) and not _reserved(exc):
-            diag.hint(f"get a token with the scope it needs: {exc.hint}")
-        if isinstance(exc, Unauthorized) and exc.hint:
-            diag.hint(exc.hint)
-        return EXIT_FAILURE
-    if isinstance(exc, BrokenPipeError):
-        _silence_stdout()
-        return EXIT_OK
-    if isinstance(exc, OSError):
-        where = f" to {g.output}" if g.output else ""
-        diag.error(f"cannot write results{where}: {exc.strerror or exc}")
-        return EXIT_FAILURE
-    return None
-
-
-def _silence_stdout() -> None:
-    """The reader went away (``| head``): stop writing, and don't fail at exit."""
-    import os
-    import sys
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    return report_failure(exc, g.diagnostics(), g.output)
 
 
 def _client(g: Globals) -> EventsClient:

@@ -21,7 +21,7 @@ read and written again with the standard library's ``json``, whose result is
 byte for byte msgspec's for plain JSON (see :func:`_plain_payload`; anything else
 goes through msgspec, as the full command does), and a plain acceptance is read
 the same way (``SyncClient._publish_json``).  Failures are reported by
-:func:`_report`, in the full command's words, without loading the CLI.
+:func:`~._output.report_failure`, in the full command's words, without loading the CLI.
 """
 
 from __future__ import annotations
@@ -147,7 +147,9 @@ def fast_send(args: list[str]) -> int | None:
         finally:
             results.close()
     except BaseException as exc:
-        status = _report(exc, diagnostics)
+        from ._output import report_failure
+
+        status = report_failure(exc, diagnostics)
         if status is None:
             raise
         return status
@@ -249,34 +251,3 @@ def _setup_logging(diagnostics: Diagnostics) -> None:
     root = logging.getLogger()
     root.handlers[:] = [StderrHandler(diagnostics)]
     root.setLevel(logging.WARNING)
-
-
-def _report(exc: BaseException, diagnostics: Diagnostics) -> int | None:
-    """Report ``exc`` on stderr and give its exit status, as the full ``send`` does
-    (``_commands._status_for``; a test holds the two alike); None for a bug."""
-    from busevents import BusEventsError, ConfigError, ExitStatus, Forbidden, Unauthorized
-
-    if isinstance(exc, KeyboardInterrupt):
-        return 130
-    if isinstance(exc, ConfigError):
-        diagnostics.error(str(exc))
-        return ExitStatus.USAGE
-    if isinstance(exc, BusEventsError):
-        diagnostics.error(str(exc))
-        # not for a reserved name (no scope opens it, so no hint helps)
-        if isinstance(exc, Forbidden) and (
-            exc.required_scopes or "reserved" not in exc.message.lower()
-        ):
-            diagnostics.hint(f"get a token with the scope it needs: {exc.hint}")
-        if isinstance(exc, Unauthorized) and exc.hint:
-            diagnostics.hint(exc.hint)
-        return ExitStatus.FAILURE
-    if isinstance(exc, BrokenPipeError):
-        from . import _silence_stdout
-
-        _silence_stdout()
-        return ExitStatus.OK
-    if isinstance(exc, OSError):
-        diagnostics.error(f"cannot write results: {exc.strerror or exc}")
-        return ExitStatus.FAILURE
-    return None

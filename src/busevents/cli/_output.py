@@ -207,3 +207,43 @@ def cli_wording(message: str) -> str:
         return message
     message = message.replace("pass token_file= or", "use --token-file PATH or")
     return re.sub(_SDK_ARGUMENT, lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def report_failure(
+    exc: BaseException, diagnostics: Diagnostics, output: str | None = None
+) -> int | None:
+    """Report ``exc`` on stderr and give its exit status; None for a bug (re-raised).
+
+    The one mapping of every command (``_commands``) and of the fast ``send``
+    (``_fastsend``), light enough for the latter: no cyclopts.  ``output`` names
+    the ``--output`` file a failed write went to.
+    """
+    from busevents import BusEventsError, ConfigError, ExitStatus, Forbidden, Unauthorized
+
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, ConfigError):
+        diagnostics.error(str(exc))
+        return ExitStatus.USAGE
+    if isinstance(exc, BusEventsError):
+        diagnostics.error(str(exc))
+        # A reserved name: no scope opens it, so no hint helps.
+        reserved = (
+            not getattr(exc, "required_scopes", ())
+            and "reserved" in (getattr(exc, "message", "") or "").lower()
+        )
+        if isinstance(exc, Forbidden) and not reserved:
+            diagnostics.hint(f"get a token with the scope it needs: {exc.hint}")
+        if isinstance(exc, Unauthorized) and exc.hint:
+            diagnostics.hint(exc.hint)
+        return ExitStatus.FAILURE
+    if isinstance(exc, BrokenPipeError):
+        from . import _silence_stdout
+
+        _silence_stdout()
+        return ExitStatus.OK
+    if isinstance(exc, OSError):
+        where = f" to {output}" if output else ""
+        diagnostics.error(f"cannot write results{where}: {exc.strerror or exc}")
+        return ExitStatus.FAILURE
+    return None
