@@ -23,7 +23,17 @@ from benchmarks._registry import load as load_row_modules
 ROOT = Path(__file__).resolve().parents[1]
 
 # Rows that need nothing beyond the test extra, and what each must show.
-CORE_STREAM_ROWS = ("T", "D", "D.check", "D.feed", "sdk.iter", "sdk.batches", "sdk.raw", "cli")
+CORE_STREAM_ROWS = (
+    "T",
+    "T.lean",
+    "D",
+    "D.check",
+    "D.feed",
+    "sdk.iter",
+    "sdk.batches",
+    "sdk.raw",
+    "cli",
+)
 CURL_ROWS = ("curl", "curl.jq", "curl.pipe", "curl.file")
 OPTIONAL_ROWS = {
     "aiohttp.lines",
