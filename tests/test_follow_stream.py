@@ -8,7 +8,14 @@ from __future__ import annotations
 import trio
 from benchmarks._fault_proxy import FaultProxy
 
-from busevents import BusEventsError, EventsClient, EventStream, RetryPolicy, follow_stream
+from busevents import (
+    BusEventsError,
+    EventsClient,
+    EventStream,
+    RetryPolicy,
+    TransportError,
+    follow_stream,
+)
 from busevents.provider import RunningProvider
 
 NAME = "example.follow"
@@ -123,3 +130,30 @@ async def test_cli_count_not_reached_by_the_deadline_says_so(
     assert result.status == 1, result.stderr
     assert result.stdout.count(b"\n") == 1
     assert "1 of the 2 events asked for arrived before the --timeout deadline" in result.stderr
+
+
+async def test_a_consumer_failing_mid_batch_resumes_after_its_last_event(
+    provider: RunningProvider,
+) -> None:
+    """The cursor is the last event *handed out*, not the last one received: a
+    consumer iterating event by event that fails (retryably) in the middle of a
+    network read gets the rest of that read again, and nothing twice."""
+    got: list[str] = []
+    failed = False
+    async with EventsClient(provider.url, provider.token()) as client:
+        ids = [(await client.send(NAME, {"n": n})).id for n in range(12)]
+
+        async def consume(stream: EventStream) -> None:
+            nonlocal failed
+            async for event in stream:
+                got.append(event.id)
+                if len(got) == 4 and not failed:
+                    failed = True
+                    # One network read carried all twelve: this stops in its middle.
+                    assert stream.events_received == 12
+                    assert (stream.last_id, stream.events_delivered) == (ids[3], 4)
+                    raise TransportError("the consumer's own call failed", url=client.url)
+
+        with trio.fail_after(20):
+            await follow_stream(client, NAME, consume, policy=FAST, replay=True, follow=False)
+    assert failed and got == ids

@@ -144,6 +144,9 @@ class EventStream:
     @property
     def last_id(self) -> str | None:
         """The id of the last event handed out (the cursor to resume after), or None."""
+        pos = self._pos
+        if pos < len(self._pending):  # event by event, in the middle of a network read
+            return self._pending[pos - 1].id
         last = self._last
         if last is None:
             return None
@@ -153,8 +156,9 @@ class EventStream:
 
     @property
     def events_delivered(self) -> int:
-        """Events handed out so far (received, less those the filters dropped)."""
-        return self.events_received - self._dropped
+        """Events handed out so far (received, less those the filters dropped and those
+        of the last network read not handed out yet, event by event)."""
+        return self.events_received - self._dropped - (len(self._pending) - self._pos)
 
     @property
     def events_received(self) -> int:
