@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,15 +46,33 @@ async def test_payload_from_file_stdin_and_payload_file(
         (["--payload-file", "bad.json"], b"", "--payload-file (bad.json) is not valid JSON"),
         (["--payload", "1", "--payload-file", "bad.json"], b"", "not both"),
         (["--metadata", "novalue"], b"", "expected KEY=VALUE"),
+        # A payload the provider would refuse as too deep (it bounds the body at 512
+        # levels; the payload is one inside): refused here, before anything is sent.
+        (["--payload", "[" * 600 + "]" * 600], b"", "--payload nests deeper than 511 levels"),
+        (["--payload", "@deep.json"], b"", "--payload (deep.json) nests deeper than 511"),
+        (["--payload", "-"], b"[" * 5000, "--payload (stdin) nests deeper than 511"),
+        # Bytes from the shell that are not UTF-8 (a traceback before).
+        (["--payload", os.fsdecode(b'{"a":"\xff"}')], b"", "--payload is not UTF-8 text"),
     ],
 )
 async def test_bad_payload_sources_send_nothing(
     run_cli, env, provider, tmp_path: Path, args, stdin, message
 ) -> None:
     (tmp_path / "bad.json").write_text("{'single': 'quotes'}")
+    (tmp_path / "deep.json").write_text('{"a":' * 600 + "1" + "}" * 600)
     result = await run_cli("send", "--name", "example.bad", *args, env=env, stdin=stdin)
-    assert result.status == 2 and message in result.stderr
+    assert result.status == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
     assert await stored(provider, "example.bad") == []
+
+
+async def test_a_payload_at_the_nesting_bound_is_sent(run_cli, env, provider) -> None:
+    """511 levels inside the 512 the provider allows for the whole body: accepted."""
+    payload = "[" * 511 + "]" * 511
+    result = await run_cli("send", "--name", "example.deep", "--payload", payload, env=env)
+    assert result.status == 0, result.stderr
+    [event] = await stored(provider, "example.deep")
+    assert json.dumps(event["payload"], separators=(",", ":")) == payload
 
 
 async def test_metadata_is_repeatable(run_cli, env, provider) -> None:

@@ -28,8 +28,11 @@ _TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
 
 
-def nesting_error(body: bytes, limit: int = MAX_DEPTH) -> str | None:
-    """Why ``body`` nests too deeply for the provider, or ``None`` when it does not.
+def nesting_error(
+    body: bytes, limit: int = MAX_DEPTH, *, what: str = "the publish body"
+) -> str | None:
+    """Why ``body`` nests too deeply for the provider, or ``None`` when it does not
+    (``what`` names it in the reason).
 
     >>> nesting_error(b'{"payload": [[1]]}') is None
     True
@@ -45,7 +48,7 @@ def nesting_error(body: bytes, limit: int = MAX_DEPTH) -> str | None:
             depth += 1
             if depth > limit:
                 return (
-                    f"the publish body nests deeper than {limit} levels "
+                    f"{what} nests deeper than {limit} levels "
                     f"(at byte {match.start()}): flatten the payload"
                 )
         elif first != 0x22:  # a closing bracket ('"' starts a string, skipped whole)

@@ -100,6 +100,8 @@ def _parse_payload(text: str, option: str = "--payload") -> Any:
 
     import msgspec
 
+    from busevents import MAX_DEPTH, nesting_error
+
     source = "stdin" if text == "-" else text[1:] if text.startswith("@") else None
     if text == "-":
         if checking():
@@ -108,13 +110,23 @@ def _parse_payload(text: str, option: str = "--payload") -> Any:
     elif text.startswith("@"):
         data = _read_file(text[1:], option)
     else:
-        data = text.encode()
+        try:
+            data = text.encode()
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 text
+            raise UsageError(
+                f"{option} is not UTF-8 text: JSON must be; pass the payload from a "
+                f"file (--payload @FILE) to check its bytes"
+            ) from None
         if len(data) > MAX_PAYLOAD:
             raise UsageError(f"{option} is larger than {_mib(MAX_PAYLOAD)}")
+    where = f" ({source})" if source else ""
+    # The payload sits one level inside the publish body, which the provider bounds.
+    too_deep = nesting_error(data, MAX_DEPTH - 1, what=f"{option}{where}")
+    if too_deep is not None:
+        raise UsageError(too_deep)
     try:
         return msgspec.json.decode(data)
     except msgspec.DecodeError as exc:
-        where = f" ({source})" if source else ""
         raise UsageError(
             f"{option}{where} is not valid JSON: {exc}; e.g. --payload '{{\"ok\": true}}'"
         ) from None
