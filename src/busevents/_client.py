@@ -25,16 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import trio
 
 from ._attempts import Attempts, acceptance, as_raw, error_for
-from ._config import (
-    Proxies,
-    Token,
-    ca_file_from_env,
-    check_token,
-    find_token,
-    normalize_events_url,
-    resolve_url,
-    token_refresh_from_env,
-)
+from ._config import Token, check_token, client_from_env, normalize_events_url
 from ._contracts import Accepted, Delivery, PublishRequest, StreamSpec
 from ._errors import APIError, Timeout, TransportError
 from ._http import (
@@ -44,8 +35,8 @@ from ._http import (
     HttpxTransport,
     RequestHeaders,
     Response,
-    TLSTrust,
     Transport,
+    client_network,
     httpx_client,
     httpx_error,
     keepalive_options,
@@ -125,12 +116,9 @@ class EventsClient:
         self._headers = self._request_headers.as_dict()
         self._transport = transport
         self._max_connections = max_connections
-        self._proxies = (
-            Proxies.explicit(proxy) if proxy else Proxies.from_env() if trust_env else Proxies()
+        self._proxies, self._trust = client_network(
+            proxy, trust_env=trust_env, ca_file=ca_file, verify=verify
         )
-        if ca_file is None and trust_env:
-            ca_file = ca_file_from_env()
-        self._trust = TLSTrust(ca_file, verify=verify)
         self._http_client: httpx.AsyncClient | None = None
         self._stream_proxy: str | None = None
         self._token = TokenKeeper(
@@ -181,10 +169,8 @@ class EventsClient:
         ``BUS_EVENTS_CA_FILE`` unless ``ca_file`` is given.  Raises
         :class:`ConfigError` / :class:`TokenError` naming what is missing.
         """
-        url = resolve_url(api_url, env)
-        options.setdefault("token_refresh", token_refresh_from_env(env))
-        options.setdefault("ca_file", ca_file_from_env(env))
-        return cls(url, find_token(token_file, env), **options)
+        url, token = client_from_env(api_url, token_file, env, options)
+        return cls(url, token, **options)
 
     def __repr__(self) -> str:
         source = self._token.source

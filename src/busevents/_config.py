@@ -25,7 +25,7 @@ import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ._errors import ConfigError, TokenError
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "client_from_env",
     "CA_FILE_ENV",
     "Proxies",
     "Token",
@@ -279,6 +280,21 @@ def token_expiry(value: str) -> float | None:
     if isinstance(exp, int | float) and not isinstance(exp, bool):
         return float(exp)
     return None
+
+
+def client_from_env(
+    api_url: str | None,
+    token_file: str | None,
+    env: Mapping[str, str] | None,
+    options: dict[str, Any],
+) -> tuple[str, Token | None]:
+    """The URL and token of a client's ``from_env`` (spec §4), and its default
+    ``token_refresh`` and ``ca_file`` put in ``options``: one resolution for
+    :class:`EventsClient` and :class:`SyncClient`."""
+    url = resolve_url(api_url, env)
+    options.setdefault("token_refresh", token_refresh_from_env(env))
+    options.setdefault("ca_file", ca_file_from_env(env))
+    return url, find_token(token_file, env)
 
 
 def token_refresh_from_env(env: Mapping[str, str] | None = None) -> bool:

@@ -28,7 +28,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
-from ._config import Proxies, url_for_humans
+from ._config import Proxies, ca_file_from_env, url_for_humans
 from ._errors import ConfigError, ConnectError, TransportError, bounded_text
 from ._responses import MAX_BODY, describe_cause, read_body
 from ._version import __version__
@@ -49,6 +49,7 @@ __all__ = [
     "Response",
     "TLSTrust",
     "Transport",
+    "client_network",
     "httpx_client",
     "keepalive_options",
     "transport_error",
@@ -134,6 +135,18 @@ class RequestHeaders:
         if token:
             headers.append((b"Authorization", b"Bearer " + token.encode("latin-1")))
         return headers
+
+
+def client_network(
+    proxy: str | None, *, trust_env: bool, ca_file: str | None, verify: bool
+) -> tuple[Proxies, TLSTrust]:
+    """A client's proxies and TLS trust, decided alike for :class:`EventsClient` and
+    :class:`SyncClient`: an explicit ``proxy``, else the proxy variables unless
+    ``trust_env`` is False; ``ca_file``, else ``BUS_EVENTS_CA_FILE`` under ``trust_env``."""
+    proxies = Proxies.explicit(proxy) if proxy else Proxies.from_env() if trust_env else Proxies()
+    if ca_file is None and trust_env:
+        ca_file = ca_file_from_env()
+    return proxies, TLSTrust(ca_file, verify=verify)
 
 
 def keepalive_options() -> list[tuple[int, int, int]]:

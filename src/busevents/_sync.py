@@ -38,12 +38,9 @@ from ._attempts import (
 from ._config import (
     Proxies,
     Token,
-    ca_file_from_env,
     check_token,
-    find_token,
+    client_from_env,
     normalize_events_url,
-    resolve_url,
-    token_refresh_from_env,
 )
 from ._errors import APIError, Timeout, TransportError
 from ._h11 import (
@@ -64,7 +61,7 @@ from ._http import (
     Headers,
     RequestHeaders,
     Response,
-    TLSTrust,
+    client_network,
     keepalive_options,
     transport_error,
 )
@@ -300,14 +297,10 @@ class SyncClient:
         self._old_tokens: list[str] = []
         self._refresh = token_refresh
         self._headers = RequestHeaders()
-        proxies = (
-            Proxies.explicit(proxy) if proxy else Proxies.from_env() if trust_env else Proxies()
-        )
-        if ca_file is None and trust_env:
-            ca_file = ca_file_from_env()
+        proxies, trust = client_network(proxy, trust_env=trust_env, ca_file=ca_file, verify=verify)
         self._transport = SyncTransport(
             proxies=proxies,
-            ssl_context=TLSTrust(ca_file, verify=verify).context,
+            ssl_context=trust.context,
             socket_options=keepalive_options(),
             max_connections=max_connections,
         )
@@ -322,10 +315,8 @@ class SyncClient:
         **options: Any,
     ) -> SyncClient:
         """Resolve URL, token and CA file as :meth:`EventsClient.from_env` does."""
-        url = resolve_url(api_url, env)
-        options.setdefault("token_refresh", token_refresh_from_env(env))
-        options.setdefault("ca_file", ca_file_from_env(env))
-        return cls(url, find_token(token_file, env), **options)
+        url, token = client_from_env(api_url, token_file, env, options)
+        return cls(url, token, **options)
 
     def __repr__(self) -> str:
         source = self._token.source if isinstance(self._token, Token) else None
