@@ -8,6 +8,8 @@ drivers).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .._config import ProviderConfig
 from ._base import Backend
 from ._memory import MemoryBackend
@@ -40,28 +42,20 @@ def make_backend(config: ProviderConfig) -> Backend:
         raise ValueError(
             f"wildcard streams are supported by the memory backend only, not {config.backend}"
         )
+    # The same bounds, meaning the same, for either durable backend.
+    limits: dict[str, Any] = {
+        "history_limit": config.history_limit,
+        "listener_queue": config.listener_queue,
+        "listener_queue_bytes": config.listener_queue_bytes,
+        "max_groups": config.max_groups,
+        "max_groups_per_identity": config.max_groups_per_identity,
+        "group_idle": config.group_idle,
+        "idempotency_window": config.idempotency_window,
+    }
     if config.backend == "redis":
         from ._redis import RedisBackend
 
-        return RedisBackend(
-            config.redis,
-            history_limit=config.history_limit,
-            listener_queue=config.listener_queue,
-            listener_queue_bytes=config.listener_queue_bytes,
-            max_groups=config.max_groups,
-            max_groups_per_identity=config.max_groups_per_identity,
-            group_idle=config.group_idle,
-            idempotency_window=config.idempotency_window,
-        )
+        return RedisBackend(config.redis, **limits)
     from ._postgres import PostgresBackend
 
-    return PostgresBackend(
-        config.postgres,
-        history_limit=config.history_limit,
-        listener_queue=config.listener_queue,
-        listener_queue_bytes=config.listener_queue_bytes,
-        max_groups=config.max_groups,
-        max_groups_per_identity=config.max_groups_per_identity,
-        group_idle=config.group_idle,
-        idempotency_window=config.idempotency_window,
-    )
+    return PostgresBackend(config.postgres, **limits)
