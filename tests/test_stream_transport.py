@@ -142,3 +142,43 @@ async def test_a_stream_on_the_default_transport_never_loads_httpx() -> None:
             [sys.executable, "-c", child, base], capture_stdout=True, capture_stderr=True
         )
     assert done.stdout.decode().split(None, 1) == ["5", "[]\n"], done.stderr
+
+
+async def test_hundreds_of_concurrent_streams_from_one_client() -> None:
+    """600 streams open at once from one client (1,200 descriptors in this process with
+    the server's ends): each gets its event, none waits for the publish pool's 100
+    slots, and every connection is closed when its block is left (counted on the
+    server)."""
+    streams = 600
+    opened = closed = 0
+    all_closed = trio.Event()
+
+    async def handler(stream: trio.SocketStream, request: bytes) -> None:
+        nonlocal opened, closed
+        opened += 1
+        await stream.send_all(head(b"Transfer-Encoding: chunked\r\n") + chunk(EVENTS[0]))
+        with trio.fail_after(60):
+            while await stream.receive_some(4096):
+                pass
+        closed += 1
+        if closed == streams:
+            all_closed.set()
+
+    got: list[str] = []
+    all_open = trio.Event()
+
+    async def one(client: EventsClient) -> None:
+        async with client.listen(NAME) as stream:
+            got.append((await stream.__anext__()).id)
+            if len(got) == streams:
+                all_open.set()
+            await all_open.wait()  # every stream is open at this point
+
+    async with serve_raw(handler) as base, EventsClient(base, TOKEN) as client:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for _ in range(streams):
+                    nursery.start_soon(one, client)
+            await all_closed.wait()
+    assert got == ["7-0"] * streams
+    assert (opened, closed) == (streams, streams)
